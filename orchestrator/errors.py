@@ -1,0 +1,142 @@
+"""Every error orch raises on purpose, as one tree.
+
+Each class carries the exit code the CLI uses for it; the CLI decides exit codes in
+one place (``orchestrator.cli.app.main``) by reading ``exit_code``.  Third-party
+errors are translated at the boundary where they occur and re-raised ``from`` the
+original, so callers only ever catch ``OrchError``.
+
+    OrchError                      1  anything orch reports on purpose
+    ├── InputError                 2  bad input: nothing was changed
+    │   ├── ConfigError            2    a YAML file fails validation (file, line, field)
+    │   ├── ValidationFailed       2    several ConfigErrors at once (``orch validate``)
+    │   ├── WorkspaceError         2    no workspace here, or a malformed one
+    │   ├── CredentialError        2    a credential reference cannot be resolved
+    │   ├── ReleaseError           2    a release cannot be accepted
+    │   │   └── UnsafeReleaseError 2      a path, link or file type that could escape
+    │   ├── NotFoundError          2    a named provider, release, node... does not exist
+    │   └── ConflictError          2    the request contradicts what is already there
+    ├── ProviderError              3  a provider (cloud API, driver) failed
+    │   ├── ProviderAuthError      3    credentials rejected
+    │   └── ProviderUnavailable    3    driver missing, endpoint unreachable
+    ├── StateError                 4  the state store or stored artefacts are unusable
+    │   └── IntegrityError         4    a stored artefact fails its checksum
+    └── RemoteError                5  a command or connection on a node failed
+"""
+
+from __future__ import annotations
+
+
+class OrchError(Exception):
+    """Base of every error orch reports on purpose.
+
+    ``str(err)`` is a complete one-line message for the user: what went wrong, where,
+    and, when there is one, the fix.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        self.hint = hint
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class InputError(OrchError):
+    """Bad input from the user; the command changed nothing."""
+
+    exit_code = 2
+
+
+class ConfigError(InputError):
+    """A YAML file of the workspace fails validation.
+
+    >>> str(ConfigError("count must be >= 1", file="node_families/w.yaml", line=3, field="count"))
+    'node_families/w.yaml:3: count: count must be >= 1'
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        line: int | None = None,
+        field: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        self.field = field
+        super().__init__(message, hint=hint)
+
+    def __str__(self) -> str:
+        where = ""
+        if self.file:
+            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}{field}{super().__str__()}"
+
+
+class ValidationFailed(InputError):
+    """Several configuration problems, reported one line each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        count = len(errors)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the workspace")
+
+
+class WorkspaceError(InputError):
+    """No workspace where one was expected, or a malformed one."""
+
+
+class CredentialError(InputError):
+    """A credential reference (env:VAR or file:PATH) cannot be resolved safely."""
+
+
+class ReleaseError(InputError):
+    """A release (directory or tarball) cannot be accepted."""
+
+
+class UnsafeReleaseError(ReleaseError):
+    """A release member could escape its folder or is not a plain file, folder or link."""
+
+
+class NotFoundError(InputError):
+    """A named thing (provider, release, node, ...) does not exist."""
+
+
+class ConflictError(InputError):
+    """The request contradicts what already exists (same version, other content...)."""
+
+
+class ProviderError(OrchError):
+    """A provider's API or driver failed."""
+
+    exit_code = 3
+
+
+class ProviderAuthError(ProviderError):
+    """The provider rejected the credentials."""
+
+
+class ProviderUnavailable(ProviderError):
+    """The driver is missing or the provider cannot be reached."""
+
+
+class StateError(OrchError):
+    """The state store or a stored artefact is unusable."""
+
+    exit_code = 4
+
+
+class IntegrityError(StateError):
+    """A stored artefact does not match its recorded checksum."""
+
+
+class RemoteError(OrchError):
+    """A command or connection on a node failed."""
+
+    exit_code = 5
