@@ -1,0 +1,57 @@
+"""Desired configuration: pydantic models of the workspace's YAML, loaded with lines."""
+
+from __future__ import annotations
+
+from orchestrator.config.load import load_model, validate_document
+from orchestrator.config.models import (
+    OWN_DRIVERS,
+    SCHEMAS,
+    BootstrapConfig,
+    Demands,
+    NodeFamily,
+    Placement,
+    ProviderConfig,
+    ReleaseManifest,
+    Scaling,
+    WorkFunction,
+    WorkspaceSettings,
+    known_drivers,
+)
+from orchestrator.config.source import LineMap, YamlDocument, load_yaml, parse_yaml
+from orchestrator.config.workspace import (
+    RELEASE_MANIFEST,
+    WorkspaceConfig,
+    load_family,
+    load_provider,
+    load_settings,
+    load_workspace_config,
+    validate_release_manifest_text,
+)
+
+__all__ = [
+    "OWN_DRIVERS",
+    "RELEASE_MANIFEST",
+    "SCHEMAS",
+    "BootstrapConfig",
+    "Demands",
+    "LineMap",
+    "NodeFamily",
+    "Placement",
+    "ProviderConfig",
+    "ReleaseManifest",
+    "Scaling",
+    "WorkFunction",
+    "WorkspaceConfig",
+    "WorkspaceSettings",
+    "YamlDocument",
+    "known_drivers",
+    "load_family",
+    "load_model",
+    "load_provider",
+    "load_settings",
+    "load_workspace_config",
+    "load_yaml",
+    "parse_yaml",
+    "validate_document",
+    "validate_release_manifest_text",
+]
