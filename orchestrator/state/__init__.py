@@ -1,0 +1,35 @@
+"""Runtime state: the SQLite store (the only writer) and its typed records."""
+
+from __future__ import annotations
+
+from orchestrator.state.migrations import MIGRATIONS
+from orchestrator.state.records import (
+    NODE_TRANSITIONS,
+    EventRecord,
+    JobRecord,
+    JobState,
+    Migration,
+    NodeRecord,
+    NodeState,
+    ProviderRecord,
+    ReleaseRecord,
+    TaskRecord,
+    TaskState,
+)
+from orchestrator.state.store import Store
+
+__all__ = [
+    "MIGRATIONS",
+    "NODE_TRANSITIONS",
+    "EventRecord",
+    "JobRecord",
+    "JobState",
+    "Migration",
+    "NodeRecord",
+    "NodeState",
+    "ProviderRecord",
+    "ReleaseRecord",
+    "Store",
+    "TaskRecord",
+    "TaskState",
+]
