@@ -1,0 +1,114 @@
+/*
+ * primes: two work functions over ranges of integers, the sample release of orch.
+ *
+ * Task data (the `range` work module): ASCII "START END", two decimal uint64
+ * separated by spaces, the half-open range [START, END) with START <= END.
+ *
+ *   count_primes   writes the number of primes in the range, in decimal, then "\n".
+ *   iterated_hash  writes the 64-bit FNV-1a hash of the range's numbers, as 16
+ *                  lower-case hex digits, then "\n". Precisely: h starts at the FNV
+ *                  offset basis 0xcbf29ce484222325; for each n from START to END-1,
+ *                  for each of n's 8 bytes, least significant first:
+ *                  h = (h XOR byte) * 0x100000001b3 (mod 2^64).
+ *                  An empty range gives the offset basis.
+ */
+#include <ctype.h>
+#include <inttypes.h>
+#include <stdio.h>
+
+#include "orch_work.h"
+
+ORCH_WORK_DEFINE_ABI_VERSION;
+
+/* Parses "START END"; on error writes a reason to `why` and returns -1. */
+static int parse_range(const orch_task *task, uint64_t *start, uint64_t *end, char *why, size_t why_len)
+{
+    const unsigned char *p = task->data, *stop = task->data + task->data_len;
+    uint64_t values[2];
+
+    for (int i = 0; i < 2; i++) {
+        while (p < stop && isspace(*p))
+            p++;
+        if (p == stop || !isdigit(*p)) {
+            snprintf(why, why_len, "range data must be \"START END\" (two decimal integers)");
+            return -1;
+        }
+        uint64_t v = 0;
+        for (; p < stop && isdigit(*p); p++) {
+            unsigned digit = (unsigned)(*p - '0');
+            if (v > (UINT64_MAX - digit) / 10) {
+                snprintf(why, why_len, "range bound does not fit in 64 bits");
+                return -1;
+            }
+            v = v * 10 + digit;
+        }
+        values[i] = v;
+    }
+    while (p < stop && isspace(*p))
+        p++;
+    if (p != stop) {
+        snprintf(why, why_len, "range data must be \"START END\": unexpected text after END");
+        return -1;
+    }
+    if (values[0] > values[1]) {
+        snprintf(why, why_len, "range start %" PRIu64 " is after its end %" PRIu64, values[0], values[1]);
+        return -1;
+    }
+    *start = values[0];
+    *end = values[1];
+    return 0;
+}
+
+static int is_prime(uint64_t n)
+{
+    if (n < 4)
+        return n >= 2;
+    if (n % 2 == 0 || n % 3 == 0)
+        return 0;
+    /* i <= n / i rather than i * i <= n: i * i overflows near 2^64. */
+    for (uint64_t i = 5; i <= n / i; i += 6)
+        if (n % i == 0 || n % (i + 2) == 0)
+            return 0;
+    return 1;
+}
+
+/* Writes `text` as the task's whole output, or fails the task. */
+static int finish(orch_output *out, const char *text, int len)
+{
+    if (orch_write(out, text, (size_t)len) != 0) {
+        orch_fail(out, "the runtime refused the output");
+        return ORCH_WORK_FAILED;
+    }
+    return ORCH_WORK_OK;
+}
+
+int count_primes(const orch_task *task, orch_output *out)
+{
+    uint64_t start, end, count = 0;
+    char text[128];
+
+    if (parse_range(task, &start, &end, text, sizeof text) != 0) {
+        orch_fail(out, text);
+        return ORCH_WORK_FAILED;
+    }
+    for (uint64_t n = start; n < end; n++)
+        count += (uint64_t)is_prime(n);
+    return finish(out, text, snprintf(text, sizeof text, "%" PRIu64 "\n", count));
+}
+
+int iterated_hash(const orch_task *task, orch_output *out)
+{
+    uint64_t start, end, h = 0xcbf29ce484222325u;
+    char text[128];
+
+    if (parse_range(task, &start, &end, text, sizeof text) != 0) {
+        orch_fail(out, text);
+        return ORCH_WORK_FAILED;
+    }
+    for (uint64_t n = start; n < end; n++)
+        for (int byte = 0; byte < 8; byte++) {
+            h ^= (n >> (8 * byte)) & 0xffu;
+            h *= 0x100000001b3u;
+        }
+    return finish(out, text, snprintf(text, sizeof text, "%016" PRIx64 "\n", h));
+}

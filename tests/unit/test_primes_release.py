@@ -1,0 +1,201 @@
+"""releases/primes: build the sample C release with make, call its work functions
+through the orch_work.h ABI with ctypes, and compare with Python references."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASE = REPO / "releases" / "primes"
+INCLUDE = REPO / "worker_native" / "include"
+ORCH_WORK_OK, ORCH_WORK_FAILED = 0, 1
+MASK64 = (1 << 64) - 1
+UINT64_MAX = MASK64
+
+
+# -- Python references --------------------------------------------------------------
+
+
+def is_prime(n: int) -> bool:
+    """Deterministic Miller-Rabin for n < 2**64: independent of the C trial division."""
+    if n < 2:
+        return False
+    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+    if n in small:
+        return True
+    if any(n % p == 0 for p in small):
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in small:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def count_primes_reference(start: int, end: int) -> bytes:
+    return f"{sum(1 for n in range(start, end) if is_prime(n))}\n".encode()
+
+
+def iterated_hash_reference(start: int, end: int) -> bytes:
+    """FNV-1a 64 over the 8 little-endian bytes of each n in [start, end)."""
+    h = 0xCBF29CE484222325
+    for n in range(start, end):
+        for byte in n.to_bytes(8, "little"):
+            h = ((h ^ byte) * 0x100000001B3) & MASK64
+    return f"{h:016x}\n".encode()
+
+
+# -- a ctypes harness for orch_work.h -----------------------------------------------
+
+
+class OrchTask(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.POINTER(ctypes.c_ubyte)),
+        ("data_len", ctypes.c_size_t),
+        ("size", ctypes.c_double),
+        ("seq", ctypes.c_uint64),
+        ("attempt", ctypes.c_uint32),
+        ("node_name", ctypes.c_char_p),
+    ]
+
+
+class OrchOutput(ctypes.Structure):
+    pass
+
+
+WRITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(OrchOutput), ctypes.c_void_p, ctypes.c_size_t)
+FAIL = ctypes.CFUNCTYPE(None, ctypes.POINTER(OrchOutput), ctypes.c_char_p)
+OrchOutput._fields_ = [("ctx", ctypes.c_void_p), ("write", WRITE), ("fail", FAIL)]
+
+
+@dataclass
+class Outcome:
+    status: int
+    output: bytes
+    failure: str | None
+
+
+def run_task(fn: Callable[..., int], data: bytes, *, refuse_writes: bool = False) -> Outcome:
+    written: list[bytes] = []
+    failures: list[str] = []
+
+    def write(_out: object, buf: int, length: int) -> int:
+        if refuse_writes:
+            return -1
+        written.append(ctypes.string_at(buf, length))
+        return 0
+
+    def fail(_out: object, message: bytes) -> None:
+        failures.append(message.decode())
+
+    # The CFUNCTYPE objects must outlive the call: keep them in locals.
+    write_cb, fail_cb = WRITE(write), FAIL(fail)
+    out = OrchOutput(None, write_cb, fail_cb)
+    buffer = (ctypes.c_ubyte * max(len(data), 1)).from_buffer_copy(data or b"\0")
+    task = OrchTask(buffer, len(data), 1.0, 7, 1, b"test-node")
+    status = fn(ctypes.byref(task), ctypes.byref(out))
+    return Outcome(status, b"".join(written), failures[-1] if failures else None)
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
+    work = tmp_path_factory.mktemp("build") / "primes"
+    shutil.copytree(RELEASE, work, ignore=shutil.ignore_patterns("build"))
+    subprocess.run(["make", f"ORCH_INCLUDE={INCLUDE}"], cwd=work, check=True, capture_output=True)
+    lib = ctypes.CDLL(str(work / "build" / "libprimes.so"))
+    for name in ("count_primes", "iterated_hash"):
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.POINTER(OrchTask), ctypes.POINTER(OrchOutput)]
+        fn.restype = ctypes.c_int
+    yield lib
+    subprocess.run(["make", "clean"], cwd=work, check=True, capture_output=True)
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_library_exports_the_abi_version(library: ctypes.CDLL) -> None:
+    assert ctypes.c_int.in_dll(library, "orch_work_abi_version").value == 1
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "expected"),
+    [(0, 100, 25), (0, 100_000, 9592), (0, 0, 0), (0, 2, 0), (2, 3, 1), (97, 98, 1), (90, 97, 0)],
+)
+def test_count_primes_known_counts(library: ctypes.CDLL, start: int, end: int, expected: int) -> None:
+    outcome = run_task(library.count_primes, f"{start} {end}".encode())
+    assert outcome == Outcome(ORCH_WORK_OK, f"{expected}\n".encode(), None)
+    assert outcome.output == count_primes_reference(start, end)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"), [(0, 1000), (10**12, 10**12 + 2000), (2**40 - 500, 2**40 + 500), (UINT64_MAX, UINT64_MAX)]
+)
+def test_count_primes_matches_reference(library: ctypes.CDLL, start: int, end: int) -> None:
+    assert run_task(library.count_primes, f"{start} {end}".encode()).output == count_primes_reference(start, end)
+
+
+@pytest.mark.parametrize(
+    ("start", "end"), [(0, 0), (0, 1), (0, 1000), (255, 257), (10**12, 10**12 + 500), (UINT64_MAX - 3, UINT64_MAX)]
+)
+def test_iterated_hash_matches_reference(library: ctypes.CDLL, start: int, end: int) -> None:
+    outcome = run_task(library.iterated_hash, f"{start} {end}".encode())
+    assert outcome == Outcome(ORCH_WORK_OK, iterated_hash_reference(start, end), None)
+    assert len(outcome.output) == 17
+
+
+def test_empty_range_hash_is_the_offset_basis(library: ctypes.CDLL) -> None:
+    assert run_task(library.iterated_hash, b"5 5").output == b"cbf29ce484222325\n"
+
+
+def test_surrounding_whitespace_is_accepted(library: ctypes.CDLL) -> None:
+    assert run_task(library.count_primes, b"  0   100\n").output == b"25\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "must be \"START END\""),
+        (b"abc", "must be \"START END\""),
+        (b"5", "must be \"START END\""),
+        (b"-1 5", "must be \"START END\""),
+        (b"1 2 3", "unexpected text after END"),
+        (b"1\x002", "must be \"START END\""),
+        (b"9 3", "range start 9 is after its end 3"),
+        (b"0 18446744073709551616", "does not fit in 64 bits"),
+    ],
+)
+@pytest.mark.parametrize("function", ["count_primes", "iterated_hash"])
+def test_invalid_data_fails_with_a_message(library: ctypes.CDLL, function: str, data: bytes, reason: str) -> None:
+    outcome = run_task(getattr(library, function), data)
+    assert outcome.status == ORCH_WORK_FAILED
+    assert outcome.failure is not None and reason in outcome.failure
+    assert outcome.output == b""
+
+
+def test_refused_output_fails_the_task(library: ctypes.CDLL) -> None:
+    outcome = run_task(library.count_primes, b"0 100", refuse_writes=True)
+    assert outcome.status == ORCH_WORK_FAILED
+    assert outcome.failure == "the runtime refused the output"
+
+
+def test_functions_are_reentrant_across_calls(library: ctypes.CDLL) -> None:
+    first = [run_task(library.iterated_hash, f"{i} {i + 50}".encode()).output for i in range(20)]
+    again = [run_task(library.iterated_hash, f"{i} {i + 50}".encode()).output for i in range(20)]
+    assert first == again == [iterated_hash_reference(i, i + 50) for i in range(20)]
