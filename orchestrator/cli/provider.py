@@ -1,0 +1,134 @@
+"""``orch provider``: register clouds and machine pools, and check that they work."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from orchestrator import providers as engine
+from orchestrator.cli.common import (
+    JsonFlag,
+    console,
+    open_store,
+    print_fields,
+    print_json,
+    print_table,
+    workspace,
+)
+from orchestrator.config import known_drivers, load_provider, load_workspace_config
+from orchestrator.errors import ConfigError
+
+app = typer.Typer(help="Register providers (clouds, machine pools) and check them.", no_args_is_help=True)
+
+
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r} is not KEY=VALUE", field=option, hint=f"write {option} key=value")
+        pairs[key.strip()] = value
+    return pairs
+
+
+def _scalar(text: str) -> Any:
+    """Option values typed the way YAML would read them (``5000`` -> 5000, ``false`` -> False)."""
+    try:
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Provider name (lower case), also the file name.")],
+    driver: Annotated[str, typer.Option("--driver", "-d", help="libcloud driver, or local/netns/hosts.")],
+    option: Annotated[list[str], typer.Option("--option", "-o", help="Driver option KEY=VALUE.")] = [],  # noqa: B006
+    label: Annotated[list[str], typer.Option("--label", "-l", help="Label offered to placement.")] = [],  # noqa: B006
+    priority: Annotated[int | None, typer.Option(help="Lower is preferred by ordered placement.")] = None,
+    max_nodes: Annotated[int | None, typer.Option("--max-nodes", help="Quota: nodes at most.")] = None,
+    credential: Annotated[
+        list[str], typer.Option("--credential", "-c", help="KEY=env:VAR or KEY=file:PATH (0600).")
+    ] = [],  # noqa: B006
+    replace: Annotated[bool, typer.Option(help="Overwrite an existing registration.")] = False,
+) -> None:
+    """Register a provider: write providers/NAME.yaml and record it."""
+    ws = workspace(ctx)
+    options = {k: _scalar(v) for k, v in _pairs(option, "--option").items()}
+    config = engine.build_provider_config(
+        name, driver=driver, options=options, credentials=_pairs(credential, "--credential"),
+        labels=label, priority=priority, max_nodes=max_nodes,
+    )
+    with open_store(ws) as store:
+        path = engine.add_provider(ws, store, config, replace=replace)
+    console.print(f"provider {name} registered ({ws.relative(path)}); check it with `orch provider check {name}`")
+
+
+@app.command("list")
+def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List the workspace's providers."""
+    ws = workspace(ctx)
+    cfg = load_workspace_config(ws)
+    if cfg.errors and not cfg.providers:
+        cfg.raise_first()
+    configs = sorted(cfg.providers.values(), key=lambda p: (p.priority, p.name))
+    if as_json:
+        print_json([c.model_dump(mode="json") for c in configs])
+        return
+    rows = [
+        (c.name, c.driver, c.priority, "" if c.max_nodes is None else c.max_nodes, ", ".join(c.labels),
+         ", ".join(f"{k}={v}" for k, v in c.credentials.items()))
+        for c in configs
+    ]
+    print_table("providers", ["name", "driver", "priority", "max nodes", "labels", "credentials"], rows,
+                empty="no providers; add one with `orch provider add NAME --driver local`")
+
+
+@app.command("show")
+def show(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Provider name.")],
+         as_json: JsonFlag = False) -> None:
+    """Show one provider's registration (credential references, never values)."""
+    config = load_provider(workspace(ctx), name)
+    if as_json:
+        print_json(config)
+        return
+    data = config.model_dump(mode="json")
+    print_fields(f"provider {name}", [(k, v) for k, v in data.items() if v not in ({}, [], None)])
+
+
+@app.command("remove")
+def remove(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Provider name.")]) -> None:
+    """Unregister a provider (refused while it has nodes)."""
+    ws = workspace(ctx)
+    with open_store(ws) as store:
+        engine.remove_provider(ws, store, name)
+    console.print(f"provider {name} removed")
+
+
+@app.command("check")
+def check(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Provider name.")],
+          as_json: JsonFlag = False) -> None:
+    """Build the provider's driver and list its sizes and locations, or say what is wrong."""
+    result = engine.check_provider(workspace(ctx), name)
+    if as_json:
+        print_json(result)
+        return
+    rows = [(s.id, s.name, s.cpus or "", s.ram_mb, s.disk_gb, "" if s.price is None else s.price)
+            for s in result.sizes]
+    print_table(f"provider {name} ({result.driver}): sizes", ["id", "name", "cpus", "ram MB", "disk GB", "$/h"],
+                rows, empty="no sizes offered")
+    console.print(f"locations: {', '.join(result.locations) or 'none'}")
+    console.print(f"provider {name} OK")
+
+
+@app.command("drivers")
+def drivers(as_json: JsonFlag = False) -> None:
+    """List the driver names a provider may use."""
+    names = list(known_drivers())
+    if as_json:
+        print_json(names)
+        return
+    console.print("\n".join(names))
