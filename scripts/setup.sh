@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Set up everything orch needs on a Debian machine, from nothing but Python.
+# Idempotent: a second run only checks. Used by scripts/demo.sh and scripts/test.sh.
+#   - Debian packages (when missing, and only as root): a C toolchain, OpenSSH's sshd,
+#     iproute2 for network-namespace nodes, python3-venv
+#   - a virtualenv in .venv with orch and its dev extra installed (editable)
+#   - the C side in worker_native/ built with make
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+
+missing=()
+command -v gcc >/dev/null || missing+=(gcc libc6-dev)
+command -v make >/dev/null || missing+=(make)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+command -v ip >/dev/null || missing+=(iproute2)
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    say "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
+    exit 1
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "making the virtualenv .venv"
+  python3 -m venv .venv
+fi
+stamp=.venv/.orch-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "installing orch and its dev tools into .venv"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+if [ -f worker_native/Makefile ]; then
+  make -s -C worker_native
+fi
+say "ready"
