@@ -6,6 +6,7 @@ errors are translated at the boundary where they occur and re-raised ``from`` th
 original, so callers only ever catch ``OrchError``.
 
     OrchError                      1  anything orch reports on purpose
+    ├── FleetIncomplete            1  a family did not reach its count
     ├── InputError                 2  bad input: nothing was changed
     │   ├── ConfigError            2    a YAML file fails validation (file, line, field)
     │   ├── ValidationFailed       2    several ConfigErrors at once (``orch validate``)
@@ -14,13 +15,23 @@ original, so callers only ever catch ``OrchError``.
     │   ├── ReleaseError           2    a release cannot be accepted
     │   │   └── UnsafeReleaseError 2      a path, link or file type that could escape
     │   ├── NotFoundError          2    a named provider, release, node... does not exist
-    │   └── ConflictError          2    the request contradicts what is already there
+    │   ├── ConflictError          2    the request contradicts what is already there
+    │   └── PlacementError         2    (placement) no capacity matches the demands
     ├── ProviderError              3  a provider (cloud API, driver) failed
     │   ├── ProviderAuthError      3    credentials rejected
     │   └── ProviderUnavailable    3    driver missing, endpoint unreachable
     ├── StateError                 4  the state store or stored artefacts are unusable
     │   └── IntegrityError         4    a stored artefact fails its checksum
     └── RemoteError                5  a command or connection on a node failed
+        ├── NodeUnreachable        5    (ssh) connection refused, reset, timed out
+        ├── HostKeyMismatch        5    (ssh) the node's host key is not the pinned one
+        ├── AuthenticationFailed   5    (ssh) the node refused the fleet key
+        ├── CommandFailed          5    (ssh) a checked command exited non-zero
+        ├── CommandTimeout         5    (ssh) a command ran past its timeout
+        ├── RemoteFileError        5    (ssh) an SFTP transfer failed
+        └── BootstrapFailed        5    (bootstrap) a bootstrap step failed; carries the log
+
+Classes marked (module) live in that module, beside the code that raises them.
 """
 
 from __future__ import annotations
@@ -110,6 +121,10 @@ class NotFoundError(InputError):
 
 class ConflictError(InputError):
     """The request contradicts what already exists (same version, other content...)."""
+
+
+class FleetIncomplete(OrchError):
+    """A node family did not reach its count; the failures' log tails were shown."""
 
 
 class ProviderError(OrchError):

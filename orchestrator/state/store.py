@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,6 +52,9 @@ class Store:
         self._conn = conn
         self.path = path
         self._depth = 0
+        # One connection shared by a command's threads: a transaction holds the lock
+        # from BEGIN to COMMIT so that threads never interleave inside one.
+        self._lock = threading.RLock()
 
     # -- opening --------------------------------------------------------------------
 
@@ -86,6 +90,11 @@ class Store:
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; nested calls join the outer one."""
+        with self._lock, self._transaction() as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         if self._depth:
             self._depth += 1
             try:
@@ -110,7 +119,8 @@ class Store:
 
     def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
-            return self._conn.execute(sql, params).fetchall()
+            with self._lock:
+                return self._conn.execute(sql, params).fetchall()
         except sqlite3.DatabaseError as exc:
             raise StateError(f"state store query failed: {exc}") from exc
 

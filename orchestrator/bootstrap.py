@@ -1,0 +1,194 @@
+"""Bootstrap one node over SSH: pinned host key, release upload, checksum, unpack,
+build, setup, node config, health check, hooks.
+
+Every step first looks at what the node already has, so bootstrapping a node twice
+(after a crash, or to roll out a release) redoes only what changed.  The full log of
+each node goes to ``.orch/logs/<node>.log``.
+
+On the node, everything lives under ``~/orch``::
+
+    include/orch_work.h          the work-function ABI header the build uses
+    releases/<sha256>.tar.gz     uploaded tarballs, checked against their sha256
+    releases/<name>-<version>/   unpacked and built; .orch-sha256 marks a finished build
+    current -> releases/<name>-<version>
+    node.json                    node id, family, release, dependencies' addresses
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import NodeFamily, ReleaseManifest
+from orchestrator.errors import RemoteError
+from orchestrator.ssh import Result, SSHPool, SSHSession, SSHTarget
+from orchestrator.state import NodeRecord, ReleaseRecord
+
+HEADER = Path(__file__).resolve().parents[1] / "worker_native" / "include" / "orch_work.h"
+REMOTE_ROOT = "orch"
+
+Progress = Callable[[str, str], None]
+"""``progress(node_id, stage)``: called as each bootstrap step starts."""
+
+
+class BootstrapFailed(RemoteError):
+    """A bootstrap step failed on a node; ``log`` is the node's full log file."""
+
+    def __init__(self, node: str, step: str, detail: str, log: Path, tail: str = "") -> None:
+        self.node, self.step, self.log, self.tail = node, step, log, tail
+        super().__init__(f"node {node}: bootstrap step {step!r} failed: {detail}", hint=f"full log: {log}")
+
+
+@dataclass(frozen=True)
+class BootstrapPlan:
+    """Everything one node's bootstrap needs, decided before it starts."""
+
+    node: NodeRecord
+    target: SSHTarget
+    family: NodeFamily
+    release: ReleaseRecord
+    manifest: ReleaseManifest
+    tarball: bytes
+    dependencies: Mapping[str, list[str]] = field(default_factory=dict)  # family -> addresses
+    seed: str | None = None
+    config_hash: str = ""
+
+
+class NodeLog:
+    """Append-only log of one node's bootstrap, safe from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        with self._lock, self.path.open("a", encoding="utf-8") as fh:
+            for line in text.rstrip("\n").splitlines() or [""]:
+                fh.write(f"{stamp} {line}\n")
+
+    def result(self, result: Result) -> None:
+        self.write(f"$ {result.command}\n{result.stdout}{result.stderr}[exit {result.exited}]")
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: Progress,
+                   *, timeout: float | None = None) -> None:
+    """Bring ``plan.node`` from booted to serving its release; raises BootstrapFailed."""
+    deadline = time.monotonic() + (timeout or plan.family.bootstrap.timeout_seconds)
+    node = plan.node.id
+    release = plan.release
+    folder = f"{REMOTE_ROOT}/releases/{release.name}-{release.version}"
+    blob = f"{REMOTE_ROOT}/releases/{release.sha256}.tar.gz"
+    step = "connect"
+
+    def run(command: str, *, check: bool = True) -> Result:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BootstrapFailed(node, step, "ran out of time", log.path, log.tail())
+        result = session.run(f'cd "$HOME" && {command}', timeout=remaining)
+        log.result(result)
+        if check and result.failed:
+            raise BootstrapFailed(node, step, f"`{command}` exited {result.exited}", log.path, result.tail(15))
+        return result
+
+    log.write(f"== bootstrap {node} ({plan.node.path}) with {release.ref} sha256 {release.sha256}")
+    try:
+        progress(node, step)
+        session: SSHSession = pool.session(plan.target)
+        step = "pre"
+        for command in plan.family.bootstrap.pre:
+            progress(node, step)
+            run(command)
+        step = "upload"
+        progress(node, step)
+        run(f"mkdir -p {REMOTE_ROOT}/releases {REMOTE_ROOT}/include")
+        session.put(HEADER, f"{REMOTE_ROOT}/include/orch_work.h")
+        have = run(f"sha256sum {blob} 2>/dev/null || true", check=False).stdout.split()
+        if not have or have[0] != release.sha256:
+            session.put_bytes(plan.tarball, blob)
+            log.write(f"uploaded {len(plan.tarball)} bytes to {blob}")
+        step = "verify"
+        progress(node, step)
+        run(f"echo {release.sha256}'  '{blob} | sha256sum -c --quiet -")
+        step = "unpack"
+        marker = run(f"cat {folder}/.orch-sha256 2>/dev/null || true", check=False).stdout.strip()
+        if marker != release.sha256:
+            progress(node, step)
+            run(f"rm -rf {folder}.new {folder} && mkdir -p {folder}.new && "
+                f"tar -xzf {blob} -C {folder}.new --strip-components=1 --no-same-owner && mv {folder}.new {folder}")
+            step = "build"
+            build_env = 'ORCH_INCLUDE="$HOME/orch/include"'
+            for command in plan.manifest.build:
+                progress(node, step)
+                run(f"cd {folder} && {build_env} {command}")
+            step = "setup"
+            for command in plan.manifest.setup:
+                progress(node, step)
+                run(f"cd {folder} && {command}")
+            run(f"echo {release.sha256} > {folder}/.orch-sha256")
+        else:
+            log.write(f"{release.ref} already built on the node")
+        step = "configure"
+        progress(node, step)
+        run(f"ln -sfn releases/{release.name}-{release.version} {REMOTE_ROOT}/current")
+        session.put_bytes(json.dumps(node_config(plan), indent=2, sort_keys=True).encode(),
+                          f"{REMOTE_ROOT}/node.json")
+        step = "health"
+        progress(node, step)
+        run(health_check_command(plan))
+        step = "post"
+        for command in plan.family.bootstrap.post:
+            progress(node, step)
+            run(command)
+    except BootstrapFailed:
+        raise
+    except RemoteError as exc:
+        log.write(f"!! {step}: {exc}")
+        raise BootstrapFailed(node, step, str(exc).splitlines()[0], log.path, log.tail()) from exc
+    log.write(f"== {node} ready")
+
+
+def node_config(plan: BootstrapPlan) -> dict[str, Any]:
+    """What the node learns from its parent (and only from it)."""
+    node = plan.node
+    return {
+        "node": node.id,
+        "family": node.family,
+        "provider": node.provider,
+        "path": node.path,
+        "address": node.address,
+        "release": plan.release.ref,
+        "release_sha256": plan.release.sha256,
+        "library": plan.manifest.library,
+        "functions": [f.name for f in plan.manifest.functions],
+        "workers": plan.family.workers_per_node or plan.family.demands.cpus,
+        "dependencies": {k: sorted(v) for k, v in plan.dependencies.items()},
+        "seed": plan.seed,
+        "config_hash": plan.config_hash,
+    }
+
+
+def health_check_command(plan: BootstrapPlan) -> str:
+    """The node is healthy when its config names it and its work library was built.
+
+    The node agent (work-engine issue) joins this check: started, then answering.
+    """
+    library = shlex.quote(f"{REMOTE_ROOT}/current/{plan.manifest.library}")
+    check = (
+        "import json,sys; c=json.load(open('orch/node.json')); "
+        f"sys.exit(0 if c['node']=={plan.node.id!r} and c['release_sha256']=={plan.release.sha256!r} else 3)"
+    )
+    return f"test -f {library} && python3 -c {shlex.quote(check)}"

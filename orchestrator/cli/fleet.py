@@ -1,0 +1,148 @@
+"""Fleet commands: spawn, stop, nodes, exec."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+import typer
+
+from orchestrator import fleet as engine
+from orchestrator.cli.common import JsonFlag, console, err_console, open_store, print_json, print_table, workspace
+from orchestrator.cli.progress import NodeProgress
+from orchestrator.config import load_workspace_config
+from orchestrator.errors import FleetIncomplete, InputError, RemoteError
+from orchestrator.remote import exec_on
+from orchestrator.ssh import Result
+from orchestrator.state import NodeState
+
+QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress, only the summary.")]
+
+
+def spawn(
+    ctx: typer.Context,
+    family: Annotated[str, typer.Argument(help="Node family to bring up (node_families/FAMILY.yaml).")],
+    count: Annotated[int | None, typer.Option("--count", "-n", help="Nodes wanted (default: the family's).")] = None,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep nodes whose bootstrap failed.")] = False,
+    quiet: QuietFlag = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create, bootstrap and roll out a family's nodes until it has its count."""
+    ws = workspace(ctx)
+    with open_store(ws) as store, NodeProgress(f"spawn {family}", quiet=quiet or as_json) as progress:
+        report = engine.spawn(ws, store, family, count=count, keep_failed=keep_failed, events=progress.events())
+    if as_json:
+        print_json({"family": report.family, "target": report.target, "ready": report.ready,
+                    "created": report.created, "rolled": report.rolled, "removed": report.removed,
+                    "failures": [str(f) for f in report.failures], "ok": report.ok})
+    else:
+        console.print(f"{family}: {len(report.ready)}/{report.target} ready; created {len(report.created)}, "
+                      f"rolled {len(report.rolled)}, removed {len(report.removed)}, "
+                      f"failed attempts {len(report.failures)}")
+    if not report.ok:
+        for failure in report.failures[-3:]:
+            err_console.print(f"{failure}", markup=False)
+            tail = getattr(failure, "tail", "")
+            if tail:
+                err_console.print(tail, markup=False)
+        raise FleetIncomplete(f"family {family} has {len(report.ready)} of {report.target} nodes ready",
+                              hint="see the logs under .orch/logs/")
+
+
+def stop(
+    ctx: typer.Context,
+    targets: Annotated[list[str] | None, typer.Argument(help="FAMILY, or node ids / resource paths.")] = None,
+    all_nodes: Annotated[bool, typer.Option("--all", help="Stop every node of the workspace.")] = False,
+    quiet: QuietFlag = False,
+) -> None:
+    """Destroy nodes through their providers and mark them stopped."""
+    ws = workspace(ctx)
+    names = targets or []
+    if not names and not all_nodes:
+        raise InputError("name a FAMILY, node ids, or pass --all", hint="see `orch nodes`")
+    with open_store(ws) as store:
+        families = set(load_workspace_config(ws).families) | {n.family for n in store.list_nodes()}
+        if len(names) == 1 and names[0] in families:
+            nodes = engine.select_nodes(store, family=names[0])
+        else:
+            nodes = engine.select_nodes(store, node_ids=names, all_nodes=all_nodes)
+        with NodeProgress("stop", quiet=quiet) as progress:
+            stopped = engine.stop(ws, store, nodes, events=progress.events())
+    console.print(f"stopped {len(stopped)} node(s)")
+
+
+def nodes(
+    ctx: typer.Context,
+    family: Annotated[str | None, typer.Option("--family", "-f", help="Only this family's nodes.")] = None,
+    show_all: Annotated[bool, typer.Option("--all", "-a", help="Include stopped nodes.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """List nodes: id, family, provider, address, state, release, uptime, resource path."""
+    with open_store(workspace(ctx)) as store:
+        records = [n for n in store.list_nodes(family=family) if show_all or n.state.live]
+    if as_json:
+        print_json([{"id": n.id, "family": n.family, "provider": n.provider, "location": n.location,
+                     "address": n.address, "port": n.port, "state": n.state.value, "release": n.release,
+                     "size": n.size, "path": n.path, "ready_at": n.ready_at, "reason": n.reason}
+                    for n in records])
+        return
+    now = time.time()
+    rows = [(n.id, n.family, n.provider, f"{n.address}:{n.port}" if n.address else "", n.state.value,
+             n.release or "", _age(now - n.ready_at) if n.ready_at and n.state.value == "ready" else "", n.path)
+            for n in records]
+    print_table("nodes", ["id", "family", "provider", "address", "state", "release", "uptime", "path"], rows,
+                empty="no nodes; bring some up with `orch spawn FAMILY`")
+
+
+def exec_(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(help="FAMILY, node id, resource path prefix (/provider/...), or 'all'.")],
+    command: Annotated[list[str], typer.Argument(help="The command (put it after --).")],
+    timeout: Annotated[float | None, typer.Option(help="Seconds each node may take.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a command on nodes in parallel over SSH; exit non-zero if any node fails."""
+    ws = workspace(ctx)
+    with open_store(ws) as store:
+        ready = engine.select_nodes(store, all_nodes=True, states=[NodeState.READY])
+    if target == "all":
+        chosen = ready
+    else:
+        chosen = [n for n in ready if target in (n.family, n.id) or (target.startswith("/") and
+                                                                       n.path.startswith(target))]
+    if not chosen:
+        raise InputError(f"no ready node matches {target!r}", hint="see `orch nodes`")
+    outcome = exec_on(ws, chosen, " ".join(command), timeout=timeout)
+    if as_json:
+        print_json({name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr} if isinstance(r, Result)
+                           else {"error": str(r)}) for name, r in outcome.nodes.items()})
+    else:
+        for name, result in outcome.nodes.items():
+            if isinstance(result, Result):
+                mark = "ok" if result.ok else f"exit {result.exited}"
+                console.print(f"[bold]{name}[/bold] ({mark})")
+                if result.stdout:
+                    console.print(result.stdout.rstrip("\n"), markup=False)
+                if result.stderr:
+                    err_console.print(result.stderr.rstrip("\n"), markup=False)
+            else:
+                err_console.print(f"{name}: {result}", markup=False)
+    if outcome.failed:
+        first = next(iter(outcome.failed.values()))
+        if isinstance(first, RemoteError) and len(outcome.failed) == 1:
+            raise first
+        raise RemoteError(f"{len(outcome.failed)} of {len(outcome.nodes)} node(s) failed: "
+                          f"{', '.join(sorted(outcome.failed))}")
+
+
+def _age(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(spawn)
+    app.command()(stop)
+    app.command()(nodes)
+    app.command("exec")(exec_)

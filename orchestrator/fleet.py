@@ -1,0 +1,330 @@
+"""Spawn and stop node families: desired count x current fleet -> create, bootstrap,
+replace, roll out, scale down.  Idempotent and resumable: running ``spawn`` again
+after a crash settles what was left half-done, then does only what is missing.
+
+Progress flows out through ``FleetEvents`` callbacks; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from orchestrator import release_catalog
+from orchestrator.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
+from orchestrator.config import NodeFamily, ReleaseManifest, WorkspaceConfig, load_workspace_config
+from orchestrator.errors import ConflictError, InputError, NotFoundError, OrchError
+from orchestrator.placement import FleetNode, NodeRequest, plan_placement
+from orchestrator.providers import sync_registrations
+from orchestrator.provision import ProviderHandle, create_node, destroy_node, recover, wait_running
+from orchestrator.remote import ssh_target
+from orchestrator.ssh import SSHPool, SSHTarget
+from orchestrator.state import NodeRecord, NodeState, ReleaseRecord, Store
+from orchestrator.workspace import Workspace
+
+UP = (NodeState.BOOTING, NodeState.BOOTSTRAPPING, NodeState.READY)
+IN_FLIGHT = (NodeState.REQUESTED, NodeState.CREATING, NodeState.BOOTING, NodeState.BOOTSTRAPPING)
+
+
+@dataclass
+class FleetEvents:
+    """Callbacks the CLI (or API) uses to show progress; all optional."""
+
+    stage: Callable[[str, str], None] = lambda node, stage: None  # node id, stage name
+    note: Callable[[str], None] = lambda text: None
+
+
+@dataclass
+class SpawnReport:
+    family: str
+    target: int
+    ready: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    rolled: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    failures: list[BootstrapFailed | OrchError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return len(self.ready) >= self.target
+
+
+class FleetContext:
+    """What one command shares across its threads: workspace, store, drivers, SSH."""
+
+    def __init__(self, ws: Workspace, store: Store, cfg: WorkspaceConfig, events: FleetEvents) -> None:
+        self.ws, self.store, self.cfg, self.events = ws, store, cfg, events
+        self.pool = SSHPool()
+        self._handles: dict[str, ProviderHandle] = {}
+        self._lock = threading.Lock()
+
+    def handle(self, provider: str) -> ProviderHandle:
+        with self._lock:
+            if provider not in self._handles:
+                config = self.cfg.providers.get(provider)
+                if config is None:
+                    raise NotFoundError(f"provider {provider!r} is not in providers/", hint="see `orch provider list`")
+                self._handles[provider] = ProviderHandle(self.ws, config)
+            return self._handles[provider]
+
+    def target(self, node: NodeRecord) -> SSHTarget:
+        return ssh_target(self.ws, node)
+
+    def close(self) -> None:
+        self.pool.close_all()
+
+
+def load_config(ws: Workspace, store: Store) -> WorkspaceConfig:
+    cfg = load_workspace_config(ws, known_releases={r.name for r in store.list_releases()})
+    cfg.raise_first()
+    sync_registrations(store, cfg.providers)
+    return cfg
+
+
+def config_hash(family: NodeFamily, release: ReleaseRecord) -> str:
+    """What a node was built from: a change rolls the node; count and scaling don't."""
+    shape = family.model_dump(mode="json", exclude={"count", "scaling"})
+    return hashlib.sha256(json.dumps([shape, release.sha256], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_release(ws: Workspace, store: Store, cfg: WorkspaceConfig, family: NodeFamily) -> ReleaseRecord:
+    """The family's release; a source under releases/ is uploaded first (a no-op when unchanged)."""
+    source = cfg.release_sources.get(family.release_name)
+    if source is not None and family.release_version in (None, source.version):
+        return release_catalog.upload_release(ws, store, ws.releases_src_dir / family.release_name).record
+    return store.get_release(family.release_name, family.release_version)
+
+
+def settle(ctx: FleetContext, providers: Sequence[str]) -> None:
+    """Recover from an interrupted command before acting (orphans, half-made nodes)."""
+    handles = {p: ctx.handle(p) for p in providers if p in ctx.cfg.providers}
+    recover(ctx.store, handles, ctx.store.list_nodes(), on_change=ctx.events.note)
+
+
+def spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None = None,
+          keep_failed: bool = False, events: FleetEvents | None = None) -> SpawnReport:
+    """Make the family's ready nodes match its count and config."""
+    cfg = load_config(ws, store)
+    family = cfg.families.get(family_name)
+    if family is None:
+        raise NotFoundError(f"no node family {family_name!r}", hint="see `orch family list`")
+    target = family.count if count is None else count
+    if target < 0:
+        raise InputError(f"--count must be >= 0, not {target}")
+    ctx = FleetContext(ws, store, cfg, events or FleetEvents())
+    try:
+        dependencies = _dependencies(store, cfg, family)
+        release = resolve_release(ws, store, cfg, family)
+        manifest = release_catalog.manifest_of(release)
+        tarball = release_catalog.read_release(ws, release)
+        settle(ctx, sorted(cfg.providers))
+        digest = config_hash(family, release)
+        spawner = _Spawner(ctx, family, release, manifest, tarball, dependencies, digest, keep_failed)
+        return spawner.run(target)
+    finally:
+        ctx.close()
+
+
+def _dependencies(store: Store, cfg: WorkspaceConfig, family: NodeFamily) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for dep in family.bootstrap.depends_on:
+        wanted = cfg.families[dep].count
+        ready = [n for n in store.list_nodes(family=dep, states=[NodeState.READY]) if n.address]
+        if (wanted and len(ready) < wanted) or not ready:
+            raise ConflictError(
+                f"family {family.name!r} depends on {dep!r}, which has {len(ready)} of {wanted} nodes ready",
+                hint=f"run `orch spawn {dep}` first",
+            )
+        found[dep] = [n.address for n in ready if n.address]
+    return found
+
+
+class _Spawner:
+    def __init__(self, ctx: FleetContext, family: NodeFamily, release: ReleaseRecord, manifest: ReleaseManifest,
+                 tarball: bytes, dependencies: dict[str, list[str]], digest: str, keep_failed: bool) -> None:
+        self.ctx, self.family, self.release, self.manifest = ctx, family, release, manifest
+        self.tarball, self.dependencies, self.digest, self.keep_failed = tarball, dependencies, digest, keep_failed
+        self.seed: str | None = None
+
+    @property
+    def store(self) -> Store:
+        return self.ctx.store
+
+    def run(self, target: int) -> SpawnReport:
+        report = SpawnReport(self.family.name, target)
+        nodes = self.store.list_nodes(family=self.family.name)
+        for node in nodes:  # leftovers of failed attempts
+            if node.state == NodeState.FAILED and not self.keep_failed:
+                self._remove(node, "failed earlier", report)
+        up = self.store.list_nodes(family=self.family.name, states=UP)
+        current = [n for n in up if n.state == NodeState.READY and n.config_hash == self.digest]
+        stale = [n for n in up if n not in current]
+        # Scale down: drop the surplus, stale and newest first.
+        surplus = len(up) - target
+        for node in (stale[::-1] + current[::-1])[:max(0, surplus)]:
+            self._remove(node, f"scaling {self.family.name} down to {target}", report)
+        keep = {n.id for n in self.store.list_nodes(family=self.family.name, states=UP)}
+        stale = [n for n in stale if n.id in keep]
+        report.ready = [n.id for n in current if n.id in keep]
+        seeds = [n for n in current if n.id in keep]
+        self.seed = seeds[0].address if seeds else None
+        if stale:
+            self._run_strategy([functools.partial(self._roll, n, report) for n in stale], report)
+        missing = target - len(self.store.list_nodes(family=self.family.name, states=UP))
+        if missing > 0:
+            requests = self._plan(missing)
+            self._run_strategy([functools.partial(self._bring_up, r, report) for r in requests], report)
+        report.ready = [n.id for n in self.store.list_nodes(family=self.family.name, states=[NodeState.READY])]
+        return report
+
+    def _plan(self, count: int) -> list[NodeRequest]:
+        providers = self.family.placement.providers or sorted(self.ctx.cfg.providers)
+        caps = [self.ctx.handle(p).capabilities() for p in providers if p in self.ctx.cfg.providers]
+        fleet = [FleetNode(n.id, n.family, n.provider, n.location)
+                 for n in self.store.list_nodes(states=[s for s in NodeState if s.live and s != NodeState.LOST])]
+        return list(plan_placement(self.family, count, caps, fleet).requests)
+
+    def _run_strategy(self, jobs: list[Callable[[], bool]], report: SpawnReport) -> None:
+        strategy = self.family.bootstrap
+        if not jobs:
+            return
+        if strategy.strategy == "seed_first" and self.seed is None:
+            if not jobs[0]():
+                return
+            ready = self.store.list_nodes(family=self.family.name, states=[NodeState.READY])
+            self.seed = ready[0].address if ready else None
+            jobs = jobs[1:]
+        batch = strategy.batch_size if strategy.strategy == "rolling" else len(jobs)
+        workers = min(strategy.concurrency, max(1, batch))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for start in range(0, len(jobs), batch):
+                outcomes = list(pool.map(lambda job: job(), jobs[start:start + batch]))
+                if strategy.strategy == "rolling" and not all(outcomes):
+                    self.ctx.events.note("rolling: a batch failed; stopping here")
+                    return
+
+    def _bring_up(self, request: NodeRequest, report: SpawnReport) -> bool:
+        """Create and bootstrap one node, replacing it up to ``retries`` times."""
+        for attempt in range(self.family.bootstrap.retries + 1):
+            node_id = f"{self.family.name}-{secrets.token_hex(3)}"
+            record = self.store.add_node(
+                node_id, family=self.family.name, provider=request.provider, location=request.location,
+                size=request.size, image=request.image, hourly_price=request.hourly_price,
+                labels=list(self.family.labels), release=self.release.ref,
+                reason="replacement" if attempt else "requested",
+            )
+            self.ctx.events.stage(node_id, "create")
+            try:
+                handle = self.ctx.handle(request.provider)
+                record = create_node(handle, self.store, record, request)
+                self.ctx.events.stage(node_id, "boot")
+                wait_running(handle, record.provider_node_id or "")
+                report.created.append(node_id)
+                if self._bootstrap(record, report):
+                    return True
+            except OrchError as exc:
+                report.failures.append(exc)
+                self._fail(node_id, str(exc), report)
+        return False
+
+    def _roll(self, node: NodeRecord, report: SpawnReport) -> bool:
+        ok = self._bootstrap(node, report)
+        if ok:
+            report.rolled.append(node.id)
+        return ok
+
+    def _bootstrap(self, node: NodeRecord, report: SpawnReport) -> bool:
+        store = self.store
+        node = store.set_node_state(node.id, NodeState.BOOTSTRAPPING, reason=f"bootstrapping {self.release.ref}",
+                                    release=self.release.ref)
+        plan = BootstrapPlan(
+            node=node, target=self.ctx.target(node), family=self.family, release=self.release,
+            manifest=self.manifest, tarball=self.tarball, dependencies=self.dependencies, seed=self.seed,
+            config_hash=self.digest,
+        )
+        log = NodeLog(self.ctx.ws.logs_dir / f"{node.id}.log")
+        try:
+            bootstrap_node(plan, self.ctx.pool, log, self.ctx.events.stage)
+        except BootstrapFailed as exc:
+            report.failures.append(exc)
+            self.ctx.pool.discard(plan.target)
+            self._fail(node.id, str(exc), report)
+            return False
+        store.set_node_state(node.id, NodeState.READY, reason="bootstrapped", config_hash=self.digest,
+                             ready_at=time.time())
+        self.ctx.events.stage(node.id, "ready")
+        return True
+
+    def _fail(self, node_id: str, reason: str, report: SpawnReport) -> None:
+        node = self.store.get_node(node_id)
+        if node.state != NodeState.FAILED:
+            node = self.store.set_node_state(node_id, NodeState.FAILED, reason=reason.splitlines()[0])
+        self.ctx.events.stage(node_id, "failed")
+        if not self.keep_failed:
+            self._remove(node, "bootstrap failed", report)
+
+    def _remove(self, node: NodeRecord, reason: str, report: SpawnReport) -> None:
+        self.ctx.events.stage(node.id, "stopping")
+        destroy_node(self.ctx.handle(node.provider), self.store, node, reason=reason)
+        report.removed.append(node.id)
+        self.ctx.events.stage(node.id, "stopped")
+
+
+# -- stop -------------------------------------------------------------------------------
+
+
+def select_nodes(store: Store, *, family: str | None = None, node_ids: Sequence[str] = (),
+                 all_nodes: bool = False, states: Sequence[NodeState] | None = None) -> list[NodeRecord]:
+    """Nodes named by family, by id or resource-path prefix, or all of them."""
+    wanted = list(states) if states is not None else [s for s in NodeState if s.live]
+    nodes = store.list_nodes(states=wanted)
+    if all_nodes:
+        return nodes
+    if family is not None:
+        return [n for n in nodes if n.family == family]
+    chosen: list[NodeRecord] = []
+    for name in node_ids:
+        matches = [n for n in nodes if n.id == name or (name.startswith("/") and n.path.startswith(name))]
+        if not matches:
+            raise NotFoundError(f"no live node {name!r}", hint="see `orch nodes`")
+        chosen.extend(m for m in matches if m not in chosen)
+    return chosen
+
+
+def stop(ws: Workspace, store: Store, nodes: Sequence[NodeRecord], *,
+         events: FleetEvents | None = None) -> list[str]:
+    """Destroy ``nodes`` at their providers, confirm, mark them stopped."""
+    cfg = load_config(ws, store)
+    ctx = FleetContext(ws, store, cfg, events or FleetEvents())
+    stopped: list[str] = []
+    errors: list[OrchError] = []
+    try:
+        settle(ctx, sorted({n.provider for n in nodes}))
+        live = {n.id for n in store.list_nodes(states=[s for s in NodeState if s.live])}
+
+        def one(node: NodeRecord) -> None:
+            if node.id not in live:
+                return
+            ctx.events.stage(node.id, "stopping")
+            try:
+                destroy_node(ctx.handle(node.provider), store, store.get_node(node.id), reason="orch stop")
+                stopped.append(node.id)
+                ctx.events.stage(node.id, "stopped")
+            except OrchError as exc:
+                errors.append(exc)
+                ctx.events.stage(node.id, "failed")
+
+        with ThreadPoolExecutor(max_workers=max(1, min(32, len(nodes)))) as pool:
+            list(pool.map(one, nodes))
+    finally:
+        ctx.close()
+    if errors:
+        raise errors[0]
+    return stopped

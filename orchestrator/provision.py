@@ -1,0 +1,242 @@
+"""Plan -> nodes through libcloud: create, wait, find, destroy; capabilities; recovery.
+
+Every provider, ours and libcloud's stock drivers alike, is driven through the same
+``NodeDriver`` calls.  The store records intent before each create call, and every
+node carries tags (workspace, family, node id), so a crash at any point leaves either
+a record to settle or a tagged node to find.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from libcloud.compute.base import Node, NodeAuthSSHKey
+from libcloud.compute.types import NodeState as CloudState
+
+from orchestrator.config import ProviderConfig
+from orchestrator.errors import ProviderError
+from orchestrator.placement import NodeRequest, ProviderCapabilities, SizeOffer
+from orchestrator.providers import make_driver, map_libcloud_errors
+from orchestrator.state import NodeRecord, NodeState, Store
+from orchestrator.workspace import Workspace
+
+TAG_WORKSPACE = "orch-workspace"
+TAG_FAMILY = "orch-family"
+TAG_NODE = "orch-node"
+
+
+@dataclass
+class ProviderHandle:
+    """A provider's config and its driver, made once per command and shared by threads."""
+
+    ws: Workspace
+    config: ProviderConfig
+    _driver: Any = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _catalogue: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def driver(self) -> Any:
+        with self._lock:
+            if self._driver is None:
+                self._driver = make_driver(self.ws, self.config)
+            return self._driver
+
+    def catalogue(self) -> dict[str, dict[str, Any]]:
+        """The driver's sizes, images and locations by id (asked once)."""
+        with self._lock:
+            cached = self._catalogue
+        if cached is not None:
+            return cached
+        driver = self.driver
+        with map_libcloud_errors(self.name):
+            catalogue = {
+                "sizes": {str(s.id): s for s in driver.list_sizes()},
+                "images": {str(i.id): i for i in driver.list_images()},
+                "locations": {str(loc.id): loc for loc in driver.list_locations()},
+            }
+        with self._lock:
+            self._catalogue = catalogue
+        return catalogue
+
+    def capabilities(self) -> ProviderCapabilities:
+        cat = self.catalogue()
+        cfg = self.config
+        if cfg.image is not None:
+            image = cfg.image
+        elif cat["images"]:
+            image = sorted(cat["images"])[0]
+        else:
+            image = ""
+        return ProviderCapabilities(
+            name=cfg.name,
+            driver=cfg.driver,
+            labels=frozenset(cfg.labels),
+            priority=cfg.priority,
+            max_nodes=cfg.max_nodes,
+            locations=tuple(sorted(cat["locations"])),
+            sizes=tuple(_offer(s, cfg) for s in cat["sizes"].values()),
+            image=image,
+        )
+
+    def tagged_nodes(self, workspace_id: str) -> list[Node]:
+        """Every node at the provider that carries this workspace's tag."""
+        with map_libcloud_errors(self.name):
+            nodes = self.driver.list_nodes()
+        return [n for n in nodes if node_tags(n).get(TAG_WORKSPACE) == workspace_id]
+
+
+def _offer(size: Any, cfg: ProviderConfig) -> SizeOffer:
+    extra = size.extra or {}
+    cpus = extra.get("cpus") or extra.get("vcpus") or extra.get("cpu") or getattr(size, "vcpus", None) or 1
+    price = cfg.prices.get(str(size.id), size.price)
+    return SizeOffer(
+        id=str(size.id), name=str(size.name), cpus=int(cpus), ram_mb=int(size.ram or 0),
+        disk_gb=int(size.disk or 0), arch=extra.get("arch"), hourly_price=float(price or 0.0),
+    )
+
+
+def node_tags(node: Node) -> dict[str, str]:
+    extra = node.extra or {}
+    tags = extra.get("tags") or extra.get("labels") or {}
+    return {str(k): str(v) for k, v in dict(tags).items()}
+
+
+def public_key(ws: Workspace) -> str:
+    return ws.ssh_key.with_suffix(".pub").read_text().strip()
+
+
+def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, request: NodeRequest) -> NodeRecord:
+    """Create the node a ``requested`` record stands for; returns it ``booting``."""
+    cat = handle.catalogue()
+    store.set_node_state(record.id, NodeState.CREATING, reason=f"creating on {handle.name}")
+    tags = {TAG_WORKSPACE: store.workspace_id, TAG_FAMILY: record.family, TAG_NODE: record.id}
+    try:
+        with map_libcloud_errors(handle.name):
+            node = handle.driver.create_node(
+                name=record.id,
+                size=cat["sizes"][request.size],
+                image=cat["images"][request.image],
+                location=cat["locations"].get(request.location),
+                auth=NodeAuthSSHKey(public_key(handle.ws)),
+                ex_tags=tags,
+            )
+    except ProviderError as exc:
+        store.set_node_state(record.id, NodeState.FAILED, reason=str(exc))
+        raise
+    return adopt(store, record.id, node, handle)
+
+
+def adopt(store: Store, node_id: str, node: Node, handle: ProviderHandle) -> NodeRecord:
+    """Record what the provider says of a node we created (after create or a crash)."""
+    extra = node.extra or {}
+    addresses = list(node.public_ips or node.private_ips or [])
+    address = str(addresses[0]) if addresses else None
+    current = store.get_node(node_id)
+    state = NodeState.BOOTING if current.state in (NodeState.REQUESTED, NodeState.CREATING) else current.state
+    return store.set_node_state(
+        node_id, state, reason=f"{handle.name} node {node.id}",
+        provider_node_id=str(node.id), address=address, port=int(extra.get("port", 22)),
+        ssh_user=extra.get("ssh_user"), host_key=extra.get("host_key") or current.host_key,
+        extra={k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool))},
+    )
+
+
+def wait_running(handle: ProviderHandle, provider_node_id: str, *, timeout: float = 300.0,
+                 interval: float = 0.05) -> Node:
+    """Poll ``list_nodes`` until the node runs (our drivers return running nodes)."""
+    deadline = time.monotonic() + timeout
+    delay = interval
+    while True:
+        found = find_node(handle, provider_node_id)
+        if found is not None and found.state == CloudState.RUNNING:
+            return found
+        if time.monotonic() > deadline:
+            state = found.state if found is not None else "gone"
+            raise ProviderError(f"provider {handle.name!r}: node {provider_node_id} not running after "
+                                f"{timeout:.0f} s (state {state})")
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def find_node(handle: ProviderHandle, provider_node_id: str) -> Node | None:
+    with map_libcloud_errors(handle.name):
+        nodes = handle.driver.list_nodes()
+    return next((n for n in nodes if str(n.id) == provider_node_id), None)
+
+
+def destroy_node(handle: ProviderHandle, store: Store, record: NodeRecord, *, reason: str) -> NodeRecord:
+    """Destroy at the provider, confirm with ``list_nodes``, and mark the node stopped."""
+    if record.state != NodeState.STOPPING:
+        record = store.set_node_state(record.id, NodeState.STOPPING, reason=reason)
+    if record.provider_node_id:
+        node = find_node(handle, record.provider_node_id)
+        if node is not None:
+            with map_libcloud_errors(handle.name):
+                handle.driver.destroy_node(node)
+            if find_node(handle, record.provider_node_id) is not None:
+                raise ProviderError(f"provider {handle.name!r} still lists node {record.id} after destroy",
+                                    hint="run `orch stop` again")
+    return store.set_node_state(record.id, NodeState.STOPPED, reason=reason)
+
+
+def destroy_orphan(handle: ProviderHandle, node: Node) -> None:
+    with map_libcloud_errors(handle.name):
+        handle.driver.destroy_node(node)
+
+
+@dataclass
+class Recovery:
+    """What settling the store against the providers did."""
+
+    adopted: list[str] = field(default_factory=list)   # created before a crash: kept
+    vanished: list[str] = field(default_factory=list)  # never created, or gone: settled
+    orphans: list[str] = field(default_factory=list)   # tagged but unknown: destroyed
+
+
+def recover(
+    store: Store,
+    handles: dict[str, ProviderHandle],
+    records: Iterable[NodeRecord],
+    *,
+    on_change: Callable[[str], None] = lambda _msg: None,
+) -> Recovery:
+    """Settle unfinished records (a crashed or killed ``orch``) against the providers.
+
+    A record that was being created is adopted when the provider has a node tagged
+    with its id, and settled as stopped when it has none; a tagged node the store does
+    not know as live is destroyed; a live record whose node is gone is marked lost.
+    """
+    outcome = Recovery()
+    live = {r.id: r for r in records if r.state.live}
+    wid = store.workspace_id
+    for name, handle in handles.items():
+        tagged = {node_tags(n)[TAG_NODE]: n for n in handle.tagged_nodes(wid) if TAG_NODE in node_tags(n)}
+        for node_id, node in tagged.items():
+            record = live.get(node_id)
+            if record is None or record.provider != name:
+                destroy_orphan(handle, node)
+                outcome.orphans.append(node_id)
+                on_change(f"{node_id}: orphan on {name} destroyed")
+            elif record.state in (NodeState.REQUESTED, NodeState.CREATING) or not record.provider_node_id:
+                adopt(store, node_id, node, handle)
+                outcome.adopted.append(node_id)
+                on_change(f"{node_id}: adopted from {name}")
+        for record in [r for r in live.values() if r.provider == name and r.id not in tagged]:
+            if record.state in (NodeState.REQUESTED, NodeState.CREATING, NodeState.STOPPING, NodeState.FAILED):
+                if record.state not in (NodeState.STOPPING, NodeState.FAILED):
+                    store.set_node_state(record.id, NodeState.FAILED, reason="never created (interrupted)")
+                store.set_node_state(record.id, NodeState.STOPPED, reason="not at the provider")
+            else:
+                store.set_node_state(record.id, NodeState.LOST, reason=f"{name} no longer lists it")
+            outcome.vanished.append(record.id)
+            on_change(f"{record.id}: not at {name}; settled")
+    return outcome
