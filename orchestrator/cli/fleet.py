@@ -125,11 +125,11 @@ def exec_(
                     console.print(result.stdout.rstrip("\n"), markup=False)
                 if result.stderr:
                     err_console.print(result.stderr.rstrip("\n"), markup=False)
-            else:
+            elif len(outcome.nodes) > 1:  # a single node's error is the command's error, below
                 err_console.print(f"{name}: {result}", markup=False)
     if outcome.failed:
         first = next(iter(outcome.failed.values()))
-        if isinstance(first, RemoteError) and len(outcome.failed) == 1:
+        if isinstance(first, RemoteError) and len(outcome.nodes) == 1:
             raise first
         raise RemoteError(f"{len(outcome.failed)} of {len(outcome.nodes)} node(s) failed: "
                           f"{', '.join(sorted(outcome.failed))}")

@@ -1,0 +1,5 @@
+"""``python -m orchestrator``: the same as the ``orch`` command."""
+
+from orchestrator.cli.app import run
+
+run()

@@ -1,0 +1,235 @@
+"""The fleet on real local nodes: spawn, bootstrap, exec, stop, failures and crashes.
+
+Every node is a real sshd on 127.0.0.N; every test stops what it started, even when
+it fails, and checks that nothing of its nodes is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from orchestrator import fleet
+from orchestrator.config import load_provider
+from orchestrator.providers import make_driver
+from orchestrator.state import NodeState, Store
+from orchestrator.workspace import Workspace
+from tests.conftest import Run
+from tests.integration.conftest import processes_of
+
+pytestmark = pytest.mark.sshd
+ORCH = [sys.executable, "-m", "orchestrator"]
+
+LOCAL_PROVIDER = "driver: local\nlabels: [private]\nmax_nodes: 24\n"
+
+
+def family_yaml(count: int, **bootstrap: object) -> str:
+    lines = ["release: primes", f"count: {count}", "placement:", "  providers: [local]"]
+    if bootstrap:
+        lines.append("bootstrap:")
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in bootstrap.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def fleet_ws(ws: Workspace) -> Iterator[Workspace]:
+    """A workspace with the local provider; every node is gone afterwards."""
+    (ws.providers_dir / "local.yaml").write_text(LOCAL_PROVIDER)
+    (ws.families_dir / "workers.yaml").write_text(family_yaml(4))
+    try:
+        yield ws
+    finally:
+        _stop_everything(ws)
+
+
+def _stop_everything(ws: Workspace) -> None:
+    if ws.state_db.exists():
+        with Store.open(ws.state_db) as store:
+            live = fleet.select_nodes(store, all_nodes=True)
+            if live:
+                fleet.stop(ws, store, live)
+    driver = make_driver(ws, load_provider(ws, "local"))
+    for node in driver.list_nodes():  # belt and braces: whatever the store missed
+        driver.destroy_node(node)
+    assert driver.list_nodes() == []
+
+
+def provider_nodes(ws: Workspace) -> dict[str, object]:
+    driver = make_driver(ws, load_provider(ws, "local"))
+    return {str(n.id): n for n in driver.list_nodes()}
+
+
+def store_nodes(ws: Workspace, *states: NodeState) -> list[object]:
+    with Store.open(ws.state_db) as store:
+        return store.list_nodes(states=states or None)
+
+
+def assert_store_agrees_with_provider(ws: Workspace) -> None:
+    at_provider = provider_nodes(ws)
+    with Store.open(ws.state_db) as store:
+        live = {n.provider_node_id for n in store.list_nodes(states=[s for s in NodeState if s.live])}
+    assert live == set(at_provider), f"store {sorted(map(str, live))} vs provider {sorted(at_provider)}"
+
+
+def test_spawn_exec_stop_leaves_nothing_behind(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    spawned = orch("spawn", "workers", "--json", cwd=fleet_ws.root)
+    assert spawned.code == 0, spawned.err
+    report = json.loads(spawned.out)
+    assert report["ok"] and len(report["ready"]) == 4
+
+    nodes = json.loads(orch("nodes", "--json").out)
+    assert len({n["address"] for n in nodes}) == 4
+    assert all(n["state"] == "ready" and n["path"] == f"/local/local/workers/{n['id']}" for n in nodes)
+    dirs = {n.id: n.extra["node_dir"] for n in provider_nodes(fleet_ws).values()}  # type: ignore[attr-defined]
+    assert all(processes_of(pid, d) for pid, d in dirs.items())
+
+    ran = orch("exec", "workers", "--json", "--", "python3 -c 'import json; print(json.load(open(\"orch/node.json\"))[\"node\"])'")
+    assert ran.code == 0, ran.err
+    outputs = json.loads(ran.out)
+    assert {k: v["stdout"].strip() for k, v in outputs.items()} == {n["id"]: n["id"] for n in nodes}
+
+    stopped = orch("stop", "workers")
+    assert stopped.code == 0, stopped.err
+    assert provider_nodes(fleet_ws) == {}
+    for node_id, node_dir in dirs.items():
+        assert processes_of(node_id, node_dir) == [], f"processes of {node_id} survived"
+        assert not Path(node_dir).exists()
+    assert [n.state for n in store_nodes(fleet_ws)] == [NodeState.STOPPED] * 4  # type: ignore[attr-defined]
+
+
+def test_spawn_is_idempotent_grows_and_rolls_out_a_new_release(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(2))
+    first = json.loads(orch("spawn", "workers", "--json", cwd=fleet_ws.root).out)
+    assert len(first["created"]) == 2
+    again = json.loads(orch("spawn", "workers", "--json").out)
+    assert again["created"] == [] and again["rolled"] == [] and sorted(again["ready"]) == sorted(first["ready"])
+
+    grown = json.loads(orch("spawn", "workers", "--count", "3", "--json").out)
+    assert len(grown["created"]) == 1 and len(grown["ready"]) == 3
+
+    src = fleet_ws.releases_src_dir / "primes"
+    manifest = (src / "release.yaml").read_text().replace("version: 1.0.0", "version: 1.0.1")
+    (src / "release.yaml").write_text(manifest)
+    rolled = json.loads(orch("spawn", "workers", "--count", "3", "--json").out)
+    assert rolled["created"] == [] and sorted(rolled["rolled"]) == sorted(grown["ready"])
+    versions = json.loads(orch("exec", "workers", "--json", "--", "readlink orch/current").out)
+    assert {v["stdout"].strip() for v in versions.values()} == {"releases/primes-1.0.1"}
+
+    shrunk = json.loads(orch("spawn", "workers", "--count", "1", "--json").out)
+    assert len(shrunk["removed"]) == 2 and len(shrunk["ready"]) == 1
+    assert_store_agrees_with_provider(fleet_ws)
+
+
+def test_a_changed_host_key_is_refused_naming_the_node(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(2))
+    assert orch("spawn", "workers", "-q", cwd=fleet_ws.root).code == 0
+    driver = make_driver(fleet_ws, load_provider(fleet_ws, "local"))
+    victim = driver.list_nodes()[0]
+    with Store.open(fleet_ws.state_db) as store:
+        name = next(n.id for n in store.list_nodes() if n.provider_node_id == victim.id)
+    # The machine behind the address changes its key: a new host key, sshd restarted.
+    key_file = Path(victim.extra["node_dir"]) / "host_key"
+    key_file.write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
+    driver.stop_node(victim)
+    driver.start_node(victim)
+
+    result = orch("exec", name, "--", "true")
+    assert result.code == 5
+    assert name in result.err and "host key" in result.err.lower()
+    others = orch("exec", "workers", "--", "true")
+    assert others.code == 5 and f"1 of 2 node(s) failed: {name}" in others.err
+
+
+def test_a_failing_setup_is_replaced_until_the_family_has_its_count(fleet_ws: Workspace, orch: Callable[..., Run],
+                                                                      tmp_path: Path) -> None:
+    flag = tmp_path / "failed-once"
+    src = fleet_ws.releases_src_dir / "primes"
+    manifest = (src / "release.yaml").read_text()
+    # The first node to run setup fails (mkdir is atomic across the nodes, which share this disk).
+    (src / "release.yaml").write_text(manifest.replace("setup: []", f"setup:\n  - \"! mkdir {flag}\"")
+                                      if "setup: []" in manifest else manifest + f"setup:\n  - \"! mkdir {flag}\"\n")
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(3, retries=2))
+    result = orch("spawn", "workers", "--json", cwd=fleet_ws.root)
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert len(report["ready"]) == 3 and len(report["created"]) == 4 and len(report["removed"]) == 1
+    assert len(report["failures"]) == 1 and "'setup' failed" in report["failures"][0]
+    failed = report["removed"][0]
+    log = (fleet_ws.logs_dir / f"{failed}.log").read_text()
+    assert f"! mkdir {flag}" in log and "[exit 1]" in log
+    assert_store_agrees_with_provider(fleet_ws)
+
+
+def test_exhausted_retries_exit_non_zero_with_the_log_tail(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    src = fleet_ws.releases_src_dir / "primes"
+    manifest = (src / "release.yaml").read_text()
+    (src / "release.yaml").write_text(manifest.replace("setup: []", "setup:\n  - echo cannot-set-up >&2 && false")
+                                      if "setup: []" in manifest
+                                      else manifest + "setup:\n  - echo cannot-set-up >&2 && false\n")
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(2, retries=1))
+    result = orch("spawn", "workers", "-q", cwd=fleet_ws.root)
+    assert result.code == 1
+    assert "cannot-set-up" in result.err and "has 0 of 2 nodes ready" in result.err
+    assert provider_nodes(fleet_ws) == {}, "failed nodes must be destroyed"
+    assert len(store_nodes(fleet_ws)) == 4  # 2 slots x (1 try + 1 retry), all stopped
+
+
+def test_sigkill_of_spawn_at_any_point_then_rerun_converges(fleet_ws: Workspace) -> None:
+    env = {**os.environ, "ORCH_WORKSPACE": str(fleet_ws.root)}
+    rng = random.Random(7)
+    for delay in sorted(rng.uniform(0.3, 1.6) for _ in range(4)):
+        proc = subprocess.Popen([*ORCH, "spawn", "workers", "-q"], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if rng.random() < 0.5:  # sometimes shrink, so the rerun must also scale down
+            subprocess.run([*ORCH, "spawn", "workers", "-q", "--count", "2"], env=env, check=True,
+                           capture_output=True, timeout=120)
+    final = subprocess.run([*ORCH, "spawn", "workers", "--json"], env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert len(json.loads(final.stdout)["ready"]) == 4
+    assert len(provider_nodes(fleet_ws)) == 4
+    assert_store_agrees_with_provider(fleet_ws)
+
+
+def test_rolling_stops_at_the_first_failed_batch(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    src = fleet_ws.releases_src_dir / "primes"
+    manifest = (src / "release.yaml").read_text()
+    (src / "release.yaml").write_text(manifest.replace("setup: []", "setup:\n  - \"false\"")
+                                      if "setup: []" in manifest else manifest + "setup:\n  - \"false\"\n")
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(6, strategy="rolling", batch_size=2, retries=0))
+    result = orch("spawn", "workers", "--json", cwd=fleet_ws.root)
+    assert result.code == 1
+    assert len(json.loads(result.out)["created"]) == 2, "only the first batch may be tried"
+
+
+def test_seed_first_and_depends_on(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    (fleet_ws.families_dir / "db.yaml").write_text(family_yaml(2, strategy="seed_first"))
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(2, depends_on=["db"]))
+    refused = orch("spawn", "workers", cwd=fleet_ws.root)
+    assert refused.code == 2 and "depends on 'db', which has 0 of 2 nodes ready" in refused.err
+    assert orch("spawn", "db", "-q").code == 0
+    configs = json.loads(orch("exec", "db", "--json", "--", "cat orch/node.json").out)
+    db = {name: json.loads(out["stdout"]) for name, out in configs.items()}
+    seeds = {c["seed"] for c in db.values()}
+    addresses = {c["address"] for c in db.values()}
+    assert len(seeds - {None}) == 1 and seeds - {None} <= addresses, "the later node learns the seed's address"
+
+    assert orch("spawn", "workers", "-q").code == 0
+    configs = json.loads(orch("exec", "workers", "--json", "--", "cat orch/node.json").out)
+    for out in configs.values():
+        assert sorted(json.loads(out["stdout"])["dependencies"]["db"]) == sorted(addresses)
