@@ -94,7 +94,8 @@ def test_spawn_exec_stop_leaves_nothing_behind(fleet_ws: Workspace, orch: Callab
     dirs = {n.id: n.extra["node_dir"] for n in provider_nodes(fleet_ws).values()}  # type: ignore[attr-defined]
     assert all(processes_of(pid, d) for pid, d in dirs.items())
 
-    ran = orch("exec", "workers", "--json", "--", "python3 -c 'import json; print(json.load(open(\"orch/node.json\"))[\"node\"])'")
+    read_id = "python3 -c 'import json; print(json.load(open(\"orch/node.json\"))[\"node\"])'"
+    ran = orch("exec", "workers", "--json", "--", read_id)
     assert ran.code == 0, ran.err
     outputs = json.loads(ran.out)
     assert {k: v["stdout"].strip() for k, v in outputs.items()} == {n["id"]: n["id"] for n in nodes}
