@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +19,14 @@ from rich.table import Table
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+def _width() -> int | None:
+    """Terminals report their width; logs and pipes get room for whole rows."""
+    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "0") or 0) or 200
+
+
+console = Console(highlight=False, soft_wrap=True, width=_width())
+err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_width())
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 

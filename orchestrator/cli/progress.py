@@ -25,16 +25,22 @@ class NodeProgress:
         self.notes: list[str] = []
         self.started = time.monotonic()
         self._lock = threading.Lock()
+        self.live = console.is_terminal and not quiet
         self._live = Live(self._render(), console=console, refresh_per_second=8, transient=False)
 
     def events(self) -> FleetEvents:
         return FleetEvents(stage=self.stage, note=self.note)
 
     def stage(self, node: str, stage: str) -> None:
+        at = time.monotonic() - self.started
         with self._lock:
-            self.stages[node] = (stage, time.monotonic() - self.started)
-        if not self.quiet:
+            self.stages[node] = (stage, at)
+        if self.quiet:
+            return
+        if self.live:
             self._live.update(self._render())
+        else:  # a log, not a screen: one line per change
+            console.print(f"{at:7.2f}s  {node}  {stage}", markup=False)
 
     def note(self, text: str) -> None:
         with self._lock:
@@ -55,12 +61,12 @@ class NodeProgress:
         return table
 
     def __enter__(self) -> NodeProgress:
-        if not self.quiet:
+        if self.live:
             self._live.start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if not self.quiet:
+        if self.live:
             self._live.update(self._render())
             self._live.stop()
