@@ -234,3 +234,13 @@ def test_seed_first_and_depends_on(fleet_ws: Workspace, orch: Callable[..., Run]
     configs = json.loads(orch("exec", "workers", "--json", "--", "cat orch/node.json").out)
     for out in configs.values():
         assert sorted(json.loads(out["stdout"])["dependencies"]["db"]) == sorted(addresses)
+
+
+def test_pre_and_post_hooks_run_around_the_release(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(
+        1, pre=["date +%s%N > pre-ran && test ! -e orch/current"],
+        post=["test -f orch/current/build/libprimes.so && date +%s%N > post-ran"]))
+    assert orch("spawn", "workers", "-q", cwd=fleet_ws.root).code == 0
+    out = json.loads(orch("exec", "workers", "--json", "--", "cat pre-ran post-ran").out)
+    pre, post = next(iter(out.values()))["stdout"].split()
+    assert int(pre) < int(post)
