@@ -11,6 +11,7 @@ computed, shown, tested from YAML, and then executed unchanged.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -128,18 +129,10 @@ def plan_placement(
     used = Counter(n.provider for n in fleet)
     room = {cap.name: _room(cap, used[cap.name]) for cap in capabilities}
     here = Counter((n.provider, n.location) for n in fleet if n.family == family.name)
-    requests: list[NodeRequest] = []
-    for _ in range(count):
-        open_slots = [s for s in slots if room[s.provider.name] > 0]
-        if not open_slots:
-            break
-        slot = _choose(family.placement.policy, open_slots, here)
-        room[slot.provider.name] -= 1
-        here[(slot.provider.name, slot.location)] += 1
-        requests.append(NodeRequest(
-            provider=slot.provider.name, location=slot.location, size=slot.size.id, image=slot.provider.image,
-            hourly_price=slot.size.hourly_price, cpus=slot.size.cpus, ram_mb=slot.size.ram_mb,
-        ))
+    if family.placement.policy == "spread":
+        requests = _spread(slots, count, room, here)
+    else:
+        requests = _fill(family.placement.policy, slots, count, room, here)
     if len(requests) < count:
         full = [Rejection(s.provider.name, f"quota full (max_nodes {s.provider.max_nodes})")
                 for s in slots if room[s.provider.name] <= 0]
@@ -153,15 +146,56 @@ def _room(cap: ProviderCapabilities, used: int) -> int:
     return 10**9 if cap.max_nodes is None else max(0, cap.max_nodes - used)
 
 
-def _choose(policy: str, slots: list[_Slot], here: Counter[tuple[str, str]]) -> _Slot:
-    if policy == "cheapest":
-        return min(slots, key=lambda s: (s.size.hourly_price, -s.preferred, s.order))
-    if policy == "spread":
-        return min(slots, key=lambda s: (here[(s.provider.name, s.location)], -s.preferred, s.order))
-    if policy == "pack":
-        providers_used = {p for (p, _), n in here.items() if n > 0}
-        return min(slots, key=lambda s: (s.provider.name not in providers_used, -s.room, -s.preferred, s.order))
-    return min(slots, key=lambda s: (-s.preferred, s.order))  # ordered
+def _request(slot: _Slot) -> NodeRequest:
+    return NodeRequest(
+        provider=slot.provider.name, location=slot.location, size=slot.size.id, image=slot.provider.image,
+        hourly_price=slot.size.hourly_price, cpus=slot.size.cpus, ram_mb=slot.size.ram_mb,
+    )
+
+
+def _fill(policy: str, slots: list[_Slot], count: int, room: dict[str, int],
+          here: Counter[tuple[str, str]]) -> list[NodeRequest]:
+    """ordered, cheapest, pack: fill the best slot as far as its provider's room goes,
+    then the next: whole runs at a time, so planning 10,000 nodes takes a few passes."""
+    requests: list[NodeRequest] = []
+    open_slots = list(slots)
+    while len(requests) < count:
+        open_slots = [s for s in open_slots if room[s.provider.name] > 0]
+        if not open_slots:
+            break
+        if policy == "cheapest":
+            slot = min(open_slots, key=lambda s: (s.size.hourly_price, -s.preferred, s.order))
+        elif policy == "pack":
+            providers_used = {p for (p, _), n in here.items() if n > 0}
+            slot = min(open_slots, key=lambda s: (s.provider.name not in providers_used,
+                                                  -room[s.provider.name], -s.preferred, s.order))
+        else:  # ordered
+            slot = min(open_slots, key=lambda s: (-s.preferred, s.order))
+        take = min(room[slot.provider.name], count - len(requests))
+        room[slot.provider.name] -= take
+        here[(slot.provider.name, slot.location)] += take
+        requests.extend([_request(slot)] * take)  # frozen: one request value, repeated
+    return requests
+
+
+def _spread(slots: list[_Slot], count: int, room: dict[str, int],
+            here: Counter[tuple[str, str]]) -> list[NodeRequest]:
+    """spread: always the (provider, location) with the fewest of the family's nodes."""
+    heap = [(here[(s.provider.name, s.location)], -s.preferred, s.order, s.location, i)
+            for i, s in enumerate(slots)]
+    heapq.heapify(heap)
+    made = {i: _request(s) for i, s in enumerate(slots)}
+    requests: list[NodeRequest] = []
+    while heap and len(requests) < count:
+        load, pref, order, location, i = heapq.heappop(heap)
+        slot = slots[i]
+        if room[slot.provider.name] <= 0:
+            continue  # the provider's quota is used up (by another of its locations)
+        room[slot.provider.name] -= 1
+        here[(slot.provider.name, location)] += 1
+        requests.append(made[i])
+        heapq.heappush(heap, (load + 1, pref, order, location, i))
+    return requests
 
 
 def _candidate_slots(
@@ -192,7 +226,8 @@ def _candidate_slots(
             rejected.append(Rejection(cap.name, f"lacks label(s) {', '.join(sorted(missing))}"))
             continue
         preferred = len(set(demands.prefer_labels) & cap.labels)
-        for location in cap.locations:
+        fits_everywhere = _smallest_fit(family, cap, None, rejected) if not cap.unavailable else None
+        for location in sorted(cap.locations):  # deterministic, whatever order the API lists
             if demands.locations and not any(fnmatch.fnmatchcase(location, g) for g in demands.locations):
                 rejected.append(Rejection(cap.name, f"not in {', '.join(demands.locations)}", location))
                 continue
@@ -202,14 +237,16 @@ def _candidate_slots(
             if (cap.name, location) in avoided:
                 rejected.append(Rejection(cap.name, f"hosts {', '.join(placement.avoid)} (avoid)", location))
                 continue
-            size = _smallest_fit(family, cap, location, rejected)
+            size = fits_everywhere if not cap.unavailable else _smallest_fit(family, cap, location, rejected)
             if size is not None:
                 slots.append(_Slot(cap, location, size, _room(cap, used[cap.name]), order, preferred))
     return slots
 
 
-def _smallest_fit(family: NodeFamily, cap: ProviderCapabilities, location: str,
+def _smallest_fit(family: NodeFamily, cap: ProviderCapabilities, location: str | None,
                   rejected: list[Rejection]) -> SizeOffer | None:
+    """The smallest size that meets the demands (sizes are the same in every location
+    unless some are cooling down there, when ``location`` is given)."""
     demands = family.demands
     fits: list[SizeOffer] = []
     for size in cap.sizes:
