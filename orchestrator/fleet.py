@@ -21,9 +21,16 @@ from orchestrator import release_catalog
 from orchestrator.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
 from orchestrator.config import NodeFamily, ReleaseManifest, WorkspaceConfig, load_workspace_config
 from orchestrator.errors import ConflictError, InputError, NotFoundError, OrchError
-from orchestrator.placement import FleetNode, NodeRequest, plan_placement
+from orchestrator.placement import FleetNode, NodeRequest, PlacementPlan, plan_placement
 from orchestrator.providers import sync_registrations
-from orchestrator.provision import ProviderHandle, create_node, destroy_node, recover, wait_running
+from orchestrator.provision import (
+    ProviderHandle,
+    Recovery,
+    create_node,
+    destroy_node,
+    recover,
+    wait_running,
+)
 from orchestrator.remote import ssh_target
 from orchestrator.ssh import SSHPool, SSHTarget
 from orchestrator.state import NodeRecord, NodeState, ReleaseRecord, Store
@@ -102,10 +109,49 @@ def resolve_release(ws: Workspace, store: Store, cfg: WorkspaceConfig, family: N
     return store.get_release(family.release_name, family.release_version)
 
 
-def settle(ctx: FleetContext, providers: Sequence[str]) -> None:
+def plan_nodes(ctx: FleetContext, family: NodeFamily, count: int) -> PlacementPlan:
+    """Place ``count`` more nodes of ``family`` given the providers and the live fleet."""
+    providers = family.placement.providers or sorted(ctx.cfg.providers)
+    caps = [ctx.handle(p).capabilities() for p in providers if p in ctx.cfg.providers]
+    fleet = [FleetNode(n.id, n.family, n.provider, n.location)
+             for n in ctx.store.list_nodes(states=[s for s in NodeState if s.live and s != NodeState.LOST])]
+    return plan_placement(family, count, caps, fleet)
+
+
+def plan(ws: Workspace, store: Store, family_name: str, *, count: int | None = None) -> tuple[PlacementPlan, int]:
+    """What ``spawn`` would create: the plan for the missing nodes, and how many are up.
+
+    No side effects: nothing is written, created or uploaded.
+    """
+    cfg = load_workspace_config(ws, known_releases={r.name for r in store.list_releases()})
+    cfg.raise_first()
+    family = cfg.families.get(family_name)
+    if family is None:
+        raise NotFoundError(f"no node family {family_name!r}", hint="see `orch family list`")
+    target = family.count if count is None else count
+    up = len(store.list_nodes(family=family.name, states=UP))
+    ctx = FleetContext(ws, store, cfg, FleetEvents())
+    try:
+        return plan_nodes(ctx, family, max(0, target - up)), up
+    finally:
+        ctx.close()
+
+
+def settle(ctx: FleetContext, providers: Sequence[str], *, apply: bool = True) -> Recovery:
     """Recover from an interrupted command before acting (orphans, half-made nodes)."""
     handles = {p: ctx.handle(p) for p in providers if p in ctx.cfg.providers}
-    recover(ctx.store, handles, ctx.store.list_nodes(), on_change=ctx.events.note)
+    return recover(ctx.store, handles, ctx.store.list_nodes(), apply=apply, on_change=ctx.events.note)
+
+
+def reconcile(ws: Workspace, store: Store, *, apply: bool = False, events: FleetEvents | None = None) -> Recovery:
+    """Compare every provider's nodes with the store; settle the differences if ``apply``."""
+    cfg = load_workspace_config(ws, known_releases={r.name for r in store.list_releases()})
+    cfg.raise_first()
+    ctx = FleetContext(ws, store, cfg, events or FleetEvents())
+    try:
+        return settle(ctx, sorted(cfg.providers), apply=apply)
+    finally:
+        ctx.close()
 
 
 def spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None = None,
@@ -185,11 +231,7 @@ class _Spawner:
         return report
 
     def _plan(self, count: int) -> list[NodeRequest]:
-        providers = self.family.placement.providers or sorted(self.ctx.cfg.providers)
-        caps = [self.ctx.handle(p).capabilities() for p in providers if p in self.ctx.cfg.providers]
-        fleet = [FleetNode(n.id, n.family, n.provider, n.location)
-                 for n in self.store.list_nodes(states=[s for s in NodeState if s.live and s != NodeState.LOST])]
-        return list(plan_placement(self.family, count, caps, fleet).requests)
+        return list(plan_nodes(self.ctx, self.family, count).requests)
 
     def _run_strategy(self, jobs: list[Callable[[], bool]], report: SpawnReport) -> None:
         strategy = self.family.bootstrap

@@ -195,11 +195,16 @@ def destroy_orphan(handle: ProviderHandle, node: Node) -> None:
 
 @dataclass
 class Recovery:
-    """What settling the store against the providers did."""
+    """What settling the store against the providers did (or, dry, would do)."""
 
     adopted: list[str] = field(default_factory=list)   # created before a crash: kept
     vanished: list[str] = field(default_factory=list)  # never created, or gone: settled
     orphans: list[str] = field(default_factory=list)   # tagged but unknown: destroyed
+    down: list[str] = field(default_factory=list)      # listed, but not running: lost
+
+    @property
+    def changes(self) -> int:
+        return len(self.adopted) + len(self.vanished) + len(self.orphans) + len(self.down)
 
 
 def recover(
@@ -207,36 +212,52 @@ def recover(
     handles: dict[str, ProviderHandle],
     records: Iterable[NodeRecord],
     *,
+    apply: bool = True,
     on_change: Callable[[str], None] = lambda _msg: None,
 ) -> Recovery:
-    """Settle unfinished records (a crashed or killed ``orch``) against the providers.
+    """Settle the store against the providers' ``list_nodes`` (after a killed ``orch``,
+    a vanished machine, or a node destroyed behind our back).
 
     A record that was being created is adopted when the provider has a node tagged
     with its id, and settled as stopped when it has none; a tagged node the store does
-    not know as live is destroyed; a live record whose node is gone is marked lost.
+    not know as live is destroyed; a live record whose node is gone, or no longer
+    running, is marked lost.  With ``apply=False`` nothing changes: the outcome says
+    what would.
     """
     outcome = Recovery()
     live = {r.id: r for r in records if r.state.live}
     wid = store.workspace_id
+    verb = "" if apply else "would be "
     for name, handle in handles.items():
         tagged = {node_tags(n)[TAG_NODE]: n for n in handle.tagged_nodes(wid) if TAG_NODE in node_tags(n)}
         for node_id, node in tagged.items():
             record = live.get(node_id)
             if record is None or record.provider != name:
-                destroy_orphan(handle, node)
+                if apply:
+                    destroy_orphan(handle, node)
                 outcome.orphans.append(node_id)
-                on_change(f"{node_id}: orphan on {name} destroyed")
+                on_change(f"{node_id}: orphan on {name} {verb}destroyed")
             elif record.state in (NodeState.REQUESTED, NodeState.CREATING) or not record.provider_node_id:
-                adopt(store, node_id, node, handle)
+                if apply:
+                    adopt(store, node_id, node, handle)
                 outcome.adopted.append(node_id)
-                on_change(f"{node_id}: adopted from {name}")
+                on_change(f"{node_id}: {verb}adopted from {name}")
+            elif record.state == NodeState.READY and node.state != CloudState.RUNNING:
+                if apply:
+                    store.set_node_state(node_id, NodeState.LOST, reason=f"{name} reports it {node.state}")
+                outcome.down.append(node_id)
+                on_change(f"{node_id}: {name} reports it {node.state}; {verb}marked lost")
         for record in [r for r in live.values() if r.provider == name and r.id not in tagged]:
-            if record.state in (NodeState.REQUESTED, NodeState.CREATING, NodeState.STOPPING, NodeState.FAILED):
-                if record.state not in (NodeState.STOPPING, NodeState.FAILED):
+            if record.state == NodeState.LOST:
+                continue  # already settled; `orch stop` retires it
+            if apply:
+                if record.state in (NodeState.REQUESTED, NodeState.CREATING):
                     store.set_node_state(record.id, NodeState.FAILED, reason="never created (interrupted)")
-                store.set_node_state(record.id, NodeState.STOPPED, reason="not at the provider")
-            else:
-                store.set_node_state(record.id, NodeState.LOST, reason=f"{name} no longer lists it")
+                    store.set_node_state(record.id, NodeState.STOPPED, reason="not at the provider")
+                elif record.state in (NodeState.STOPPING, NodeState.FAILED):
+                    store.set_node_state(record.id, NodeState.STOPPED, reason="not at the provider")
+                else:
+                    store.set_node_state(record.id, NodeState.LOST, reason=f"{name} no longer lists it")
             outcome.vanished.append(record.id)
-            on_change(f"{record.id}: not at {name}; settled")
+            on_change(f"{record.id}: not at {name}; {verb}settled")
     return outcome

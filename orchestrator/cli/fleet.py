@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -10,11 +11,12 @@ import typer
 from orchestrator import fleet as engine
 from orchestrator.cli.common import JsonFlag, console, err_console, open_store, print_json, print_table, workspace
 from orchestrator.cli.progress import NodeProgress
+from orchestrator.cli.workspace_cmds import existing_store
 from orchestrator.config import load_workspace_config
 from orchestrator.errors import FleetIncomplete, InputError, RemoteError
 from orchestrator.remote import exec_on
 from orchestrator.ssh import Result
-from orchestrator.state import NodeState
+from orchestrator.state import NodeState, Store
 
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress, only the summary.")]
 
@@ -146,3 +148,57 @@ def register(app: typer.Typer) -> None:
     app.command()(stop)
     app.command()(nodes)
     app.command("exec")(exec_)
+    app.command()(plan)
+    app.command()(reconcile)
+
+
+def plan(
+    ctx: typer.Context,
+    family: Annotated[str, typer.Argument(help="Node family to plan for.")],
+    count: Annotated[int | None, typer.Option("--count", "-n", help="Nodes wanted (default: the family's).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show where spawn would put the missing nodes and what they cost; changes nothing."""
+    ws = workspace(ctx)
+    with existing_store(ws) as store:
+        if store is None:  # nothing spawned yet: plan against an empty, throwaway store
+            with Store.open(Path(":memory:")) as empty:
+                result, up = engine.plan(ws, empty, family, count=count)
+        else:
+            result, up = engine.plan(ws, store, family, count=count)
+    if as_json:
+        print_json({"family": result.family, "up": up, "requests": result.requests,
+                    "hourly_cost": result.hourly_cost, "rejected": [str(r) for r in result.rejected]})
+        return
+    rows = [(i + 1, r.provider, r.location, r.size, r.cpus, r.ram_mb, f"{r.hourly_price:.4f}")
+            for i, r in enumerate(result.requests)]
+    print_table(f"plan for {family}: {up} up, {len(result.requests)} to create",
+                ["#", "provider", "location", "size", "cpus", "ram MB", "$/h"], rows,
+                empty=f"{family}: nothing to create ({up} up)")
+    console.print(f"total: ${result.hourly_cost:.4f}/h for the new nodes")
+    if result.rejected:
+        console.print("rejected:")
+        for rejection in result.rejected:
+            console.print(f"  {rejection}", markup=False)
+
+
+def reconcile(
+    ctx: typer.Context,
+    apply: Annotated[bool, typer.Option("--apply", help="Settle the differences (default: only report).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compare every provider's nodes with the store: orphans, half-made and vanished nodes."""
+    ws = workspace(ctx)
+    notes: list[str] = []
+    with open_store(ws) as store:
+        outcome = engine.reconcile(ws, store, apply=apply, events=engine.FleetEvents(note=notes.append))
+    if as_json:
+        print_json({"applied": apply, "adopted": outcome.adopted, "orphans": outcome.orphans,
+                    "vanished": outcome.vanished, "down": outcome.down})
+        return
+    for line in notes:
+        console.print(line, markup=False)
+    if not outcome.changes:
+        console.print("every provider agrees with the store")
+    elif not apply:
+        console.print(f"{outcome.changes} difference(s); run `orch reconcile --apply` to settle them")

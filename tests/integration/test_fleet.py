@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from libcloud.compute.base import NodeAuthSSHKey
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
 from orchestrator.providers import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import Run
+from tests.conftest import Run, file_digest
 from tests.integration.conftest import processes_of
 
 pytestmark = pytest.mark.sshd
@@ -244,3 +245,33 @@ def test_pre_and_post_hooks_run_around_the_release(fleet_ws: Workspace, orch: Ca
     out = json.loads(orch("exec", "workers", "--json", "--", "cat pre-ran post-ran").out)
     pre, post = next(iter(out.values()))["stdout"].split()
     assert int(pre) < int(post)
+
+
+def test_reconcile_reports_then_settles_every_difference(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(3))
+    assert orch("spawn", "workers", "-q", cwd=fleet_ws.root).code == 0
+    driver = make_driver(fleet_ws, load_provider(fleet_ws, "local"))
+    with Store.open(fleet_ws.state_db) as store:
+        wid = store.workspace_id
+        by_provider_id = {n.provider_node_id: n.id for n in store.list_nodes()}
+    killed, destroyed, _ = sorted(driver.list_nodes(), key=lambda n: n.id)
+    driver.ex_kill_node(killed)       # the machine dies: the provider lists it stopped
+    driver.destroy_node(destroyed)    # someone deletes it in the console
+    orphan = driver.create_node(      # an orch killed right after create, before recording
+        "ghost", driver.list_sizes()[0], driver.list_images()[0],
+        auth=NodeAuthSSHKey(fleet_ws.ssh_key.with_suffix(".pub").read_text().strip()),
+        ex_tags={"orch-workspace": wid, "orch-family": "workers", "orch-node": "workers-ghost"})
+
+    before = file_digest(fleet_ws.state_db)
+    dry = json.loads(orch("reconcile", "--json").out)
+    assert dry == {"applied": False, "adopted": [], "orphans": ["workers-ghost"],
+                   "vanished": [by_provider_id[destroyed.id]], "down": [by_provider_id[killed.id]]}
+    assert file_digest(fleet_ws.state_db) == before, "a dry reconcile changes nothing"
+    assert orphan.id in {n.id for n in driver.list_nodes()}
+
+    applied = json.loads(orch("reconcile", "--apply", "--json").out)
+    assert applied["orphans"] == ["workers-ghost"] and applied["applied"]
+    assert orphan.id not in {n.id for n in driver.list_nodes()}
+    states = {n["id"]: n["state"] for n in json.loads(orch("nodes", "--all", "--json").out)}
+    assert states[by_provider_id[killed.id]] == "lost" and states[by_provider_id[destroyed.id]] == "lost"
+    assert "agrees" in orch("reconcile").out
