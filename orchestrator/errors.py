@@ -18,7 +18,10 @@ original, so callers only ever catch ``OrchError``.
     │   ├── ConflictError          2    the request contradicts what is already there
     │   └── PlacementError         2    (placement) no capacity matches the demands
     ├── ProviderError              3  a provider (cloud API, driver) failed
-    │   ├── ProviderAuthError      3    credentials rejected
+    │   ├── ProviderAuthError      3    credentials rejected: never retried
+    │   ├── ProviderCapacityError  3    out of capacity for a size here: fail over elsewhere
+    │   │   └── ProviderQuotaError 3      the account's quota is used up: the whole provider
+    │   ├── ProviderTransientError 3    throttled, 5xx, timed out: retried with backoff
     │   └── ProviderUnavailable    3    driver missing, endpoint unreachable
     ├── StateError                 4  the state store or stored artefacts are unusable
     │   └── IntegrityError         4    a stored artefact fails its checksum
@@ -135,6 +138,18 @@ class ProviderError(OrchError):
 
 class ProviderAuthError(ProviderError):
     """The provider rejected the credentials."""
+
+
+class ProviderCapacityError(ProviderError):
+    """The provider has no capacity (or quota) for this size here: try elsewhere."""
+
+
+class ProviderQuotaError(ProviderCapacityError):
+    """The account's quota at the provider is used up: no size will fit there."""
+
+
+class ProviderTransientError(ProviderError):
+    """Throttling, a 5xx, a timeout: the same call may well work a little later."""
 
 
 class ProviderUnavailable(ProviderError):

@@ -7,6 +7,7 @@ Progress flows out through ``FleetEvents`` callbacks; nothing here prints.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -20,15 +21,24 @@ from dataclasses import dataclass, field
 from orchestrator import release_catalog
 from orchestrator.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
 from orchestrator.config import NodeFamily, ReleaseManifest, WorkspaceConfig, load_workspace_config
-from orchestrator.errors import ConflictError, InputError, NotFoundError, OrchError
-from orchestrator.placement import FleetNode, NodeRequest, PlacementPlan, plan_placement
+from orchestrator.errors import (
+    ConflictError,
+    InputError,
+    NotFoundError,
+    OrchError,
+    ProviderCapacityError,
+    ProviderQuotaError,
+)
+from orchestrator.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
 from orchestrator.providers import sync_registrations
 from orchestrator.provision import (
     ProviderHandle,
     Recovery,
     create_node,
     destroy_node,
+    mark_unavailable,
     recover,
+    unavailable,
     wait_running,
 )
 from orchestrator.remote import ssh_target
@@ -112,7 +122,8 @@ def resolve_release(ws: Workspace, store: Store, cfg: WorkspaceConfig, family: N
 def plan_nodes(ctx: FleetContext, family: NodeFamily, count: int) -> PlacementPlan:
     """Place ``count`` more nodes of ``family`` given the providers and the live fleet."""
     providers = family.placement.providers or sorted(ctx.cfg.providers)
-    caps = [ctx.handle(p).capabilities() for p in providers if p in ctx.cfg.providers]
+    caps = [dataclasses.replace(ctx.handle(p).capabilities(), unavailable=unavailable(ctx.store, p))
+            for p in providers if p in ctx.cfg.providers]
     fleet = [FleetNode(n.id, n.family, n.provider, n.location)
              for n in ctx.store.list_nodes(states=[s for s in NodeState if s.live and s != NodeState.LOST])]
     return plan_placement(family, count, caps, fleet)
@@ -253,14 +264,20 @@ class _Spawner:
                     return
 
     def _bring_up(self, request: NodeRequest, report: SpawnReport) -> bool:
-        """Create and bootstrap one node, replacing it up to ``retries`` times."""
-        for attempt in range(self.family.bootstrap.retries + 1):
+        """Create and bootstrap one node.
+
+        A provider out of capacity puts that (provider, location, size) in a cooldown
+        and the node is re-planned onto the next choice; a failed create or bootstrap
+        is replaced up to ``retries`` times.
+        """
+        failures = 0
+        while failures <= self.family.bootstrap.retries:
             node_id = f"{self.family.name}-{secrets.token_hex(3)}"
             record = self.store.add_node(
                 node_id, family=self.family.name, provider=request.provider, location=request.location,
                 size=request.size, image=request.image, hourly_price=request.hourly_price,
                 labels=list(self.family.labels), release=self.release.ref,
-                reason="replacement" if attempt else "requested",
+                reason="replacement" if failures else "requested",
             )
             self.ctx.events.stage(node_id, "create")
             try:
@@ -271,9 +288,21 @@ class _Spawner:
                 report.created.append(node_id)
                 if self._bootstrap(record, report):
                     return True
+                failures += 1
+            except ProviderCapacityError as exc:
+                report.failures.append(exc)
+                mark_unavailable(self.store, request, str(exc), whole_provider=isinstance(exc, ProviderQuotaError))
+                self._fail(node_id, str(exc), report)
+                self.ctx.events.note(f"{request.provider}/{request.location}/{request.size} is full; re-planning")
+                try:
+                    request = self._plan(1)[0]
+                except PlacementError as placement:
+                    report.failures.append(placement)
+                    return False
             except OrchError as exc:
                 report.failures.append(exc)
                 self._fail(node_id, str(exc), report)
+                failures += 1
         return False
 
     def _roll(self, node: NodeRecord, report: SpawnReport) -> bool:

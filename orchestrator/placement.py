@@ -43,7 +43,7 @@ class ProviderCapabilities:
     locations: tuple[str, ...]
     sizes: tuple[SizeOffer, ...]
     image: str
-    unavailable: frozenset[tuple[str, str]] = frozenset()  # (location, size) in cooldown
+    unavailable: frozenset[tuple[str, str]] = frozenset()  # (location, size) cooling down; ("*", "*"): all
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,9 @@ def _candidate_slots(
     used = Counter(n.provider for n in fleet)
     slots: list[_Slot] = []
     for order, cap in enumerate(ordered):
+        if ("*", "*") in cap.unavailable:
+            rejected.append(Rejection(cap.name, "quota used up at the provider (cooling down)"))
+            continue
         missing = set(demands.labels) - cap.labels
         if missing:
             rejected.append(Rejection(cap.name, f"lacks label(s) {', '.join(sorted(missing))}"))

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.exceptions import BaseHTTPError, RateLimitReachedError
 from libcloud.common.types import InvalidCredsError, LibcloudError
 from pydantic import ValidationError
 
 from orchestrator.config import ProviderConfig, load_provider
 from orchestrator.config.models import OWN_DRIVERS
-from orchestrator.drivers import driver_class
+from orchestrator.drivers import CapacityError, QuotaError, driver_class
 from orchestrator.errors import (
     ConfigError,
     ConflictError,
@@ -33,7 +33,10 @@ from orchestrator.errors import (
     NotFoundError,
     OrchError,
     ProviderAuthError,
+    ProviderCapacityError,
     ProviderError,
+    ProviderQuotaError,
+    ProviderTransientError,
     ProviderUnavailable,
 )
 from orchestrator.state import Store
@@ -63,11 +66,38 @@ class ProviderCheck:
 # -- errors at the libcloud boundary ---------------------------------------------------
 
 
+# Cloud API error codes (EC2's, which other clouds' libcloud drivers echo) by meaning.
+# libcloud puts the API's code first in its message ("Code: text"); we read that code,
+# never the free text.
+CAPACITY_CODES = frozenset({
+    "InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientReservedInstanceCapacity",
+    "InsufficientCapacity",
+})
+QUOTA_CODES = frozenset({"InstanceLimitExceeded", "VcpuLimitExceeded", "MaxSpotInstanceCountExceeded"})
+TRANSIENT_CODES = frozenset({
+    "RequestLimitExceeded", "Throttling", "ThrottlingException", "InternalError", "InternalFailure",
+    "ServiceUnavailable", "Unavailable", "RequestTimeout",
+})
+
+
+def api_error_code(exc: BaseException) -> str | None:
+    """The cloud API's error code that libcloud put at the front of its message."""
+    text = str(getattr(exc, "message", None) or getattr(exc, "value", None) or exc)
+    code, sep, _ = text.strip().partition(":")
+    return code if sep and code.isidentifier() else None
+
+
 @contextmanager
 def map_libcloud_errors(provider: str) -> Iterator[None]:
     """Translate libcloud and network errors from ``provider`` into ProviderErrors."""
     try:
         yield
+    except QuotaError as exc:
+        raise ProviderQuotaError(f"provider {provider!r} quota is used up: {_short(exc)}") from exc
+    except CapacityError as exc:
+        raise ProviderCapacityError(f"provider {provider!r} is out of capacity: {_short(exc)}") from exc
+    except RateLimitReachedError as exc:
+        raise ProviderTransientError(f"provider {provider!r} is throttling us: {_short(exc)}") from exc
     except InvalidCredsError as exc:
         raise ProviderAuthError(
             f"provider {provider!r} rejected the credentials: {_short(exc)}",

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from libcloud.compute.base import Node, NodeAuthSSHKey
 from libcloud.compute.types import NodeState as CloudState
 
 from orchestrator.config import ProviderConfig
-from orchestrator.errors import ProviderError
+from orchestrator.errors import ProviderError, ProviderTransientError
 from orchestrator.placement import NodeRequest, ProviderCapabilities, SizeOffer
 from orchestrator.providers import make_driver, map_libcloud_errors
 from orchestrator.state import NodeRecord, NodeState, Store
@@ -27,6 +27,8 @@ from orchestrator.workspace import Workspace
 TAG_WORKSPACE = "orch-workspace"
 TAG_FAMILY = "orch-family"
 TAG_NODE = "orch-node"
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,12 +59,11 @@ class ProviderHandle:
         if cached is not None:
             return cached
         driver = self.driver
-        with map_libcloud_errors(self.name):
-            catalogue = {
-                "sizes": {str(s.id): s for s in driver.list_sizes()},
-                "images": {str(i.id): i for i in driver.list_images()},
-                "locations": {str(loc.id): loc for loc in driver.list_locations()},
-            }
+        catalogue = retrying(lambda: {
+            "sizes": {str(s.id): s for s in driver.list_sizes()},
+            "images": {str(i.id): i for i in driver.list_images()},
+            "locations": {str(loc.id): loc for loc in driver.list_locations()},
+        }, self)
         with self._lock:
             self._catalogue = catalogue
         return catalogue
@@ -89,8 +90,7 @@ class ProviderHandle:
 
     def tagged_nodes(self, workspace_id: str) -> list[Node]:
         """Every node at the provider that carries this workspace's tag."""
-        with map_libcloud_errors(self.name):
-            nodes = self.driver.list_nodes()
+        nodes = retrying(lambda: list(self.driver.list_nodes()), self)
         return [n for n in nodes if node_tags(n).get(TAG_WORKSPACE) == workspace_id]
 
 
@@ -114,25 +114,105 @@ def public_key(ws: Workspace) -> str:
     return ws.ssh_key.with_suffix(".pub").read_text().strip()
 
 
-def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, request: NodeRequest) -> NodeRecord:
-    """Create the node a ``requested`` record stands for; returns it ``booting``."""
+RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
+"""Seconds between tries of a call that failed transiently (throttling, 5xx, timeouts)."""
+
+COOLDOWN_SCOPE = "cooldown"
+COOLDOWN_SECONDS = 600.0
+
+
+def retrying(call: Callable[[], T], handle: ProviderHandle, *, delays: Sequence[float] = RETRY_DELAYS) -> T:
+    """``call()`` under ``map_libcloud_errors``, retried with backoff on transient errors.
+
+    Only for calls that are safe to repeat (listing); creation checks for its node first.
+    """
+    for delay in (*delays, None):
+        try:
+            with map_libcloud_errors(handle.name):
+                return call()
+        except ProviderTransientError:
+            if delay is None:
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, request: NodeRequest,
+                *, delays: Sequence[float] = RETRY_DELAYS) -> NodeRecord:
+    """Create the node a ``requested`` record stands for; returns it ``booting``.
+
+    A transient failure is retried with backoff, but first the provider is asked for a
+    node carrying this record's tag (the failed call may have made one).  Any other
+    failure tears down what the call may have left, marks the record failed and raises;
+    ``ProviderCapacityError`` tells the caller to fail over.
+    """
     cat = handle.catalogue()
     store.set_node_state(record.id, NodeState.CREATING, reason=f"creating on {handle.name}")
     tags = {TAG_WORKSPACE: store.workspace_id, TAG_FAMILY: record.family, TAG_NODE: record.id}
+    for delay in (*delays, None):
+        try:
+            with map_libcloud_errors(handle.name):
+                node = handle.driver.create_node(
+                    name=record.id,
+                    size=cat["sizes"][request.size],
+                    image=cat["images"][request.image],
+                    location=cat["locations"].get(request.location),
+                    auth=NodeAuthSSHKey(public_key(handle.ws)),
+                    ex_tags=tags,
+                )
+            return adopt(store, record.id, node, handle)
+        except ProviderTransientError as exc:
+            made = _tagged_node(handle, store, record.id)
+            if made is not None:
+                return adopt(store, record.id, made, handle)
+            if delay is None:
+                store.set_node_state(record.id, NodeState.FAILED, reason=str(exc))
+                raise
+            store.record_event("provider.retry", provider=handle.name, node=record.id,
+                               reason=f"{exc}; retrying in {delay:.1f} s")
+            time.sleep(delay)
+        except ProviderError as exc:
+            partial = _tagged_node(handle, store, record.id)
+            if partial is not None:
+                destroy_orphan(handle, partial)
+            store.set_node_state(record.id, NodeState.FAILED, reason=str(exc))
+            raise
+    raise AssertionError("unreachable")
+
+
+def _tagged_node(handle: ProviderHandle, store: Store, node_id: str) -> Node | None:
     try:
-        with map_libcloud_errors(handle.name):
-            node = handle.driver.create_node(
-                name=record.id,
-                size=cat["sizes"][request.size],
-                image=cat["images"][request.image],
-                location=cat["locations"].get(request.location),
-                auth=NodeAuthSSHKey(public_key(handle.ws)),
-                ex_tags=tags,
-            )
-    except ProviderError as exc:
-        store.set_node_state(record.id, NodeState.FAILED, reason=str(exc))
-        raise
-    return adopt(store, record.id, node, handle)
+        nodes = handle.tagged_nodes(store.workspace_id)
+    except ProviderError:
+        return None  # we cannot look; recover() will find it on the next run
+    return next((n for n in nodes if node_tags(n).get(TAG_NODE) == node_id), None)
+
+
+def mark_unavailable(store: Store, request: NodeRequest, reason: str, *, whole_provider: bool = False,
+                     seconds: float = COOLDOWN_SECONDS) -> None:
+    """Keep placement off (provider, location, size) for a while after a capacity error,
+    or off the whole provider (``*/*``) after a quota error."""
+    where = "*/*" if whole_provider else f"{request.location}/{request.size}"
+    key = f"{request.provider}/{where}"
+    with store.transaction():
+        store.kv_put(key, {"until": time.time() + seconds, "reason": reason}, scope=COOLDOWN_SCOPE)
+        store.record_event("provider.cooldown", provider=request.provider,
+                           reason=f"{where} unavailable for {seconds:.0f} s: {reason}")
+
+
+def cooldowns(store: Store, *, now: float | None = None) -> dict[str, dict[str, Any]]:
+    """Active cooldowns: "provider/location/size" -> {"until", "reason"}."""
+    moment = time.time() if now is None else now
+    return {k: v for k, v in store.kv_items(scope=COOLDOWN_SCOPE).items() if v["until"] > moment}
+
+
+def unavailable(store: Store, provider: str) -> frozenset[tuple[str, str]]:
+    found = set()
+    for key in cooldowns(store):
+        name, location, size = key.split("/", 2)
+        if name == provider:
+            found.add((location, size))
+    return frozenset(found)
 
 
 def adopt(store: Store, node_id: str, node: Node, handle: ProviderHandle) -> NodeRecord:
@@ -168,8 +248,7 @@ def wait_running(handle: ProviderHandle, provider_node_id: str, *, timeout: floa
 
 
 def find_node(handle: ProviderHandle, provider_node_id: str) -> Node | None:
-    with map_libcloud_errors(handle.name):
-        nodes = handle.driver.list_nodes()
+    nodes = retrying(lambda: list(handle.driver.list_nodes()), handle)
     return next((n for n in nodes if str(n.id) == provider_node_id), None)
 
 

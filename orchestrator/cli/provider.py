@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Any
 
 import typer
@@ -17,8 +18,10 @@ from orchestrator.cli.common import (
     print_table,
     workspace,
 )
+from orchestrator.cli.workspace_cmds import existing_store
 from orchestrator.config import known_drivers, load_provider, load_workspace_config
 from orchestrator.errors import ConfigError
+from orchestrator.provision import cooldowns
 
 app = typer.Typer(help="Register providers (clouds, machine pools) and check them.", no_args_is_help=True)
 
@@ -75,16 +78,24 @@ def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     if cfg.errors and not cfg.providers:
         cfg.raise_first()
     configs = sorted(cfg.providers.values(), key=lambda p: (p.priority, p.name))
+    with existing_store(ws) as store:
+        cooling = cooldowns(store) if store else {}
+
+    def cooling_for(name: str) -> dict[str, Any]:
+        return {k.split("/", 1)[1]: v for k, v in cooling.items() if k.split("/", 1)[0] == name}
+
     if as_json:
-        print_json([c.model_dump(mode="json") for c in configs])
+        print_json([{**c.model_dump(mode="json"), "cooldowns": cooling_for(c.name)} for c in configs])
         return
+    now = time.time()
     rows = [
         (c.name, c.driver, c.priority, "" if c.max_nodes is None else c.max_nodes, ", ".join(c.labels),
-         ", ".join(f"{k}={v}" for k, v in c.credentials.items()))
+         ", ".join(f"{k}={v}" for k, v in c.credentials.items()),
+         ", ".join(f"{where} ({v['until'] - now:.0f}s)" for where, v in cooling_for(c.name).items()))
         for c in configs
     ]
-    print_table("providers", ["name", "driver", "priority", "max nodes", "labels", "credentials"], rows,
-                empty="no providers; add one with `orch provider add NAME --driver local`")
+    print_table("providers", ["name", "driver", "priority", "max nodes", "labels", "credentials", "cooling down"],
+                rows, empty="no providers; add one with `orch provider add NAME --driver local`")
 
 
 @app.command("show")

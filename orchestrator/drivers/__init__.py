@@ -6,8 +6,19 @@ libcloud's ``get_driver`` once ours are registered: EC2 and ``local`` alike.
 
 from __future__ import annotations
 
+from libcloud.common.types import LibcloudError
 from libcloud.compute.base import NodeDriver
 from libcloud.compute.providers import get_driver, set_driver
+
+
+class CapacityError(LibcloudError):
+    """Raised by our drivers when they are out of capacity or quota for a request:
+    the engine fails over to the next choice instead of giving up."""
+
+
+class QuotaError(CapacityError):
+    """Raised by our drivers when the provider's node quota is used up."""
+
 
 # name -> (module, class); imported only when asked for, like libcloud's own.
 OWN_DRIVERS: dict[str, tuple[str, str]] = {

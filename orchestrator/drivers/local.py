@@ -68,6 +68,8 @@ from libcloud.compute.base import (
 )
 from libcloud.compute.types import NodeState
 
+from orchestrator.drivers import QuotaError
+
 SSHD = "/usr/sbin/sshd"
 META = "meta.json"
 ENV_MARKER = "ORCH_NODE_ID"
@@ -93,7 +95,7 @@ class LocalDriverError(LibcloudError):
         return str(self.value)
 
 
-class QuotaExceededError(LocalDriverError):
+class QuotaExceededError(LocalDriverError, QuotaError):
     """No room for another node: ``max_nodes`` reached or no loopback address free."""
 
     def __init__(self, value: str, *, quota: int, driver: NodeDriver | None = None) -> None:

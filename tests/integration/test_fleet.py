@@ -77,7 +77,10 @@ def store_nodes(ws: Workspace, *states: NodeState) -> list[object]:
 
 
 def assert_store_agrees_with_provider(ws: Workspace) -> None:
-    at_provider = provider_nodes(ws)
+    at_provider: dict[str, object] = {}
+    for path in ws.providers_dir.glob("*.yaml"):
+        driver = make_driver(ws, load_provider(ws, path.stem))
+        at_provider.update({str(n.id): n for n in driver.list_nodes()})
     with Store.open(ws.state_db) as store:
         live = {n.provider_node_id for n in store.list_nodes(states=[s for s in NodeState if s.live])}
     assert live == set(at_provider), f"store {sorted(map(str, live))} vs provider {sorted(at_provider)}"
@@ -275,3 +278,31 @@ def test_reconcile_reports_then_settles_every_difference(fleet_ws: Workspace, or
     states = {n["id"]: n["state"] for n in json.loads(orch("nodes", "--all", "--json").out)}
     assert states[by_provider_id[killed.id]] == "lost" and states[by_provider_id[destroyed.id]] == "lost"
     assert "agrees" in orch("reconcile").out
+
+
+def test_capacity_errors_fail_over_to_the_next_provider(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    # The private cloud's real capacity (2) is lower than its registration admits, so the
+    # third create fails at the provider: that size cools down and the rest go public.
+    (fleet_ws.providers_dir / "local.yaml").write_text("driver: local\nlabels: [private]\noptions: {max_nodes: 2}\n")
+    (fleet_ws.providers_dir / "public.yaml").write_text(
+        "driver: local\nlabels: [public]\npriority: 200\noptions: {first_address: 100}\nprices: {local-1: 0.05}\n")
+    (fleet_ws.families_dir / "workers.yaml").write_text(
+        "release: primes\ncount: 4\nplacement:\n  providers: [local, public]\n")
+    try:
+        result = orch("spawn", "workers", "--json", cwd=fleet_ws.root)
+        assert result.code == 0, result.err
+        report = json.loads(result.out)
+        assert len(report["ready"]) == 4
+        assert any("quota is used up" in f for f in report["failures"])
+        nodes = json.loads(orch("nodes", "--json").out)
+        assert sorted(n["provider"] for n in nodes) == ["local", "local", "public", "public"]
+
+        providers = {p["name"]: p for p in json.loads(orch("provider", "list", "--json").out)}
+        assert list(providers["local"]["cooldowns"]) == ["*/*"]  # a quota: the whole provider
+        planned = json.loads(orch("plan", "workers", "--count", "5", "--json").out)
+        assert [r["provider"] for r in planned["requests"]] == ["public"]
+        assert any("cooling down" in r for r in planned["rejected"])
+        assert_store_agrees_with_provider(fleet_ws)
+    finally:
+        with Store.open(fleet_ws.state_db) as store:
+            fleet.stop(fleet_ws, store, fleet.select_nodes(store, all_nodes=True))
