@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -182,41 +183,45 @@ class LocalNodeDriver(NodeDriver):
         if location is not None and location.id != "local":
             raise ValueError(f"unknown location {location.id!r}; the only location is 'local'")
         self._prepare_root()
-        with self._root_lock():
-            metas = self._read_all()
-            if self.max_nodes is not None and len(metas) >= self.max_nodes:
-                raise QuotaExceededError(
-                    f"quota reached: {len(metas)} of max_nodes={self.max_nodes} local nodes exist under {self.root}",
-                    quota=self.max_nodes,
-                    driver=self,
-                )
-            address = self._free_address({m["address"] for m in metas})
-            node_id = _new_id(name)
-            node_dir = self.root / node_id
-            node_dir.mkdir(mode=0o700)
-            meta: dict[str, Any] = {
-                "id": node_id,
-                "name": name,
-                "address": address,
-                "port": self.ssh_port,
-                "ssh_user": pwd.getpwuid(os.geteuid()).pw_name,
-                "host_key": "",
-                "size": size.id,
-                "image": image.id,
-                "tags": dict(ex_tags or {}),
-                "node_dir": str(node_dir),
-                "pid": None,
-                "created_at": dt.datetime.now(dt.UTC).isoformat(),
-            }
-            _write_json(node_dir / META, meta)
-        try:
-            meta["host_key"] = _write_node_files(node_dir, meta, pubkey, strict_modes=self._strict_modes)
-            _write_json(node_dir / META, meta)
-            self._start_sshd(meta)
-        except BaseException:
-            self._kill_processes(node_id, graceful=False)
-            shutil.rmtree(node_dir, ignore_errors=True)
-            raise
+        # Loopback addresses belong to the machine, not to this root: hold a machine-wide
+        # lock from choosing the address until sshd has bound it.
+        with _address_lock():
+            with self._root_lock():
+                metas = self._read_all()
+                if self.max_nodes is not None and len(metas) >= self.max_nodes:
+                    raise QuotaExceededError(
+                        f"quota reached: {len(metas)} of max_nodes={self.max_nodes} local nodes exist "
+                        f"under {self.root}",
+                        quota=self.max_nodes,
+                        driver=self,
+                    )
+                address = self._free_address({m["address"] for m in metas})
+                node_id = _new_id(name)
+                node_dir = self.root / node_id
+                node_dir.mkdir(mode=0o700)
+                meta: dict[str, Any] = {
+                    "id": node_id,
+                    "name": name,
+                    "address": address,
+                    "port": self.ssh_port,
+                    "ssh_user": pwd.getpwuid(os.geteuid()).pw_name,
+                    "host_key": "",
+                    "size": size.id,
+                    "image": image.id,
+                    "tags": dict(ex_tags or {}),
+                    "node_dir": str(node_dir),
+                    "pid": None,
+                    "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                }
+                _write_json(node_dir / META, meta)
+            try:
+                meta["host_key"] = _write_node_files(node_dir, meta, pubkey, strict_modes=self._strict_modes)
+                _write_json(node_dir / META, meta)
+                self._start_sshd(meta)
+            except BaseException:
+                self._kill_processes(node_id, graceful=False)
+                shutil.rmtree(node_dir, ignore_errors=True)
+                raise
         return self._to_node(meta)
 
     def list_nodes(self) -> list[Node]:
@@ -406,6 +411,18 @@ class LocalNodeDriver(NodeDriver):
                 time.sleep(_POLL)
         if _survivors(known):
             raise LocalDriverError(f"processes {sorted(known)} of node {node_id} survive SIGKILL", driver=self)
+
+
+@contextlib.contextmanager
+def _address_lock() -> Iterator[None]:
+    """One lock per user for the whole machine (every root, every workspace)."""
+    path = os.path.join(tempfile.gettempdir(), f"orch-local-addresses-{os.geteuid()}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def strict_modes_problem(path: str | os.PathLike[str]) -> str | None:
