@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -28,6 +29,9 @@ from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import Run, file_digest
 from tests.integration.conftest import processes_of
+from tests.integration.test_netns_driver import _netns_usable as netns_usable
+from tests.integration.test_netns_driver import free_subnet
+from tests.integration.test_netns_driver import leftovers as netns_leftovers
 
 pytestmark = pytest.mark.sshd
 ORCH = [sys.executable, "-m", "orchestrator"]
@@ -60,10 +64,11 @@ def _stop_everything(ws: Workspace) -> None:
             live = fleet.select_nodes(store, all_nodes=True)
             if live:
                 fleet.stop(ws, store, live)
-    driver = make_driver(ws, load_provider(ws, "local"))
-    for node in driver.list_nodes():  # belt and braces: whatever the store missed
-        driver.destroy_node(node)
-    assert driver.list_nodes() == []
+    for path in ws.providers_dir.glob("*.yaml"):  # belt and braces: whatever the store missed
+        driver = make_driver(ws, load_provider(ws, path.stem))
+        for node in driver.list_nodes():
+            driver.destroy_node(node)
+        assert driver.list_nodes() == []
 
 
 def provider_nodes(ws: Workspace) -> dict[str, object]:
@@ -86,7 +91,15 @@ def assert_store_agrees_with_provider(ws: Workspace) -> None:
     assert live == set(at_provider), f"store {sorted(map(str, live))} vs provider {sorted(at_provider)}"
 
 
-def test_spawn_exec_stop_leaves_nothing_behind(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+@pytest.mark.parametrize("driver", ["local", pytest.param("netns", marks=pytest.mark.root)])
+def test_spawn_exec_stop_leaves_nothing_behind(driver: str, fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    if driver == "netns":
+        if not netns_usable():
+            pytest.skip("netns nodes need root, `ip netns` and sshd")
+        (fleet_ws.providers_dir / "netns.yaml").write_text(
+            f"driver: netns\noptions: {{subnet: '{free_subnet()}', bridge: orchbrt{secrets.token_hex(3)}}}\n")
+        (fleet_ws.families_dir / "workers.yaml").write_text(
+            "release: primes\ncount: 4\nplacement:\n  providers: [netns]\n")
     spawned = orch("spawn", "workers", "--json", cwd=fleet_ws.root)
     assert spawned.code == 0, spawned.err
     report = json.loads(spawned.out)
@@ -94,9 +107,10 @@ def test_spawn_exec_stop_leaves_nothing_behind(fleet_ws: Workspace, orch: Callab
 
     nodes = json.loads(orch("nodes", "--json").out)
     assert len({n["address"] for n in nodes}) == 4
-    assert all(n["state"] == "ready" and n["path"] == f"/local/local/workers/{n['id']}" for n in nodes)
-    dirs = {n.id: n.extra["node_dir"] for n in provider_nodes(fleet_ws).values()}  # type: ignore[attr-defined]
-    assert all(processes_of(pid, d) for pid, d in dirs.items())
+    assert all(n["state"] == "ready" and n["path"] == f"/{driver}/{driver}/workers/{n['id']}" for n in nodes)
+    cloud = make_driver(fleet_ws, load_provider(fleet_ws, driver))
+    dirs = {n.id: n.extra["node_dir"] for n in cloud.list_nodes()}
+    assert len(dirs) == 4 and all(processes_of(pid, d) for pid, d in dirs.items())
 
     read_id = "python3 -c 'import json; print(json.load(open(\"orch/node.json\"))[\"node\"])'"
     ran = orch("exec", "workers", "--json", "--", read_id)
@@ -106,10 +120,12 @@ def test_spawn_exec_stop_leaves_nothing_behind(fleet_ws: Workspace, orch: Callab
 
     stopped = orch("stop", "workers")
     assert stopped.code == 0, stopped.err
-    assert provider_nodes(fleet_ws) == {}
+    assert cloud.list_nodes() == []
     for node_id, node_dir in dirs.items():
         assert processes_of(node_id, node_dir) == [], f"processes of {node_id} survived"
         assert not Path(node_dir).exists()
+    if driver == "netns":
+        assert netns_leftovers(cloud, dirs, processes_of) == []
     assert [n.state for n in store_nodes(fleet_ws)] == [NodeState.STOPPED] * 4  # type: ignore[attr-defined]
 
 

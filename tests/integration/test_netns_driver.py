@@ -1,0 +1,373 @@
+"""NetnsNodeDriver against real namespaces, veths, a bridge and sshd: libcloud's contract,
+isolated nodes, fault injection, and nothing left behind.
+
+Each test gets its own bridge (``orchbrt<hex>``) on a 10.213.N.0/24 that nothing on this
+machine uses, so a developer's own netns nodes (default ``orchbr0``, 10.213.0.0/24) are
+never touched.  The ``make_driver`` fixture (and ``driver``, made with it) destroys every
+node in teardown, pass or fail, and checks with ``/proc`` and ``ip`` rather than the
+driver that no process, namespace, veth, bridge or folder of theirs remains.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from libcloud.compute.base import Node, NodeAuthSSHKey
+from libcloud.compute.types import NodeState
+
+from orchestrator.drivers import driver_class
+from orchestrator.drivers.local import SSHD, QuotaExceededError
+from orchestrator.drivers.netns import NetnsDriverError, NetnsNodeDriver, subnet_in_use
+from orchestrator.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts
+
+IP = shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+def _netns_usable() -> bool:
+    if os.geteuid() != 0 or IP is None or not Path(SSHD).exists():
+        return False
+    return subprocess.run([IP, "netns", "list"], capture_output=True, check=False).returncode == 0
+
+
+pytestmark = [
+    pytest.mark.sshd,
+    pytest.mark.root,
+    pytest.mark.skipif(
+        not _netns_usable(), reason="needs root, iproute2 with `ip netns`, and OpenSSH's sshd at /usr/sbin/sshd"
+    ),
+]
+
+KeyPair = Any  # conftest's KeyPair (test modules do not import conftest)
+MakeNodes = Callable[..., list[Node]]
+ProcessesOf = Callable[[object, str | Path], list[int]]
+
+
+def ip(*args: str) -> str:
+    assert IP is not None
+    return subprocess.run([IP, *args], capture_output=True, text=True, check=True).stdout
+
+
+def netns_names() -> set[str]:
+    return {line.split()[0] for line in ip("netns", "list").splitlines() if line.strip()}
+
+
+def link_names() -> set[str]:
+    return {line.split(":")[1].strip().split("@")[0] for line in ip("-o", "link").splitlines()}
+
+
+def netns_inode(name: str) -> tuple[int, int]:
+    st = os.stat(f"/run/netns/{name}")
+    return (st.st_dev, st.st_ino)
+
+
+def pids_in_netns(key: tuple[int, int]) -> list[int]:
+    """Live pids whose network namespace is ``key`` (device, inode), read from /proc."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            st = os.stat(proc / "ns" / "net")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == key and stat[stat.rfind(")") + 2] not in "ZX":
+            found.append(int(proc.name))
+    return found
+
+
+def free_subnet() -> str:
+    """A 10.213.N.0/24 (N >= 100) that no address or route on this machine touches."""
+    for n in range(100 + secrets.randbelow(100), 256):
+        subnet = f"10.213.{n}.0/24"
+        if subnet_in_use(ipaddress.IPv4Network(subnet)) is None:
+            return subnet
+    pytest.skip("no free 10.213.N.0/24 on this machine")
+
+
+def leftovers(driver: NetnsNodeDriver, nodes: dict[str, str], processes_of: ProcessesOf) -> list[str]:
+    """What still exists of these nodes (id -> node_dir) and of the driver's bridge."""
+    found = []
+    links = ip("-o", "link").splitlines()
+    for node_id, node_dir in nodes.items():
+        if processes_of(node_id, node_dir):
+            found.append(f"processes of {node_id}: {processes_of(node_id, node_dir)}")
+        if f"orch-{node_id}" in netns_names():
+            found.append(f"namespace orch-{node_id}")
+        found += [f"veth {line.split(':')[1].strip()}" for line in links if f"orch-netns:node:{node_id}" in line]
+        if Path(node_dir).exists():
+            found.append(f"folder {node_dir}")
+    if driver.bridge in link_names():
+        found.append(f"bridge {driver.bridge}")
+    return found
+
+
+@pytest.fixture
+def make_driver(tmp_path: Path, node_processes: ProcessesOf) -> Iterator[Callable[..., NetnsNodeDriver]]:
+    """``make_driver(**options)``: a netns driver on its own bridge and free subnet.
+    Teardown destroys every node of every driver made, then proves nothing is left."""
+    made: list[NetnsNodeDriver] = []
+
+    def make(**options: Any) -> NetnsNodeDriver:
+        options.setdefault("root", tmp_path / f"nodes{len(made)}")
+        options.setdefault("bridge", f"orchbrt{secrets.token_hex(3)}")
+        options.setdefault("subnet", free_subnet())
+        driver = driver_class("netns")(None, **options)
+        assert isinstance(driver, NetnsNodeDriver)
+        made.append(driver)
+        return driver
+
+    yield make
+    problems, nodes = [], {}
+    for driver in made:
+        folders = [f for f in driver.root.iterdir() if f.is_dir()] if driver.root.is_dir() else []
+        for folder in folders:
+            nodes[folder.name] = (driver, str(folder))
+            try:
+                driver.destroy_node(Node(folder.name, folder.name, NodeState.UNKNOWN, [], [], driver))
+            except Exception as exc:  # report it, and go on cleaning the others
+                problems.append(f"destroy {folder.name}: {exc}")
+    for driver in made:
+        problems += leftovers(driver, {i: d for i, (drv, d) in nodes.items() if drv is driver}, node_processes)
+        if driver.bridge in link_names() and f"orch-netns:bridge:{driver.root}" in ip(
+            "-o", "link", "show", driver.bridge
+        ):
+            ip("link", "del", "dev", driver.bridge)  # the driver's own bridge, left: remove it all the same
+        shutil.rmtree(driver.root, ignore_errors=True)
+    assert not problems, f"netns nodes left things behind: {problems}"
+
+
+@pytest.fixture
+def driver(make_driver: Callable[..., NetnsNodeDriver]) -> NetnsNodeDriver:
+    return make_driver(max_nodes=6)
+
+
+@pytest.fixture
+def make_nodes(driver: NetnsNodeDriver, fleet_key: KeyPair) -> MakeNodes:
+    def make(count: int, name: str = "w", **kwargs: Any) -> list[Node]:
+        size, image = driver.list_sizes()[0], driver.list_images()[0]
+        auth = NodeAuthSSHKey(fleet_key.public)
+        return [driver.create_node(f"{name}{i}", size, image, auth=auth, **kwargs) for i in range(count)]
+
+    return make
+
+
+def target(node: Node, fleet_key: KeyPair) -> SSHTarget:
+    return SSHTarget.from_node(node, fleet_key.private)
+
+
+def test_registered_with_libcloud() -> None:
+    cls = driver_class("netns")
+    assert cls is NetnsNodeDriver
+    assert cls.type == "netns"
+    assert cls.features == {"create_node": ["ssh_key"]}
+
+
+def test_catalogue(driver: NetnsNodeDriver) -> None:
+    assert [s.id for s in driver.list_sizes()] == ["netns-1", "netns-2", "netns-4"]
+    assert all(s.driver is driver and s.extra["cpus"] >= 1 for s in driver.list_sizes())
+    assert [i.id for i in driver.list_images()] == ["host"]
+    assert [(loc.id, loc.country) for loc in driver.list_locations()] == [("netns", "ZZ")]
+
+
+def test_four_isolated_nodes(driver: NetnsNodeDriver, make_nodes: MakeNodes, fleet_key: KeyPair) -> None:
+    started = time.monotonic()
+    created = make_nodes(4, ex_tags={"family": "workers", "workspace": "ws1"})
+    per_node = (time.monotonic() - started) / 4
+
+    listed = driver.list_nodes()
+    assert [n.id for n in listed] == [n.id for n in created]
+    assert all(n.state == NodeState.RUNNING for n in listed)
+    addresses = [ipaddress.IPv4Address(n.public_ips[0]) for n in listed]
+    assert len(set(addresses)) == 4
+    assert all(a in driver.subnet and int(a) & 0xFF >= 10 for a in addresses)
+    for node in listed:
+        assert node.private_ips == node.public_ips
+        assert node.extra["host_key"].startswith("ssh-ed25519 AAAA")
+        assert (node.extra["port"], node.extra["ssh_user"], node.extra["link"]) == (22, "root", "up")
+        assert node.extra["tags"] == {"family": "workers", "workspace": "ws1"}
+        assert node.extra["netns"] == f"orch-{node.id}" and len(node.extra["veth"]) <= 15
+        assert Path(node.extra["node_dir"]).parent == driver.root
+    assert per_node < 2.0, f"{per_node * 1000:.0f} ms per node"
+
+    hostnames = set()
+    for node in listed:
+        home = Path(node.extra["node_dir"]) / "home"
+        with SSHSession(target(node, fleet_key)) as session:
+            out = session.run('hostname; echo "$HOME"; touch ~/mark; test -e /root/mark && echo bound', check=True)
+            hostname, home_seen, bound = out.stdout.split()
+            hostnames.add(hostname)
+            assert hostname == node.id
+            assert (home_seen, bound) == (str(home), "bound")  # ~ and /root are the node's home
+            assert (home / "mark").exists() and not Path("/root/mark").exists()
+            assert session.run("cat ~/.bashrc", check=True).stdout == (home / ".bashrc").read_text()
+            addresses_seen = session.run("ip -4 -o address show dev eth0", check=True).stdout
+            assert f"{node.public_ips[0]}/24" in addresses_seen
+    assert len(hostnames) == 4
+
+
+def test_host_key_is_pinned(driver: NetnsNodeDriver, make_nodes: MakeNodes, fleet_key: KeyPair) -> None:
+    first, second = make_nodes(2)
+    wrong = SSHTarget.from_node(first, fleet_key.private)
+    wrong = SSHTarget(wrong.name, wrong.host, wrong.port, wrong.user, second.extra["host_key"], wrong.key_file)
+    with pytest.raises(HostKeyMismatch):
+        SSHSession(wrong)
+
+
+def test_a_new_driver_sees_the_same_nodes(driver: NetnsNodeDriver, make_nodes: MakeNodes) -> None:
+    created = make_nodes(3)
+    fresh = driver_class("netns")(None, root=driver.root, subnet=str(driver.subnet), bridge=driver.bridge)
+    assert [(n.id, n.public_ips, n.extra["host_key"], n.state) for n in fresh.list_nodes()] == [
+        (n.id, n.public_ips, n.extra["host_key"], NodeState.RUNNING) for n in created
+    ]
+
+
+def test_destroy_leaves_nothing(
+    driver: NetnsNodeDriver, make_nodes: MakeNodes, fleet_key: KeyPair, node_processes: ProcessesOf
+) -> None:
+    first, second = make_nodes(2)
+    with SSHSession(target(first, fleet_key)) as session:
+        session.run("nohup sleep 1000 >/dev/null 2>&1 &", check=True)
+    key = netns_inode(first.extra["netns"])
+    sleepers = [pid for pid in pids_in_netns(key) if Path(f"/proc/{pid}/cmdline").read_bytes() == b"sleep\x001000\x00"]
+    assert len(sleepers) == 1
+
+    assert driver.destroy_node(first)
+    assert pids_in_netns(key) == [] and node_processes(first.id, first.extra["node_dir"]) == []
+    assert first.extra["netns"] not in netns_names()
+    assert first.extra["veth"] not in link_names()
+    assert not Path(first.extra["node_dir"]).exists()
+    assert driver.bridge in link_names()  # the second node still uses it
+    assert [n.id for n in driver.list_nodes()] == [second.id]
+    assert driver.destroy_node(first)  # idempotent
+
+    key = netns_inode(second.extra["netns"])
+    assert driver.destroy_node(second)
+    assert pids_in_netns(key) == [] and node_processes(second.id, second.extra["node_dir"]) == []
+    assert {second.extra["netns"]} & netns_names() == set()
+    assert {second.extra["veth"], driver.bridge} & link_names() == set()  # the bridge left with the last node
+    assert driver.list_nodes() == []
+
+
+def test_cut_link_makes_the_node_unreachable(
+    driver: NetnsNodeDriver, make_nodes: MakeNodes, fleet_key: KeyPair
+) -> None:
+    [node] = make_nodes(1)
+    quick = Timeouts(connect=1.0, command=5.0)
+    with SSHSession(target(node, fleet_key), timeouts=quick) as session:
+        assert session.run("true").ok
+
+    assert driver.ex_cut_link(node)
+    [listed] = driver.list_nodes()
+    assert (listed.state, listed.extra["link"]) == (NodeState.RUNNING, "down")  # running, partitioned
+    started = time.monotonic()
+    with pytest.raises(NodeUnreachable):
+        SSHSession(target(node, fleet_key), timeouts=quick)
+    assert time.monotonic() - started < 5.0
+
+    assert driver.ex_restore_link(node)
+    assert driver.list_nodes()[0].extra["link"] == "up"
+    with SSHSession(target(node, fleet_key), timeouts=quick) as session:
+        assert session.run("hostname", check=True).stdout.strip() == node.id
+
+
+def test_remove_namespace_is_a_vanished_machine(
+    driver: NetnsNodeDriver, make_nodes: MakeNodes, fleet_key: KeyPair, node_processes: ProcessesOf
+) -> None:
+    gone, kept = make_nodes(2)
+    key = netns_inode(gone.extra["netns"])
+    assert driver.ex_remove_namespace(gone)
+
+    states = {n.id: (n.state, n.extra["link"]) for n in driver.list_nodes()}
+    assert states == {gone.id: (NodeState.STOPPED, "absent"), kept.id: (NodeState.RUNNING, "up")}
+    assert pids_in_netns(key) == [] and node_processes(gone.id, gone.extra["node_dir"]) == []
+    assert gone.extra["netns"] not in netns_names() and gone.extra["veth"] not in link_names()
+    with pytest.raises(NodeUnreachable):
+        SSHSession(target(gone, fleet_key), timeouts=Timeouts(connect=1.0))
+
+    assert driver.start_node(gone)  # the same address and host key come back
+    with SSHSession(target(gone, fleet_key)) as session:
+        assert session.run("hostname", check=True).stdout.strip() == gone.id
+    assert driver.ex_remove_namespace(gone)
+    assert driver.destroy_node(gone) and driver.destroy_node(kept)
+    assert driver.list_nodes() == [] and driver.bridge not in link_names()
+
+
+def test_kill_node_keeps_namespace_and_folder(
+    driver: NetnsNodeDriver, make_nodes: MakeNodes, fleet_key: KeyPair
+) -> None:
+    [node] = make_nodes(1)
+    key = netns_inode(node.extra["netns"])
+    assert driver.ex_kill_node(node)
+    [listed] = driver.list_nodes()
+    assert listed.state == NodeState.STOPPED
+    assert pids_in_netns(key) == []
+    assert node.extra["netns"] in netns_names() and Path(node.extra["node_dir"]).is_dir()
+    assert driver.start_node(node)
+    assert driver.list_nodes()[0].state == NodeState.RUNNING
+    with SSHSession(target(node, fleet_key)) as session:
+        assert session.run("true").ok
+
+
+def test_quota(make_driver: Callable[..., NetnsNodeDriver], fleet_key: KeyPair) -> None:
+    driver = make_driver(max_nodes=2)
+    size, image, auth = driver.list_sizes()[0], driver.list_images()[0], NodeAuthSSHKey(fleet_key.public)
+    driver.create_node("a", size, image, auth=auth)
+    driver.create_node("b", size, image, auth=auth)
+    with pytest.raises(QuotaExceededError) as caught:
+        driver.create_node("c", size, image, auth=auth)
+    assert caught.value.quota == 2
+    assert len(list(driver.root.iterdir())) == 3  # two node folders and the lock file
+
+    small = make_driver(subnet=free_subnet().replace("/24", "/28"))  # .10-.14: five addresses
+    for _ in range(5):
+        small.create_node("s", size, image, auth=auth)
+    with pytest.raises(QuotaExceededError, match="no free address"):
+        small.create_node("s", size, image, auth=auth)
+
+
+def test_refuses_an_interface_or_subnet_it_does_not_own(
+    make_driver: Callable[..., NetnsNodeDriver], fleet_key: KeyPair
+) -> None:
+    foreign, subnet = f"orchbrf{secrets.token_hex(3)}", free_subnet()
+    ip("link", "add", "name", foreign, "type", "bridge")
+    try:
+        ip("address", "add", subnet.replace(".0/24", ".1/24"), "dev", foreign)
+        auth = NodeAuthSSHKey(fleet_key.public)
+        taken_name = make_driver(bridge=foreign)
+        with pytest.raises(NetnsDriverError, match=f"interface {foreign} exists and is not the bridge"):
+            taken_name.create_node("x", taken_name.list_sizes()[0], taken_name.list_images()[0], auth=auth)
+        taken_subnet = make_driver(subnet=subnet)
+        with pytest.raises(NetnsDriverError, match=f"subnet {subnet} is in use .*address .* on {foreign}"):
+            taken_subnet.create_node("x", taken_subnet.list_sizes()[0], taken_subnet.list_images()[0], auth=auth)
+        assert foreign in link_names()  # untouched
+        assert list(taken_name.root.iterdir()) == [taken_name.root / ".lock"]
+    finally:
+        ip("link", "del", "dev", foreign)
+
+
+def test_needs_root(make_driver: Callable[..., NetnsNodeDriver], fleet_key: KeyPair) -> None:
+    driver = make_driver()
+    node = Node("w-1234abcd", "w", NodeState.UNKNOWN, [], [], driver)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    os.seteuid(nobody)  # the real and saved uid stay 0, so this is undone below
+    try:
+        with pytest.raises(NetnsDriverError, match="needs root"):
+            driver.create_node(
+                "w", driver.list_sizes()[0], driver.list_images()[0], auth=NodeAuthSSHKey(fleet_key.public)
+            )
+        with pytest.raises(NetnsDriverError, match="needs root"):
+            driver.destroy_node(node)
+        assert driver.list_sizes() and driver.list_locations()  # the catalogue needs no root
+    finally:
+        os.seteuid(0)
