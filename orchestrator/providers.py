@@ -256,6 +256,8 @@ def make_driver(ws: Workspace, config: ProviderConfig) -> Any:
         kwargs.setdefault("root", str(driver_root(ws, config)))
         if config.max_nodes is not None:
             kwargs.setdefault("max_nodes", config.max_nodes)
+        if config.driver == "hosts":  # existing machines are cleaned over SSH with the fleet key
+            kwargs.setdefault("key_file", str(ws.ssh_key))
     try:
         cls = driver_class(config.driver)
     except (AttributeError, ImportError) as exc:
@@ -266,7 +268,7 @@ def make_driver(ws: Workspace, config: ProviderConfig) -> Any:
     with map_libcloud_errors(config.name):
         try:
             return cls(key, **kwargs) if key is not None else cls(**kwargs)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # the driver refused its arguments
             raise InputError(
                 f"providers/{config.name}.yaml: options do not fit driver {config.driver!r}: {exc}",
                 hint="see the driver's documentation for its arguments",

@@ -24,6 +24,7 @@ from libcloud.compute.base import NodeAuthSSHKey
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
+from orchestrator.drivers.local import LocalNodeDriver
 from orchestrator.providers import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
@@ -322,3 +323,38 @@ def test_capacity_errors_fail_over_to_the_next_provider(fleet_ws: Workspace, orc
     finally:
         with Store.open(fleet_ws.state_db) as store:
             fleet.stop(fleet_ws, store, fleet.select_nodes(store, all_nodes=True))
+
+
+def test_hosts_pool_is_used_then_spawn_fails_over_and_stop_cleans_the_machines(
+        fleet_ws: Workspace, orch: Callable[..., Run], tmp_path: Path) -> None:
+    # Two "existing machines" (sshd nodes made outside the workspace) that trust the fleet key.
+    machines_driver = LocalNodeDriver(root=tmp_path / "machines", first_address=150)
+    pubkey = fleet_ws.ssh_key.with_suffix(".pub").read_text().strip()
+    machines = [machines_driver.create_node(f"m{i}", machines_driver.list_sizes()[1], machines_driver.list_images()[0],
+                                            auth=NodeAuthSSHKey(pubkey)) for i in range(2)]
+    try:
+        hosts = [{"name": f"m{i}", "address": m.public_ips[0], "port": m.extra["port"], "user": m.extra["ssh_user"],
+                  "host_key": m.extra["host_key"], "cpus": 2, "ram_mb": 1024, "disk_gb": 10, "arch": "x86_64"}
+                 for i, m in enumerate(machines)]
+        (fleet_ws.providers_dir / "metal.yaml").write_text(
+            json.dumps({"driver": "hosts", "priority": 1, "labels": ["private"], "options": {"hosts": hosts}}))
+        (fleet_ws.families_dir / "workers.yaml").write_text(
+            "release: primes\ncount: 3\nplacement:\n  providers: [metal, local]\n")
+        result = orch("spawn", "workers", "--json", cwd=fleet_ws.root)
+        assert result.code == 0, result.err
+        nodes = json.loads(orch("nodes", "--json").out)
+        assert sorted(n["provider"] for n in nodes) == ["local", "metal", "metal"]
+        on_metal = [n["address"] for n in nodes if n["provider"] == "metal"]
+        assert sorted(on_metal) == sorted(m.public_ips[0] for m in machines)
+
+        assert orch("stop", "workers").code == 0
+        for machine in machines:  # cleaned (no ~/orch) and released, the machines themselves still up
+            home = Path(machine.extra["node_dir"]) / "home"
+            assert not (home / "orch").exists()
+        assert {n.state for n in machines_driver.list_nodes()} == {machines[0].state}
+        again = orch("spawn", "workers", "--count", "2", "--json")
+        assert again.code == 0 and len(json.loads(again.out)["ready"]) == 2
+    finally:
+        _stop_everything(fleet_ws)
+        for machine in machines:
+            machines_driver.destroy_node(machine)
