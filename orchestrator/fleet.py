@@ -286,6 +286,11 @@ class _Spawner:
                 self.ctx.events.stage(node_id, "boot")
                 wait_running(handle, record.provider_node_id or "")
                 report.created.append(node_id)
+                if not handle.config.bootstrap:  # provisioned only (machines we cannot reach)
+                    self.store.set_node_state(node_id, NodeState.READY, reason="created; bootstrap is off",
+                                              config_hash=self.digest, ready_at=time.time())
+                    self.ctx.events.stage(node_id, "ready")
+                    return True
                 if self._bootstrap(record, report):
                     return True
                 failures += 1
@@ -306,6 +311,11 @@ class _Spawner:
         return False
 
     def _roll(self, node: NodeRecord, report: SpawnReport) -> bool:
+        if not self.ctx.handle(node.provider).config.bootstrap:
+            self.store.set_node_state(node.id, NodeState.READY, reason="config changed; bootstrap is off",
+                                      config_hash=self.digest)
+            report.rolled.append(node.id)
+            return True
         ok = self._bootstrap(node, report)
         if ok:
             report.rolled.append(node.id)

@@ -8,6 +8,7 @@ a record to settle or a tagged node to find.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -158,7 +159,7 @@ def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, reques
                     image=cat["images"][request.image],
                     location=cat["locations"].get(request.location),
                     auth=NodeAuthSSHKey(public_key(handle.ws)),
-                    ex_tags=tags,
+                    **tag_arguments(handle.driver, tags),
                 )
             return adopt(store, record.id, node, handle)
         except ProviderTransientError as exc:
@@ -178,6 +179,21 @@ def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, reques
             store.set_node_state(record.id, NodeState.FAILED, reason=str(exc))
             raise
     raise AssertionError("unreachable")
+
+
+# How libcloud drivers take tags at create time, in order of preference: ours and
+# Azure's ex_tags, EC2's and OpenStack's ex_metadata, GCE's ex_labels.
+TAG_ARGUMENTS = ("ex_tags", "ex_metadata", "ex_labels")
+
+
+def tag_arguments(driver: Any, tags: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{"ex_tags": tags}`` or whatever the driver's ``create_node`` calls it."""
+    params = inspect.signature(driver.create_node).parameters
+    for name in TAG_ARGUMENTS:
+        if name in params:
+            return {name: tags}
+    raise ProviderError(f"driver {type(driver).__name__} cannot tag nodes at create time",
+                        hint="orch needs tags to find its nodes again; use a driver that takes ex_tags or ex_metadata")
 
 
 def _tagged_node(handle: ProviderHandle, store: Store, node_id: str) -> Node | None:

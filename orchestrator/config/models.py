@@ -21,14 +21,17 @@ from pydantic import (
     model_validator,
 )
 
+from orchestrator.drivers import plugin_drivers
+
 # Our own libcloud drivers (orchestrator.drivers), registered with set_driver.
 OWN_DRIVERS = ("local", "netns", "hosts")
 
 
 def known_drivers() -> tuple[str, ...]:
-    """Names accepted in a provider's ``driver`` field: ours, then libcloud's."""
+    """Names accepted in a provider's ``driver`` field: ours, plugins, then libcloud's."""
     stock = sorted({str(v) for k, v in vars(LibcloudProvider).items() if not k.startswith("_")})
-    return OWN_DRIVERS + tuple(d for d in stock if d not in OWN_DRIVERS)
+    plugins = tuple(sorted(plugin_drivers()))
+    return OWN_DRIVERS + plugins + tuple(d for d in stock if d not in OWN_DRIVERS and d not in plugins)
 
 
 Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
