@@ -7,7 +7,6 @@ Progress flows out through ``FleetEvents`` callbacks; nothing here prints.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
@@ -38,7 +37,6 @@ from orchestrator.provision import (
     destroy_node,
     mark_unavailable,
     recover,
-    unavailable,
     wait_running,
 )
 from orchestrator.remote import ssh_target
@@ -119,11 +117,14 @@ def resolve_release(ws: Workspace, store: Store, cfg: WorkspaceConfig, family: N
     return store.get_release(family.release_name, family.release_version)
 
 
-def plan_nodes(ctx: FleetContext, family: NodeFamily, count: int) -> PlacementPlan:
-    """Place ``count`` more nodes of ``family`` given the providers and the live fleet."""
+def plan_nodes(ctx: FleetContext, family: NodeFamily, count: int, *, save: bool = True) -> PlacementPlan:
+    """Place ``count`` more nodes of ``family`` given the providers and the live fleet.
+
+    Capabilities come from the store's cache while fresh; ``save=False`` plans without
+    writing a fetched catalogue back (``orch plan`` has no side effects).
+    """
     providers = family.placement.providers or sorted(ctx.cfg.providers)
-    caps = [dataclasses.replace(ctx.handle(p).capabilities(), unavailable=unavailable(ctx.store, p))
-            for p in providers if p in ctx.cfg.providers]
+    caps = [ctx.handle(p).capabilities(ctx.store, save=save) for p in providers if p in ctx.cfg.providers]
     fleet = [FleetNode(n.id, n.family, n.provider, n.location)
              for n in ctx.store.list_nodes(states=[s for s in NodeState if s.live and s != NodeState.LOST])]
     return plan_placement(family, count, caps, fleet)
@@ -143,7 +144,7 @@ def plan(ws: Workspace, store: Store, family_name: str, *, count: int | None = N
     up = len(store.list_nodes(family=family.name, states=UP))
     ctx = FleetContext(ws, store, cfg, FleetEvents())
     try:
-        return plan_nodes(ctx, family, max(0, target - up)), up
+        return plan_nodes(ctx, family, max(0, target - up), save=False), up
     finally:
         ctx.close()
 

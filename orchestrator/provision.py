@@ -8,6 +8,7 @@ a record to settle or a tagged node to find.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import time
@@ -15,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from libcloud.compute.base import Node, NodeAuthSSHKey
+from libcloud.compute.base import Node, NodeAuthSSHKey, NodeImage
 from libcloud.compute.types import NodeState as CloudState
 
 from orchestrator.config import ProviderConfig
@@ -32,6 +33,32 @@ TAG_NODE = "orch-node"
 T = TypeVar("T")
 
 
+CAPABILITIES_SCOPE = "capabilities"
+CAPABILITIES_TTL_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """What a driver offers, as plain data: cached in the store between commands."""
+
+    fetched_at: float
+    locations: tuple[str, ...]
+    sizes: tuple[SizeOffer, ...]  # the driver's own prices; the registration may override them
+    images: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Catalogue:
+        return cls(
+            fetched_at=float(data["fetched_at"]),
+            locations=tuple(data["locations"]),
+            sizes=tuple(SizeOffer(**s) for s in data["sizes"]),
+            images=tuple(data["images"]),
+        )
+
+
 @dataclass
 class ProviderHandle:
     """A provider's config and its driver, made once per command and shared by threads."""
@@ -40,7 +67,7 @@ class ProviderHandle:
     config: ProviderConfig
     _driver: Any = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _catalogue: dict[str, dict[str, Any]] | None = None
+    _objects: dict[str, dict[str, Any]] | None = None
 
     @property
     def name(self) -> str:
@@ -54,39 +81,71 @@ class ProviderHandle:
             return self._driver
 
     def catalogue(self) -> dict[str, dict[str, Any]]:
-        """The driver's sizes, images and locations by id (asked once)."""
+        """The driver's libcloud objects by id, for create calls (asked once).
+
+        With an ``image`` in the registration, images are not listed (EC2 lists
+        thousands): the image is named by id, as libcloud allows.
+        """
         with self._lock:
-            cached = self._catalogue
+            cached = self._objects
         if cached is not None:
             return cached
         driver = self.driver
-        catalogue = retrying(lambda: {
-            "sizes": {str(s.id): s for s in driver.list_sizes()},
-            "images": {str(i.id): i for i in driver.list_images()},
-            "locations": {str(loc.id): loc for loc in driver.list_locations()},
-        }, self)
+
+        def fetch() -> dict[str, dict[str, Any]]:
+            if self.config.image is not None:
+                images = {self.config.image: NodeImage(self.config.image, self.config.image, driver)}
+            else:
+                images = {str(i.id): i for i in driver.list_images()}
+            return {
+                "sizes": {str(s.id): s for s in driver.list_sizes()},
+                "images": images,
+                "locations": {str(loc.id): loc for loc in driver.list_locations()},
+            }
+
+        objects = retrying(fetch, self)
         with self._lock:
-            self._catalogue = catalogue
+            self._objects = objects
+        return objects
+
+    def offers(self, store: Store | None = None, *, ttl: float = CAPABILITIES_TTL_SECONDS,
+               save: bool = True, refresh: bool = False) -> Catalogue:
+        """The provider's catalogue: from the store's cache while fresh, else from the
+        driver (saved back to the cache when ``save``)."""
+        if store is not None and not refresh:
+            cached = store.kv_get(self.name, scope=CAPABILITIES_SCOPE)
+            if cached and cached.get("driver") == self.config.driver and \
+                    time.time() - cached["catalogue"]["fetched_at"] < ttl:
+                return Catalogue.from_json(cached["catalogue"])
+        objects = self.catalogue()
+        catalogue = Catalogue(
+            fetched_at=time.time(),
+            locations=tuple(sorted(objects["locations"])),
+            sizes=tuple(_offer(size) for size in objects["sizes"].values()),
+            images=tuple(sorted(objects["images"])),
+        )
+        if store is not None and save:
+            store.kv_put(self.name, {"driver": self.config.driver, "catalogue": catalogue.to_json()},
+                         scope=CAPABILITIES_SCOPE)
         return catalogue
 
-    def capabilities(self) -> ProviderCapabilities:
-        cat = self.catalogue()
+    def capabilities(self, store: Store | None = None, *, save: bool = True) -> ProviderCapabilities:
+        """The catalogue merged with the registration (labels, priority, quota, prices,
+        image) and the store's cooldowns."""
+        catalogue = self.offers(store, save=save)
         cfg = self.config
-        if cfg.image is not None:
-            image = cfg.image
-        elif cat["images"]:
-            image = sorted(cat["images"])[0]
-        else:
-            image = ""
+        image = cfg.image if cfg.image is not None else (catalogue.images[0] if catalogue.images else "")
         return ProviderCapabilities(
             name=cfg.name,
             driver=cfg.driver,
             labels=frozenset(cfg.labels),
             priority=cfg.priority,
             max_nodes=cfg.max_nodes,
-            locations=tuple(sorted(cat["locations"])),
-            sizes=tuple(_offer(s, cfg) for s in cat["sizes"].values()),
+            locations=catalogue.locations,
+            sizes=tuple(dataclasses.replace(s, hourly_price=cfg.prices.get(s.id, s.hourly_price))
+                        for s in catalogue.sizes),
             image=image,
+            unavailable=unavailable(store, cfg.name) if store is not None else frozenset(),
         )
 
     def tagged_nodes(self, workspace_id: str) -> list[Node]:
@@ -95,13 +154,12 @@ class ProviderHandle:
         return [n for n in nodes if node_tags(n).get(TAG_WORKSPACE) == workspace_id]
 
 
-def _offer(size: Any, cfg: ProviderConfig) -> SizeOffer:
+def _offer(size: Any) -> SizeOffer:
     extra = size.extra or {}
     cpus = extra.get("cpus") or extra.get("vcpus") or extra.get("cpu") or getattr(size, "vcpus", None) or 1
-    price = cfg.prices.get(str(size.id), size.price)
     return SizeOffer(
         id=str(size.id), name=str(size.name), cpus=int(cpus), ram_mb=int(size.ram or 0),
-        disk_gb=int(size.disk or 0), arch=extra.get("arch"), hourly_price=float(price or 0.0),
+        disk_gb=int(size.disk or 0), arch=extra.get("arch"), hourly_price=float(size.price or 0.0),
     )
 
 
@@ -356,3 +414,8 @@ def recover(
             outcome.vanished.append(record.id)
             on_change(f"{record.id}: not at {name}; {verb}settled")
     return outcome
+
+
+def refresh_catalogues(ws: Workspace, store: Store, configs: Iterable[ProviderConfig]) -> dict[str, Catalogue]:
+    """Ask each provider's driver for its catalogue now and cache it."""
+    return {c.name: ProviderHandle(ws, c).offers(store, refresh=True) for c in configs}

@@ -21,7 +21,7 @@ from orchestrator.cli.common import (
 from orchestrator.cli.workspace_cmds import existing_store
 from orchestrator.config import known_drivers, load_provider, load_workspace_config
 from orchestrator.errors import ConfigError
-from orchestrator.provision import cooldowns
+from orchestrator.provision import cooldowns, refresh_catalogues
 
 app = typer.Typer(help="Register providers (clouds, machine pools) and check them.", no_args_is_help=True)
 
@@ -133,6 +133,26 @@ def check(ctx: typer.Context, name: Annotated[str, typer.Argument(help="Provider
                 rows, empty="no sizes offered")
     console.print(f"locations: {', '.join(result.locations) or 'none'}")
     console.print(f"provider {name} OK")
+
+
+@app.command("refresh")
+def refresh(
+    ctx: typer.Context,
+    names: Annotated[list[str] | None, typer.Argument(help="Providers to refresh (default: all).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fetch each provider's sizes, images and locations now and cache them for planning."""
+    ws = workspace(ctx)
+    configs = [load_provider(ws, n) for n in names] if names else list(load_workspace_config(ws).providers.values())
+    with open_store(ws) as store:
+        catalogues = refresh_catalogues(ws, store, configs)
+    if as_json:
+        print_json({name: {"sizes": len(c.sizes), "locations": list(c.locations), "images": len(c.images),
+                           "fetched_at": c.fetched_at} for name, c in catalogues.items()})
+        return
+    for name, catalogue in catalogues.items():
+        console.print(f"{name}: {len(catalogue.sizes)} sizes, {len(catalogue.images)} images, "
+                      f"locations {', '.join(catalogue.locations) or 'none'}")
 
 
 @app.command("drivers")
