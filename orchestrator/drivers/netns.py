@@ -41,6 +41,7 @@ import json
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -325,7 +326,11 @@ class NetnsNodeDriver(NodeDriver):
                     driver=self,
                 )
             if not exists:
-                _ip("link", "add", "name", self.bridge, "type", "bridge", "forward_delay", "0")
+                # A bridge without a MAC of its own takes its lowest port's, so adding a
+                # node could change the gateway's MAC under nodes that cached it: their
+                # replies then go nowhere until ARP gives up (seen: 13 s without a banner).
+                mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
+                _ip("link", "add", "name", self.bridge, "address", mac, "type", "bridge", "forward_delay", "0")
                 try:
                     _ip("link", "set", "dev", self.bridge, "alias", self._bridge_alias)
                 except BaseException:
