@@ -1,0 +1,50 @@
+"""``orch inventory``: the ready nodes as an Ansible inventory, host keys pinned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from orchestrator import fleet as engine
+from orchestrator import inventory as engine_inventory
+from orchestrator.cli.common import console, err_console, open_store, workspace
+from orchestrator.state import NodeState
+
+
+def inventory(
+    ctx: typer.Context,
+    family: Annotated[str | None, typer.Option("--family", "-f", help="Only this family's ready nodes.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write the inventory to this file instead of printing it.",
+                     dir_okay=False),
+    ] = None,
+) -> None:
+    """Print an Ansible YAML inventory of the ready nodes, grouped by family.
+
+    Also writes .orch/known_hosts with the pinned host key of every live node; the
+    inventory points ssh at that file with StrictHostKeyChecking=yes.
+    """
+    ws = workspace(ctx)
+    with open_store(ws) as store:
+        live = engine.select_nodes(store, all_nodes=True)
+    known_hosts = engine_inventory.write_known_hosts(ws, live)
+    ready = [n for n in live if n.state == NodeState.READY and (family is None or n.family == family)]
+    text = yaml.safe_dump(engine_inventory.ansible_inventory(ws, ready, known_hosts=known_hosts),
+                          sort_keys=False, default_flow_style=False)
+    if not ready:
+        which = f"of family {family!r} " if family else ""
+        err_console.print(f"note: no ready node {which}to list; see `orch nodes`", markup=False)
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    engine_inventory.write_text_atomically(output, text)
+    console.print(f"wrote {len(ready)} host(s) to {output}; pinned host keys in {ws.relative(known_hosts)}",
+                      markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(inventory)
