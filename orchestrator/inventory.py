@@ -25,8 +25,10 @@ and ssh is told to use only that file and to refuse any host it does not match
 there cannot vouch for a node, and ssh may not rewrite our file).  Host key checking is
 never disabled.
 
-The known_hosts file holds every live node of the workspace, not only the ones in a
-given inventory, so inventories written for different families can share it.
+``orch inventory`` writes into that file every node that is up (booting, bootstrapping,
+ready), not only the ones in the inventory it prints, so inventories written for
+different families can share it; a stopped, failed or lost node's key is left out, so
+it cannot vouch for whatever holds its address next.
 
 >>> nodes = store.list_nodes(states=[NodeState.READY])                   # doctest: +SKIP
 >>> write_known_hosts(ws, nodes)                                          # doctest: +SKIP

@@ -11,6 +11,7 @@ import yaml
 from orchestrator import fleet as engine
 from orchestrator import inventory as engine_inventory
 from orchestrator.cli.common import console, err_console, open_store, workspace
+from orchestrator.errors import InputError
 from orchestrator.state import NodeState
 
 
@@ -25,14 +26,13 @@ def inventory(
 ) -> None:
     """Print an Ansible YAML inventory of the ready nodes, grouped by family.
 
-    Also writes .orch/known_hosts with the pinned host key of every live node; the
-    inventory points ssh at that file with StrictHostKeyChecking=yes.
+    Rewrites .orch/known_hosts, the pinned keys of the nodes that are up, for ssh to check strictly.
     """
     ws = workspace(ctx)
     with open_store(ws) as store:
-        live = engine.select_nodes(store, all_nodes=True)
-    known_hosts = engine_inventory.write_known_hosts(ws, live)
-    ready = [n for n in live if n.state == NodeState.READY and (family is None or n.family == family)]
+        up = engine.select_nodes(store, all_nodes=True, states=engine.UP)
+    known_hosts = engine_inventory.write_known_hosts(ws, up)
+    ready = [n for n in up if n.state == NodeState.READY and (family is None or n.family == family)]
     text = yaml.safe_dump(engine_inventory.ansible_inventory(ws, ready, known_hosts=known_hosts),
                           sort_keys=False, default_flow_style=False)
     if not ready:
@@ -41,9 +41,13 @@ def inventory(
     if output is None:
         typer.echo(text, nl=False)
         return
-    engine_inventory.write_text_atomically(output, text)
+    try:
+        engine_inventory.write_text_atomically(output, text)
+    except OSError as exc:
+        raise InputError(f"cannot write the inventory to {output}: {exc.strerror or exc}",
+                         hint="choose a writable --output path") from exc
     console.print(f"wrote {len(ready)} host(s) to {output}; pinned host keys in {ws.relative(known_hosts)}",
-                      markup=False)
+                  markup=False)
 
 
 def register(app: typer.Typer) -> None:
