@@ -183,45 +183,47 @@ class LocalNodeDriver(NodeDriver):
         if location is not None and location.id != "local":
             raise ValueError(f"unknown location {location.id!r}; the only location is 'local'")
         self._prepare_root()
-        # Loopback addresses belong to the machine, not to this root: hold a machine-wide
-        # lock from choosing the address until sshd has bound it.
-        with _address_lock():
-            with self._root_lock():
-                metas = self._read_all()
-                if self.max_nodes is not None and len(metas) >= self.max_nodes:
-                    raise QuotaExceededError(
-                        f"quota reached: {len(metas)} of max_nodes={self.max_nodes} local nodes exist "
-                        f"under {self.root}",
-                        quota=self.max_nodes,
-                        driver=self,
-                    )
-                address = self._free_address({m["address"] for m in metas})
-                node_id = _new_id(name)
-                node_dir = self.root / node_id
-                node_dir.mkdir(mode=0o700)
-                meta: dict[str, Any] = {
-                    "id": node_id,
-                    "name": name,
-                    "address": address,
-                    "port": self.ssh_port,
-                    "ssh_user": pwd.getpwuid(os.geteuid()).pw_name,
-                    "host_key": "",
-                    "size": size.id,
-                    "image": image.id,
-                    "tags": dict(ex_tags or {}),
-                    "node_dir": str(node_dir),
-                    "pid": None,
-                    "created_at": dt.datetime.now(dt.UTC).isoformat(),
-                }
-                _write_json(node_dir / META, meta)
-            try:
-                meta["host_key"] = _write_node_files(node_dir, meta, pubkey, strict_modes=self._strict_modes)
-                _write_json(node_dir / META, meta)
-                self._start_sshd(meta)
-            except BaseException:
-                self._kill_processes(node_id, graceful=False)
-                shutil.rmtree(node_dir, ignore_errors=True)
-                raise
+        # Loopback addresses belong to the machine, not to this root: they are chosen
+        # and reserved under a machine-wide lock; sshd then starts outside it.
+        with _address_lock(), self._root_lock():
+            metas = self._read_all()
+            if self.max_nodes is not None and len(metas) >= self.max_nodes:
+                raise QuotaExceededError(
+                    f"quota reached: {len(metas)} of max_nodes={self.max_nodes} local nodes exist "
+                    f"under {self.root}",
+                    quota=self.max_nodes,
+                    driver=self,
+                )
+            reserved = {a.rsplit(":", 1)[0] for a in _reservations() if a.endswith(f":{self.ssh_port}")}
+            address = self._free_address({m["address"] for m in metas} | reserved)
+            node_id = _new_id(name)
+            node_dir = self.root / node_id
+            node_dir.mkdir(mode=0o700)
+            _reserve(f"{address}:{self.ssh_port}", node_dir)
+            meta: dict[str, Any] = {
+                "id": node_id,
+                "name": name,
+                "address": address,
+                "port": self.ssh_port,
+                "ssh_user": pwd.getpwuid(os.geteuid()).pw_name,
+                "host_key": "",
+                "size": size.id,
+                "image": image.id,
+                "tags": dict(ex_tags or {}),
+                "node_dir": str(node_dir),
+                "pid": None,
+                "created_at": dt.datetime.now(dt.UTC).isoformat(),
+            }
+            _write_json(node_dir / META, meta)
+        try:
+            meta["host_key"] = _write_node_files(node_dir, meta, pubkey, strict_modes=self._strict_modes)
+            _write_json(node_dir / META, meta)
+            self._start_sshd(meta)
+        except BaseException:
+            self._kill_processes(node_id, graceful=False)
+            shutil.rmtree(node_dir, ignore_errors=True)
+            _release(f"{address}:{self.ssh_port}", node_dir)
+            raise
         return self._to_node(meta)
 
     def list_nodes(self) -> list[Node]:
@@ -229,8 +231,11 @@ class LocalNodeDriver(NodeDriver):
 
     def destroy_node(self, node: Node) -> bool:
         node_id = self._node_id(node)
+        meta = _read_json(self.root / node_id / META) if (self.root / node_id / META).exists() else None
         self._kill_processes(node_id, graceful=True)
         shutil.rmtree(self.root / node_id, ignore_errors=True)
+        if meta:
+            _release(f"{meta['address']}:{meta['port']}", self.root / node_id)
         if (self.root / node_id).exists():
             raise LocalDriverError(f"could not remove {self.root / node_id}", driver=self)
         return True
@@ -411,6 +416,44 @@ class LocalNodeDriver(NodeDriver):
                 time.sleep(_POLL)
         if _survivors(known):
             raise LocalDriverError(f"processes {sorted(known)} of node {node_id} survive SIGKILL", driver=self)
+
+
+def _reservation_dir() -> Path:
+    """``/tmp/orch-local-<uid>/``: one file per address:port taken by a node of any root."""
+    folder = Path(tempfile.gettempdir()) / f"orch-local-{os.geteuid()}"
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise LocalDriverError(f"{folder} is not a private folder of ours; remove it")
+    return folder
+
+
+def _reservations() -> set[str]:
+    """Reserved ``address:port``s; a reservation whose node folder is gone is dropped."""
+    taken = set()
+    folder = _reservation_dir()
+    for entry in folder.iterdir():
+        try:
+            node_dir = entry.read_text()
+        except OSError:
+            continue
+        if os.path.isdir(node_dir):
+            taken.add(entry.name)
+        else:
+            entry.unlink(missing_ok=True)
+    return taken
+
+
+def _reserve(address: str, node_dir: Path) -> None:
+    (_reservation_dir() / address).write_text(str(node_dir))
+
+
+def _release(address: str, node_dir: Path) -> None:
+    entry = _reservation_dir() / address
+    with contextlib.suppress(OSError):
+        if entry.read_text() == str(node_dir):
+            entry.unlink()
 
 
 @contextlib.contextmanager
