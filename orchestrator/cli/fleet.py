@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from orchestrator import fleet as engine
 from orchestrator.cli.common import JsonFlag, console, err_console, open_store, print_json, print_table, workspace
+from orchestrator.cli.lazy import lazy
 from orchestrator.cli.progress import NodeProgress
 from orchestrator.cli.workspace_cmds import existing_store
 from orchestrator.config import load_workspace_config
 from orchestrator.errors import FleetIncomplete, InputError, RemoteError
-from orchestrator.remote import exec_on
-from orchestrator.ssh import Result
 from orchestrator.state import NodeState, Store
+
+if TYPE_CHECKING:
+    from orchestrator import fleet as engine
+    from orchestrator import remote, ssh
+else:
+    engine, remote, ssh = lazy("orchestrator.fleet"), lazy("orchestrator.remote"), lazy("orchestrator.ssh")
 
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress, only the summary.")]
 
@@ -114,13 +118,13 @@ def exec_(
                                                                        n.path.startswith(target))]
     if not chosen:
         raise InputError(f"no ready node matches {target!r}", hint="see `orch nodes`")
-    outcome = exec_on(ws, chosen, " ".join(command), timeout=timeout)
+    outcome = remote.exec_on(ws, chosen, " ".join(command), timeout=timeout)
     if as_json:
-        print_json({name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr} if isinstance(r, Result)
+        print_json({name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr} if isinstance(r, ssh.Result)
                            else {"error": str(r)}) for name, r in outcome.nodes.items()})
     else:
         for name, result in outcome.nodes.items():
-            if isinstance(result, Result):
+            if isinstance(result, ssh.Result):
                 mark = "ok" if result.ok else f"exit {result.exited}"
                 console.print(f"[bold]{name}[/bold] ({mark})")
                 if result.stdout:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
 
-from orchestrator import fleet as engine
-from orchestrator import inventory as engine_inventory
 from orchestrator.cli.common import console, err_console, open_store, workspace
+from orchestrator.cli.lazy import lazy
 from orchestrator.errors import InputError
 from orchestrator.state import NodeState
+
+if TYPE_CHECKING:
+    from orchestrator import fleet as engine
+    from orchestrator import inventory as engine_inventory
+else:
+    engine, engine_inventory = lazy("orchestrator.fleet"), lazy("orchestrator.inventory")
 
 
 def inventory(

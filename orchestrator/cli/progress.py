@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from rich.live import Live
 from rich.table import Table
 
 from orchestrator.cli.common import console, err_console
-from orchestrator.fleet import FleetEvents
+
+if TYPE_CHECKING:
+    from orchestrator.fleet import FleetEvents
 
 _STYLE = {"ready": "green", "failed": "red", "stopped": "dim", "stopping": "yellow"}
 
@@ -29,6 +32,8 @@ class NodeProgress:
         self._live = Live(self._render(), console=console, refresh_per_second=8, transient=False)
 
     def events(self) -> FleetEvents:
+        from orchestrator.fleet import FleetEvents
+
         return FleetEvents(stage=self.stage, note=self.note)
 
     def stage(self, node: str, stage: str) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 import yaml
 
-from orchestrator import providers as engine
 from orchestrator.cli.common import (
     JsonFlag,
     console,
@@ -18,10 +17,16 @@ from orchestrator.cli.common import (
     print_table,
     workspace,
 )
+from orchestrator.cli.lazy import lazy
 from orchestrator.cli.workspace_cmds import existing_store
 from orchestrator.config import known_drivers, load_provider, load_workspace_config
 from orchestrator.errors import ConfigError
-from orchestrator.provision import cooldowns, refresh_catalogues
+
+if TYPE_CHECKING:
+    from orchestrator import providers as engine
+    from orchestrator import provision
+else:
+    engine, provision = lazy("orchestrator.providers"), lazy("orchestrator.provision")
 
 app = typer.Typer(help="Register providers (clouds, machine pools) and check them.", no_args_is_help=True)
 
@@ -79,7 +84,7 @@ def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         cfg.raise_first()
     configs = sorted(cfg.providers.values(), key=lambda p: (p.priority, p.name))
     with existing_store(ws) as store:
-        cooling = cooldowns(store) if store else {}
+        cooling = provision.cooldowns(store) if store else {}
 
     def cooling_for(name: str) -> dict[str, Any]:
         return {k.split("/", 1)[1]: v for k, v in cooling.items() if k.split("/", 1)[0] == name}
@@ -145,7 +150,7 @@ def refresh(
     ws = workspace(ctx)
     configs = [load_provider(ws, n) for n in names] if names else list(load_workspace_config(ws).providers.values())
     with open_store(ws) as store:
-        catalogues = refresh_catalogues(ws, store, configs)
+        catalogues = provision.refresh_catalogues(ws, store, configs)
     if as_json:
         print_json({name: {"sizes": len(c.sizes), "locations": list(c.locations), "images": len(c.images),
                            "fetched_at": c.fetched_at} for name, c in catalogues.items()})

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from orchestrator import release_catalog as catalog
 from orchestrator.cli.common import (
     JsonFlag,
     console,
@@ -18,6 +17,12 @@ from orchestrator.cli.common import (
     print_table,
     workspace,
 )
+from orchestrator.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    from orchestrator import release_catalog as catalog
+else:
+    catalog = lazy("orchestrator.release_catalog")
 
 app = typer.Typer(help="Upload and manage releases (versioned, checksummed bundles).", no_args_is_help=True)
 

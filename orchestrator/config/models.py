@@ -10,7 +10,6 @@ import re
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
-from libcloud.compute.types import Provider as LibcloudProvider
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -21,14 +20,16 @@ from pydantic import (
     model_validator,
 )
 
-from orchestrator.drivers import plugin_drivers
-
 # Our own libcloud drivers (orchestrator.drivers), registered with set_driver.
 OWN_DRIVERS = ("local", "netns", "hosts")
 
 
 def known_drivers() -> tuple[str, ...]:
     """Names accepted in a provider's ``driver`` field: ours, plugins, then libcloud's."""
+    from libcloud.compute.types import Provider as LibcloudProvider  # slow to import: only here
+
+    from orchestrator.drivers import plugin_drivers
+
     stock = sorted({str(v) for k, v in vars(LibcloudProvider).items() if not k.startswith("_")})
     plugins = tuple(sorted(plugin_drivers()))
     return OWN_DRIVERS + plugins + tuple(d for d in stock if d not in OWN_DRIVERS and d not in plugins)
