@@ -1,0 +1,1 @@
+"""The node agent: standard library only, shipped to nodes."""
