@@ -104,6 +104,14 @@ class QuotaExceededError(LocalDriverError, QuotaError):
         self.quota = quota
 
 
+# What an sshd node's status says, for libcloud; shared with the netns driver.
+SSHD_NODE_STATES = {
+    "pending": NodeState.PENDING,
+    "running": NodeState.RUNNING,
+    "stopped": NodeState.STOPPED,
+}
+
+
 class LocalNodeDriver(NodeDriver):
     """Nodes that are sshd processes on this machine, one loopback address each."""
 
@@ -112,11 +120,7 @@ class LocalNodeDriver(NodeDriver):
     website = "https://www.openssh.com/"
     # libcloud declares these as plain class attributes; ClassVar would clash with it.
     features = {"create_node": ["ssh_key"]}  # noqa: RUF012
-    NODE_STATE_MAP = {  # noqa: RUF012
-        "pending": NodeState.PENDING,
-        "running": NodeState.RUNNING,
-        "stopped": NodeState.STOPPED,
-    }
+    NODE_STATE_MAP = SSHD_NODE_STATES
 
     def __init__(
         self,

@@ -55,7 +55,7 @@ from libcloud.compute.base import Node, NodeAuthPassword, NodeAuthSSHKey, NodeDr
 from libcloud.compute.types import NodeState
 
 from orchestrator.drivers import local
-from orchestrator.drivers.local import LocalDriverError, LocalNodeDriver, QuotaExceededError
+from orchestrator.drivers.local import SSHD_NODE_STATES, LocalDriverError, LocalNodeDriver, QuotaExceededError
 
 _TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV = {"PATH": _TOOL_PATH, "LANG": "C.UTF-8"}
@@ -81,11 +81,7 @@ class NetnsNodeDriver(NodeDriver):
     name = "Network namespace sshd nodes"
     website = "https://man7.org/linux/man-pages/man8/ip-netns.8.html"
     features = {"create_node": ["ssh_key"]}  # noqa: RUF012
-    NODE_STATE_MAP = {  # noqa: RUF012
-        "pending": NodeState.PENDING,
-        "running": NodeState.RUNNING,
-        "stopped": NodeState.STOPPED,
-    }
+    NODE_STATE_MAP = SSHD_NODE_STATES
 
     def __init__(
         self,
