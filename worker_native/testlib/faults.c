@@ -14,6 +14,9 @@
  *   odd_status returns 7, neither OK nor FAILED
  *   overrun    writes data_len MiB of zeros, ignores refused writes, returns OK
  *   chatty     printf()s to stdout and stderr, then echoes
+ *   flaky      echoes its data (lines) unless one whole line of it is a magic word:
+ *              "crash" SIGSEGV, "abort" abort(), "hang" hangs, each on attempt 1 only
+ *              (the retry succeeds); "poison" SIGSEGV on every attempt
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -132,5 +135,33 @@ int chatty(const orch_task *task, orch_output *out)
     printf("chatty on stdout: seq %llu\n", (unsigned long long)task->seq);
     fflush(stdout);
     fprintf(stderr, "chatty on stderr: seq %llu\n", (unsigned long long)task->seq);
+    return echo(task, out);
+}
+
+/* Whether one whole line of the task's data is `word`. */
+static int has_line(const orch_task *task, const char *word)
+{
+    size_t n = strlen(word);
+    const unsigned char *p = task->data, *end = task->data + task->data_len;
+    while (p < end) {
+        const unsigned char *eol = memchr(p, '\n', (size_t)(end - p));
+        size_t len = (size_t)((eol ? eol : end) - p);
+        if (len == n && memcmp(p, word, n) == 0)
+            return 1;
+        p = eol ? eol + 1 : end;
+    }
+    return 0;
+}
+
+int flaky(const orch_task *task, orch_output *out)
+{
+    volatile int *volatile nowhere = NULL;
+    if (has_line(task, "poison") || (task->attempt == 1 && has_line(task, "crash")))
+        *nowhere = 1;
+    if (task->attempt == 1 && has_line(task, "abort"))
+        abort();
+    if (task->attempt == 1 && has_line(task, "hang"))
+        for (;;)
+            pause();
     return echo(task, out);
 }
