@@ -11,6 +11,8 @@
  *                  for each of n's 8 bytes, least significant first:
  *                  h = (h XOR byte) * 0x100000001b3 (mod 2^64).
  *                  An empty range gives the offset basis.
+ *   list_primes    writes each prime in the range in decimal on its own line, so the
+ *                  job's ordered output is the same however the range was cut.
  */
 #include <ctype.h>
 #include <inttypes.h>
@@ -72,13 +74,17 @@ static int is_prime(uint64_t n)
     return 1;
 }
 
+static int refused(orch_output *out)
+{
+    orch_fail(out, "the runtime refused the output");
+    return ORCH_WORK_FAILED;
+}
+
 /* Writes `text` as the task's whole output, or fails the task. */
 static int finish(orch_output *out, const char *text, int len)
 {
-    if (orch_write(out, text, (size_t)len) != 0) {
-        orch_fail(out, "the runtime refused the output");
-        return ORCH_WORK_FAILED;
-    }
+    if (orch_write(out, text, (size_t)len) != 0)
+        return refused(out);
     return ORCH_WORK_OK;
 }
 
@@ -111,4 +117,27 @@ int iterated_hash(const orch_task *task, orch_output *out)
             h *= 0x100000001b3u;
         }
     return finish(out, text, snprintf(text, sizeof text, "%016" PRIx64 "\n", h));
+}
+
+int list_primes(const orch_task *task, orch_output *out)
+{
+    uint64_t start, end;
+    char text[4096];
+    size_t used = 0;
+
+    if (parse_range(task, &start, &end, text, sizeof text) != 0) {
+        orch_fail(out, text);
+        return ORCH_WORK_FAILED;
+    }
+    for (uint64_t n = start; n < end; n++) {
+        if (!is_prime(n))
+            continue;
+        if (used > sizeof text - 24) { /* room for 20 digits and a newline */
+            if (orch_write(out, text, used) != 0)
+                return refused(out);
+            used = 0;
+        }
+        used += (size_t)snprintf(text + used, sizeof text - used, "%" PRIu64 "\n", n);
+    }
+    return used && orch_write(out, text, used) != 0 ? refused(out) : ORCH_WORK_OK;
 }
