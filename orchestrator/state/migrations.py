@@ -111,4 +111,14 @@ MIGRATIONS: tuple[Migration, ...] = (
         );
         """,
     ),
+    Migration(
+        2,
+        "job progress",
+        """
+        -- JSON: the work module's position, tasks generated, the sink's checkpoint and
+        -- the counters (done, failed, retried, discarded); changed with the tasks it counts
+        ALTER TABLE jobs ADD COLUMN progress TEXT NOT NULL DEFAULT '{}';
+        CREATE INDEX jobs_state ON jobs (state, created_at);
+        """,
+    ),
 )

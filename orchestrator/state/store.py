@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import ConflictError, NotFoundError, StateError
+from orchestrator.state.jobstore import JobStore
 from orchestrator.state.migrations import MIGRATIONS
 from orchestrator.state.records import (
     NODE_TRANSITIONS,
@@ -45,7 +46,7 @@ _NODE_FIELDS = frozenset(
 )
 
 
-class Store:
+class Store(JobStore):
     """A connection to one workspace's state database."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
