@@ -3,6 +3,7 @@
 # Idempotent: a second run only checks. Used by scripts/demo.sh and scripts/test.sh.
 #   - Debian packages (when missing, and only as root): a C toolchain, OpenSSH's sshd,
 #     iproute2 for network-namespace nodes, python3-venv
+#   - PostgreSQL (root only): installed when missing, its cluster started when down
 #   - a virtualenv in .venv with orch and its dev extra installed (editable)
 #   - the C side in worker_native/ built with make
 set -euo pipefail
@@ -28,6 +29,30 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "missing Debian packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})" >&2
     exit 1
   fi
+fi
+
+# PostgreSQL for the sink and store tests: a system service, so only as root on Debian;
+# elsewhere the tests that need it skip, saying why.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  done_=""
+  if ! compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || ! command -v pg_lsclusters >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    done_=" (installed)"
+  fi
+  if [ -z "$(pg_lsclusters --no-header)" ]; then
+    pg_createcluster "$(ls /usr/lib/postgresql | sort -V | tail -n 1)" main >/dev/null
+  fi
+  read -r pg_version pg_cluster pg_port pg_status _ < <(pg_lsclusters --no-header | head -n 1)
+  if [ "${pg_status%%,*}" != online ]; then
+    pg_ctlcluster "$pg_version" "$pg_cluster" start >/dev/null
+    done_="${done_:+ (installed, started)}"
+    done_="${done_:- (started)}"
+  fi
+  say "postgresql $pg_version/$pg_cluster running on port $pg_port$done_"
+else
+  say "postgresql: skipped (installing and starting it needs root on Debian); its tests will skip"
 fi
 
 if [ ! -x .venv/bin/python ]; then
