@@ -26,6 +26,7 @@ from orchestrator.errors import (
     NotFoundError,
     OrchError,
     ProviderCapacityError,
+    ProviderError,
     ProviderQuotaError,
 )
 from orchestrator.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
@@ -312,9 +313,26 @@ class _Spawner:
         return False
 
     def _roll(self, node: NodeRecord, report: SpawnReport) -> bool:
-        if not self.ctx.handle(node.provider).config.bootstrap:
-            self.store.set_node_state(node.id, NodeState.READY, reason="config changed; bootstrap is off",
-                                      config_hash=self.digest)
+        """Bring a stale node up to date: a changed config, or a node an interrupted
+        command left booting or bootstrapping (it must run before anything else)."""
+        handle = self.ctx.handle(node.provider)
+        if node.state != NodeState.READY:
+            try:
+                if not node.provider_node_id:
+                    raise ProviderError(f"provider {node.provider!r}: node {node.id} has no provider node id")
+                wait_running(handle, node.provider_node_id)
+            except OrchError as exc:
+                report.failures.append(exc)
+                self._fail(node.id, str(exc), report)
+                return False
+        if not handle.config.bootstrap:
+            if node.state == NodeState.READY:
+                self.store.set_node_state(node.id, NodeState.READY, reason="config changed; bootstrap is off",
+                                          config_hash=self.digest)
+            else:
+                self.store.set_node_state(node.id, NodeState.READY, reason="running; bootstrap is off",
+                                          config_hash=self.digest, ready_at=time.time())
+                self.ctx.events.stage(node.id, "ready")
             report.rolled.append(node.id)
             return True
         ok = self._bootstrap(node, report)
@@ -329,7 +347,7 @@ class _Spawner:
         plan = BootstrapPlan(
             node=node, target=self.ctx.target(node), family=self.family, release=self.release,
             manifest=self.manifest, tarball=self.tarball, dependencies=self.dependencies, seed=self.seed,
-            config_hash=self.digest,
+            config_hash=self.digest, workspace=self.ctx.ws,
         )
         log = NodeLog(self.ctx.ws.logs_dir / f"{node.id}.log")
         try:

@@ -8,6 +8,7 @@ built, and never returned in anything that is printed, logged or stored.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import stat
@@ -80,11 +81,26 @@ TRANSIENT_CODES = frozenset({
 })
 
 
+# Codes that mean "this request will never work as sent": never retried, whatever the status.
+FINAL_CODES = frozenset({
+    "AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch", "OptInRequired",
+    "InvalidParameterValue", "InvalidParameterCombination", "MissingParameter", "InvalidAMIID.NotFound",
+    "InvalidAMIID.Malformed", "InvalidKeyPair.NotFound", "InvalidKeyPair.Duplicate", "Unsupported",
+})
+_API_CODE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z0-9]+)*")
+
+
 def api_error_code(exc: BaseException) -> str | None:
-    """The cloud API's error code that libcloud put at the front of its message."""
+    """The cloud API's error code that libcloud put at the front of its message.
+
+    >>> api_error_code(Exception("InvalidKeyPair.Duplicate: The keypair 'k' already exists."))
+    'InvalidKeyPair.Duplicate'
+    >>> api_error_code(Exception("could not connect: refused")) is None
+    True
+    """
     text = str(getattr(exc, "message", None) or getattr(exc, "value", None) or exc)
     code, sep, _ = text.strip().partition(":")
-    return code if sep and code.isidentifier() else None
+    return code if sep and _API_CODE.fullmatch(code) else None
 
 
 @contextmanager
@@ -106,13 +122,39 @@ def map_libcloud_errors(provider: str) -> Iterator[None]:
     except (TimeoutError, ConnectionError, socket.gaierror, ssl.SSLError) as exc:
         raise ProviderUnavailable(f"provider {provider!r} cannot be reached: {_short(exc)}") from exc
     except BaseHTTPError as exc:
-        raise ProviderError(f"provider {provider!r} answered HTTP {exc.code}: {_short(exc)}") from exc
+        raise _classified(provider, exc, _http_status(exc.code)) from exc
     except LibcloudError as exc:
-        raise ProviderError(f"provider {provider!r}: {_short(exc)}") from exc
+        raise _classified(provider, exc, None) from exc
     except OrchError:
         raise
     except Exception as exc:  # a driver failing in its own way is still the provider's failure
         raise ProviderError(f"provider {provider!r}: the driver failed: {type(exc).__name__}: {_short(exc)}") from exc
+
+
+def _http_status(code: Any) -> int | None:
+    try:
+        return int(code)
+    except (TypeError, ValueError):
+        return None
+
+
+def _classified(provider: str, exc: BaseException, status: int | None) -> ProviderError:
+    """An API error by its code (capacity, quota, throttling), else by its HTTP status:
+    5xx and 429 are transient (retried), anything else (auth, validation) is final."""
+    code = api_error_code(exc)
+    text = _short(exc)
+    if code in CAPACITY_CODES:
+        return ProviderCapacityError(f"provider {provider!r} is out of capacity: {text}")
+    if code in QUOTA_CODES:
+        return ProviderQuotaError(f"provider {provider!r} quota is used up: {text}",
+                                  hint=f"raise the quota, or lower max_nodes in providers/{provider}.yaml")
+    if code in TRANSIENT_CODES:
+        return ProviderTransientError(f"provider {provider!r} is throttling us or failed for now: {text}")
+    if code not in FINAL_CODES and status is not None and (status >= 500 or status == 429):
+        return ProviderTransientError(f"provider {provider!r} answered HTTP {status}: {text}")
+    if status is not None:
+        return ProviderError(f"provider {provider!r} answered HTTP {status}: {text}")
+    return ProviderError(f"provider {provider!r}: {text}")
 
 
 def _short(exc: BaseException) -> str:
@@ -286,8 +328,26 @@ def check_provider(ws: Workspace, name: str) -> ProviderCheck:
         provider=name,
         driver=config.driver,
         sizes=[_size_info(s, config) for s in sizes],
-        locations=sorted(str(loc.id) for loc in locations),
+        locations=sorted(locations_by_key(locations)),
     )
+
+
+_LOCATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def locations_by_key(locations: Sequence[Any]) -> dict[str, Any]:
+    """A driver's NodeLocations by the key orch uses in resource paths, plans and globs.
+
+    That is the location's id, unless the id is only its position in the list (EC2's
+    ``list_locations`` numbers availability zones "0", "1", ...): then its name, such as
+    ``us-east-1a``, when every location has a distinct one that fits in a path.
+    """
+    ids = [str(loc.id) for loc in locations]
+    names = [str(getattr(loc, "name", "") or "") for loc in locations]
+    positional = bool(ids) and all(i.isdigit() for i in ids)
+    if positional and all(_LOCATION_NAME.fullmatch(n) for n in names) and len(set(names)) == len(names):
+        return dict(zip(names, locations, strict=True))
+    return dict(zip(ids, locations, strict=True))
 
 
 def _size_info(size: Any, config: ProviderConfig) -> SizeInfo:

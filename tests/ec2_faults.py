@@ -175,7 +175,7 @@ class FaultProxy:
         """Pending and running instances in the request's region, asked of moto."""
         query = urlencode({"Action": "DescribeInstances", "Version": "2016-11-15",
                            "Filter.1.Name": "instance-state-name", "Filter.1.Value.1": "pending",
-                           "Filter.1.Value.2": "running"})
+                           "Filter.1.Value.2": "running", "MaxResults": "1000000"})  # moto pages at 100
         # moto reads the region from the credential scope and, without IAM auth
         # enforced, does not check the signature.
         region = _region(headers)

@@ -13,6 +13,9 @@ changes only what moto does differently from AWS, nothing in the calls themselve
   ``code, message = list(err)`` raises ValueError.  The response rewrites moto's error
   into AWS's shape and lets libcloud's own ``parse_error`` classify it (so
   ``AuthFailure`` is still ``InvalidCredsError``, and codes lead the message).
+- **DescribeInstances in full**: moto pages it at 100 reservations even without
+  ``MaxResults`` (AWS then answers in full) and libcloud's ``list_nodes`` reads only the
+  first page; the connection asks moto for every result.
 - **list numbering**: moto reads ``ResourceId.N`` / ``Tag.N.Key`` lists from 1; libcloud's
   ``ex_create_tags``/``ex_delete_tags`` number them from 0.  The connection renumbers a
   list that starts at 0 (lists that start at 1, like every call on the product's
@@ -113,14 +116,38 @@ def number_from_one(params: Mapping[str, Any]) -> dict[str, Any]:
     return renumbered
 
 
+MOTO_ALL_RESULTS = "1000000"
+"""``MaxResults`` for a DescribeInstances that AWS would answer in full (see ``every_result``)."""
+
+
+def every_result(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Query parameters that make moto answer a DescribeInstances in full, as AWS does.
+
+    Without ``MaxResults`` AWS returns every reservation; moto returns the first 100 and a
+    NextToken, which libcloud's ``list_nodes`` does not follow (so instances past the
+    100th would vanish from orch's view).  moto refuses MaxResults with instance ids.
+
+    >>> every_result({"Action": "DescribeInstances"})["MaxResults"]
+    '1000000'
+    >>> "MaxResults" in every_result({"Action": "DescribeInstances", "InstanceId.1": "i-1"})
+    False
+    """
+    found = dict(params)
+    if found.get("Action") == "DescribeInstances" and "MaxResults" not in found and \
+            not any(str(k).startswith("InstanceId.") for k in found):
+        found["MaxResults"] = MOTO_ALL_RESULTS
+    return found
+
+
 class MotoEC2Connection(EC2Connection):
-    """libcloud's EC2 connection with moto's response handling and 1-based lists."""
+    """libcloud's EC2 connection with moto's response handling, 1-based lists and
+    DescribeInstances answered in full."""
 
     responseCls = MotoEC2Response
 
     def request(self, action: str, params: Any = None, *args: Any, **kwargs: Any) -> Any:
         if isinstance(params, Mapping):
-            params = number_from_one(params)
+            params = every_result(number_from_one(params))
         return super().request(action, params, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
@@ -146,12 +173,6 @@ REGION = "us-east-1"
 
 PRICES = {"t4g.nano": 0.0042, "t3a.nano": 0.0047, "t3.nano": 0.0052, "t2.nano": 0.0058, "t3.micro": 0.0104}
 """Hourly prices the test registrations give a few small sizes; the rest keep libcloud's."""
-
-LIBCLOUD_KEY_IMPORT_WARNING = (
-    "ignore:This method has been deprecated in favor of import_key_pair_from_string method:UserWarning"
-)
-"""A ``filterwarnings`` entry: libcloud's own ``ex_find_or_import_keypair_by_key_material`` calls
-its deprecated ``ex_import_keypair_from_string`` and warns on every key import."""
 
 
 def ec2_provider_yaml(port: int, *, priority: int = 100, labels: tuple[str, ...] = ("public",),

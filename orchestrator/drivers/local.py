@@ -73,6 +73,7 @@ from orchestrator.drivers import QuotaError
 
 SSHD = "/usr/sbin/sshd"
 META = "meta.json"
+_STAGING = ".new-"  # a node folder being made, before it is renamed to its id
 ENV_MARKER = "ORCH_NODE_ID"
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # sshd_config cannot express these in a path (internal-sftp splits its -d on spaces)
@@ -190,6 +191,7 @@ class LocalNodeDriver(NodeDriver):
         # Loopback addresses belong to the machine, not to this root: they are chosen
         # and reserved under a machine-wide lock; sshd then starts outside it.
         with _address_lock(), self._root_lock():
+            self._sweep_locked()
             metas = self._read_all()
             if self.max_nodes is not None and len(metas) >= self.max_nodes:
                 raise QuotaExceededError(
@@ -202,8 +204,6 @@ class LocalNodeDriver(NodeDriver):
             address = self._free_address({m["address"] for m in metas} | reserved)
             node_id = _new_id(name)
             node_dir = self.root / node_id
-            node_dir.mkdir(mode=0o700)
-            _reserve(f"{address}:{self.ssh_port}", node_dir)
             meta: dict[str, Any] = {
                 "id": node_id,
                 "name": name,
@@ -216,9 +216,18 @@ class LocalNodeDriver(NodeDriver):
                 "tags": dict(ex_tags or {}),
                 "node_dir": str(node_dir),
                 "pid": None,
+                "creator": _this_process(),
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
             }
-            _write_json(node_dir / META, meta)
+            # The folder appears with its meta.json in it, or not at all: it is made
+            # under a hidden name and renamed (a killed create leaves only a hidden
+            # folder, which _sweep removes; its reservation names a missing folder and
+            # is dropped).
+            staging = self.root / f"{_STAGING}{node_id}"
+            staging.mkdir(mode=0o700)
+            _write_json(staging / META, meta)
+            _reserve(f"{address}:{self.ssh_port}", node_dir)
+            os.rename(staging, node_dir)
         try:
             meta["host_key"] = _write_node_files(node_dir, meta, pubkey, strict_modes=self._strict_modes)
             _write_json(node_dir / META, meta)
@@ -231,6 +240,7 @@ class LocalNodeDriver(NodeDriver):
         return self._to_node(meta)
 
     def list_nodes(self) -> list[Node]:
+        self._sweep()
         return [self._to_node(meta) for meta in self._read_all()]
 
     def destroy_node(self, node: Node) -> bool:
@@ -240,6 +250,8 @@ class LocalNodeDriver(NodeDriver):
         shutil.rmtree(self.root / node_id, ignore_errors=True)
         if meta:
             _release(f"{meta['address']}:{meta['port']}", self.root / node_id)
+        else:  # a folder without its record: whatever names it
+            _release_folder(self.root / node_id)
         if (self.root / node_id).exists():
             raise LocalDriverError(f"could not remove {self.root / node_id}", driver=self)
         return True
@@ -316,8 +328,36 @@ class LocalNodeDriver(NodeDriver):
     def _read_all(self) -> list[dict[str, Any]]:
         if not self.root.is_dir():
             return []
-        metas = [_read_json(d / META) for d in self.root.iterdir() if d.is_dir()]
+        metas = [_read_json(d / META) for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")]
         return sorted((m for m in metas if m), key=lambda m: (m["created_at"], m["id"]))
+
+    def _leftovers(self, *, recordless: bool) -> list[Path]:
+        """Folders that are not nodes: one being made (hidden ``.new-ID``), and with
+        ``recordless`` one without meta.json (left by an older orch killed between its
+        mkdir and its first meta.json, or put there by hand)."""
+        if not self.root.is_dir():
+            return []
+        return [d for d in self.root.iterdir() if d.is_dir() and (
+            d.name.startswith(_STAGING) or (recordless and _ID_RE.match(d.name) and not (d / META).exists()))]
+
+    def _sweep(self) -> None:
+        """Remove the folders of creates killed before their folder appeared; cheap when
+        there is none.  (A listing leaves other folders alone; ``create_node`` sweeps
+        folders without a record too, where their reservations matter.)"""
+        if self._leftovers(recordless=False):
+            with _address_lock(), self._root_lock():
+                self._sweep_locked(recordless=False)
+
+    def _sweep_locked(self, *, recordless: bool = True) -> None:
+        """``_sweep`` with the address and root locks held: a folder being made by a live
+        create is renamed before either lock is let go, so what is left here is dead."""
+        for folder in self._leftovers(recordless=recordless):
+            node_id = folder.name.removeprefix(_STAGING)
+            if _ID_RE.match(node_id):
+                self._kill_processes(node_id, graceful=False)
+            shutil.rmtree(folder, ignore_errors=True)
+            _release_folder(folder)
+            _release_folder(self.root / node_id)
 
     def _meta(self, node_id: str) -> dict[str, Any]:
         meta = _read_json(self.root / node_id / META)
@@ -384,8 +424,12 @@ class LocalNodeDriver(NodeDriver):
             time.sleep(_POLL)
 
     def _sshd_alive(self, meta: dict[str, Any]) -> bool:
-        """Whether the recorded pid is still our sshd (a reused pid has another cmdline)."""
-        pid = meta.get("pid")
+        """Whether the recorded pid is still our sshd (a reused pid has another cmdline).
+
+        Without a recorded pid (the creating process was killed right after it spawned
+        sshd), the pid file sshd writes once it listens is asked.
+        """
+        pid = meta.get("pid") or _read_pid(Path(meta["node_dir"]) / "sshd.pid")
         if not pid:
             return False
         _reap(pid)
@@ -397,11 +441,22 @@ class LocalNodeDriver(NodeDriver):
         return " ".join(_sshd_argv(Path(meta["node_dir"]))).encode() in cmdline.replace(b"\0", b" ")
 
     def _status(self, meta: dict[str, Any]) -> str:
+        """running: its sshd is alive; pending: sshd not started yet by a create that is
+        still going on; stopped: anything else (such as a create killed half-way)."""
         if self._sshd_alive(meta):
             return "running"
-        created = dt.datetime.fromisoformat(meta["created_at"])
-        young = dt.datetime.now(dt.UTC) - created < dt.timedelta(seconds=2 * self.start_timeout)
-        return "pending" if meta.get("pid") is None and young else "stopped"
+        if meta.get("pid") is not None:
+            return "stopped"
+        creator = meta.get("creator")
+        if isinstance(creator, dict):
+            if _process_alive(creator):
+                return "pending"
+        else:  # a record from before "creator": young means pending
+            created = dt.datetime.fromisoformat(meta["created_at"])
+            if dt.datetime.now(dt.UTC) - created < dt.timedelta(seconds=2 * self.start_timeout):
+                return "pending"
+        # The create was killed: between spawning sshd and recording its pid, or before.
+        return "running" if _find_sshd(Path(meta["node_dir"])) else "stopped"
 
     def _kill_processes(self, node_id: str, *, graceful: bool) -> None:
         """End every process of the node: sshd's tree and all carrying the env marker."""
@@ -447,6 +502,15 @@ def _reservations() -> set[str]:
         else:
             entry.unlink(missing_ok=True)
     return taken
+
+
+def _release_folder(node_dir: Path) -> None:
+    """Drop every reservation held for ``node_dir`` (its address unknown)."""
+    folder = _reservation_dir()
+    for entry in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.read_text() == str(node_dir):
+                entry.unlink()
 
 
 def _reserve(address: str, node_dir: Path) -> None:
@@ -571,6 +635,46 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _this_process() -> dict[str, int]:
+    """This process, as a pid and its start time (so that a reused pid is told apart)."""
+    return {"pid": os.getpid(), "start": _start_time(os.getpid()) or 0}
+
+
+def _start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def _process_alive(identity: dict[str, Any]) -> bool:
+    pid, start = identity.get("pid"), identity.get("start")
+    return isinstance(pid, int) and pid > 0 and _start_time(pid) == start
+
+
+def _find_sshd(node_dir: Path) -> int | None:
+    """The pid of the node's sshd, found by its command line (sshd retitles itself
+    "sshd: /usr/sbin/sshd -D -e -f CONFIG ..."), or None."""
+    argv = " ".join(_sshd_argv(node_dir)).encode()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ")
+                if argv in cmdline and _start_time(int(entry.name)) is not None:
+                    return int(entry.name)
+    return None
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _new_id(name: str) -> str:

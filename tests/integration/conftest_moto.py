@@ -8,7 +8,8 @@ driver plus moto's differences), registered as ``ec2moto`` through
 ``ORCH_DRIVER_PLUGINS`` in the environment, so that ``orch`` subprocesses find it too.
 
 moto's instances have fake addresses: nothing here connects to them, and EC2
-providers are registered with ``bootstrap: false``.
+providers are registered with ``bootstrap: false``.  Workspaces keep their default
+ed25519 fleet key: orch imports it as a key pair of its own (``orch-<workspace>-<digest>``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,7 @@ from typing import Any
 
 import boto3
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from orchestrator.workspace import Workspace
 from tests.ec2_faults import FaultProxy
 from tests.moto_ec2 import FAKE_CREDENTIALS, PLUGIN, REGION, MotoServer, start_moto
 
@@ -98,29 +96,3 @@ def ec2_instances(ec2: Any) -> Instances:
         return found
 
     return find
-
-
-def use_rsa_fleet_key(ws: Workspace) -> str:
-    """Give the workspace an RSA fleet key; returns its public half.
-
-    Needed for EC2 until orch imports its key itself: libcloud's create_node finds the
-    key pair by an MD5 fingerprint, which EC2 (and moto) report only for RSA keys; for
-    the default ed25519 key it imports again and EC2 answers InvalidKeyPair.Duplicate,
-    so every create after the first fails (``test_ec2.py`` keeps that case as a strict
-    xfail).  orch's SSH layer only loads ed25519 keys, so such a workspace cannot
-    bootstrap nodes: its providers run with ``bootstrap: false``.
-    """
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ws.ssh_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                             serialization.NoEncryption()))
-    ws.ssh_key.chmod(0o600)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    text = public.decode() + " orch-fleet"
-    ws.ssh_key.with_suffix(".pub").write_text(text + "\n")
-    return text
-
-
-@pytest.fixture
-def rsa_fleet_key() -> Callable[[Workspace], str]:
-    """``rsa_fleet_key(ws)``: see :func:`use_rsa_fleet_key`."""
-    return use_rsa_fleet_key

@@ -2,7 +2,8 @@
 
 Every test starts its own moto server (and, for faults, a proxy in front of it) and
 stops it by pid afterwards.  EC2 providers run with ``bootstrap: false``: moto's
-instances have fake addresses, and nothing connects to them.
+instances have fake addresses, and nothing connects to them.  Workspaces keep their
+default ed25519 fleet key, which orch imports as one key pair per workspace.
 """
 
 from __future__ import annotations
@@ -15,29 +16,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from libcloud.common.exceptions import BaseHTTPError
+from libcloud.common.types import InvalidCredsError, LibcloudError
 from libcloud.compute.types import NodeState as CloudState
-from libcloud.utils.publickey import get_pubkey_ssh2_fingerprint
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.providers import make_driver
+from orchestrator.errors import (
+    ProviderAuthError,
+    ProviderCapacityError,
+    ProviderError,
+    ProviderQuotaError,
+    ProviderTransientError,
+)
+from orchestrator.providers import api_error_code, make_driver, map_libcloud_errors
+from orchestrator.provision import ProviderHandle, key_pair_name
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import Run
 from tests.ec2_faults import FaultProxy
-from tests.moto_ec2 import LIBCLOUD_KEY_IMPORT_WARNING, PRICES, MotoServer, start_moto
+from tests.moto_ec2 import PRICES, MotoServer, start_moto
 from tests.moto_ec2 import ec2_provider_yaml as ec2_provider
 
 pytest_plugins = ["tests.integration.conftest_moto"]
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings(LIBCLOUD_KEY_IMPORT_WARNING)]
+pytestmark = [pytest.mark.slow]
 
 LIVE = ("pending", "running")
 Instances = Callable[..., list[dict[str, Any]]]
 
-CODES_UNREAD = pytest.mark.xfail(strict=True, reason=(
-    "product: providers.map_libcloud_errors never calls api_error_code(), so EC2's codes "
-    "(InsufficientInstanceCapacity HTTP 500, InstanceLimitExceeded 400, RequestLimitExceeded 503, which libcloud "
-    "puts first in a BaseHTTPError's message) become a plain ProviderError: no cooldown, failover or retry"))
 
 
 def family_yaml(count: int, providers: list[str]) -> str:
@@ -71,19 +77,26 @@ def stop_local_nodes(ws: Workspace) -> None:
 
 
 @pytest.fixture
-def ec2_ws(ws: Workspace, moto_server: MotoServer, rsa_fleet_key: Callable[[Workspace], str]) -> Iterator[Workspace]:
-    """A workspace whose provider ``aws`` is the moto server; family ``workers`` (3) on it.
-
-    The fleet key is RSA: see ``use_rsa_fleet_key`` in conftest_moto (and the xfail
-    below) for why.
-    """
-    rsa_fleet_key(ws)
+def ec2_ws(ws: Workspace, moto_server: MotoServer) -> Iterator[Workspace]:
+    """A workspace whose provider ``aws`` is the moto server; family ``workers`` (3) on it."""
     (ws.providers_dir / "aws.yaml").write_text(ec2_provider(moto_server.port))
     (ws.families_dir / "workers.yaml").write_text(family_yaml(3, ["aws"]))
     try:
         yield ws
     finally:
         stop_local_nodes(ws)
+
+
+def fleet_key(ws: Workspace) -> str:
+    return ws.ssh_key.with_suffix(".pub").read_text().strip()
+
+
+def assert_one_key_pair_is_the_fleet_key(ws: Workspace, ec2: Any) -> None:
+    """moto holds exactly one key pair: the workspace's ed25519 fleet key, under orch's name."""
+    pairs = ec2.describe_key_pairs(IncludePublicKey=True)["KeyPairs"]
+    assert [(p["KeyName"], p["KeyType"]) for p in pairs] == \
+        [(key_pair_name(workspace_id(ws), fleet_key(ws)), "ed25519")], "the fleet key is imported once"
+    assert pairs[0]["PublicKey"].split()[:2] == fleet_key(ws).split()[:2]
 
 
 def through_proxy(ws: Workspace, proxy: FaultProxy, **provider: Any) -> None:
@@ -102,7 +115,7 @@ def test_provider_check_lists_sizes_and_locations(ec2_ws: Workspace, orch: Calla
     assert {"t3.nano", "t3.micro", "m5.large", "c5.xlarge"} <= set(sizes)
     assert sizes["t3.micro"]["price"] == PRICES["t3.micro"], "the registration's price wins"
     assert sizes["m5.large"]["cpus"] == 2 and sizes["m5.large"]["ram_mb"] == 8192
-    assert len(check["locations"]) == 6, "moto's us-east-1 has six availability zones"
+    assert check["locations"] == [f"us-east-1{z}" for z in "abcdef"], "zones by name, not list positions"
 
     text = orch("provider", "check", "aws")
     assert text.code == 0 and "provider aws OK" in text.out and "t3.micro" in text.out
@@ -125,6 +138,87 @@ def test_rejected_credentials_exit_3_naming_the_provider(ws: Workspace, tmp_path
     assert "internal error" not in result.stderr
 
 
+def test_sizes_have_their_vcpus_and_arch_and_zones_are_named(ec2_ws: Workspace, orch: Callable[..., Run],
+                                                              ec2_instances: Instances) -> None:
+    # The registered image (Ubuntu, x86_64) cannot boot on t4g.nano (Graviton), although
+    # the registration makes it the cheapest: placement never sees it.
+    with Store.open(ec2_ws.state_db) as store:
+        caps = ProviderHandle(ec2_ws, load_provider(ec2_ws, "aws")).capabilities(store)
+    sizes = {s.id: s for s in caps.sizes}
+    assert "t4g.nano" not in sizes and "m6g.large" not in sizes, "Graviton sizes do not fit an x86_64 image"
+    assert {s.arch for s in sizes.values()} == {"x86_64", None}, "None: EC2 names no processor (t1.micro)"
+    assert (sizes["m5.large"].cpus, sizes["t3.nano"].cpus, sizes["t2.nano"].cpus) == (2, 2, 1), "EC2's vCPUs"
+    assert (sizes["c5.xlarge"].cpus, sizes["c5.xlarge"].ram_mb) == (4, 8192)
+    planned = json.loads(orch("plan", "workers", "--json", cwd=ec2_ws.root).out)
+    assert len(planned["requests"]) == 3 and all(r["size"] in sizes for r in planned["requests"])
+    assert {r["location"] for r in planned["requests"]} <= {f"us-east-1{z}" for z in "abcdef"}
+
+    # Demands on vCPUs and a location glob, matched against EC2's own catalogue.
+    (ec2_ws.families_dir / "workers.yaml").write_text(
+        "release: primes\ncount: 2\nplacement:\n  providers: [aws]\n"
+        "demands:\n  cpus: 4\n  locations: ['*-1c']\n")
+    spawned = orch("spawn", "workers", "--json")
+    assert spawned.code == 0, spawned.err
+    nodes = json.loads(orch("nodes", "--json").out)
+    assert len(nodes) == 2
+    for node in nodes:
+        assert node["location"] == "us-east-1c" and node["path"] == f"/aws/us-east-1c/workers/{node['id']}"
+        assert sizes[node["size"]].cpus >= 4
+    running = ec2_instances(workspace_id=workspace_id(ec2_ws), states=LIVE)
+    assert {i["Placement"]["AvailabilityZone"] for i in running} == {"us-east-1c"}, "create_node got the zone"
+    assert {i["InstanceType"] for i in running} == {n["size"] for n in nodes}
+    with Store.open(ec2_ws.state_db) as store:  # targeting by resource path
+        assert sorted(n.id for n in fleet.select_nodes(store, node_ids=["/aws/us-east-1c/"])) == \
+            sorted(n["id"] for n in nodes)
+
+
+@pytest.mark.parametrize(("error", "expected", "retried"), [
+    (BaseHTTPError(500, "InsufficientInstanceCapacity: We currently do not have sufficient t3.nano capacity"),
+     ProviderCapacityError, False),
+    (BaseHTTPError(400, "InstanceLimitExceeded: You have requested more instances (1) than your limit"),
+     ProviderQuotaError, False),
+    (BaseHTTPError(503, "RequestLimitExceeded: Request limit exceeded."), ProviderTransientError, True),
+    (BaseHTTPError(400, "Throttling: Rate exceeded"), ProviderTransientError, True),
+    (BaseHTTPError(500, "InternalError: An internal error has occurred"), ProviderTransientError, True),
+    (BaseHTTPError(502, "<html>Bad Gateway</html>"), ProviderTransientError, True),
+    (BaseHTTPError(400, "InvalidParameterValue: Value (x) for parameter instanceType is invalid"),
+     ProviderError, False),
+    (BaseHTTPError(400, "InvalidKeyPair.Duplicate: The keypair 'k' already exists."), ProviderError, False),
+    (LibcloudError("InsufficientInstanceCapacity: none left"), ProviderCapacityError, False),
+    (InvalidCredsError("AuthFailure: AWS was not able to validate the provided access credentials"),
+     ProviderAuthError, False),
+])
+def test_ec2_error_codes_are_read(error: Exception, expected: type[ProviderError], retried: bool) -> None:
+    with pytest.raises(ProviderError) as caught, map_libcloud_errors("aws"):
+        raise error
+    assert type(caught.value) is expected
+    assert isinstance(caught.value, ProviderTransientError) is retried
+    text = str(caught.value)
+    assert text.startswith("provider 'aws'") and "\n" not in text
+    code = api_error_code(error)
+    assert code is None or code in text
+
+
+def test_an_orphan_past_the_hundredth_instance_is_found(ec2_ws: Workspace, orch: Callable[..., Run], ec2: Any,
+                                                       ec2_instances: Instances) -> None:
+    # moto pages DescribeInstances at 100 reservations where AWS answers in full; the
+    # adapter asks for every result, or orch would not see this orphan at all.
+    assert orch("provider", "check", "aws", cwd=ec2_ws.root).code == 0  # makes the store
+    for _ in range(100):
+        ec2.run_instances(ImageId=load_provider(ec2_ws, "aws").image, MinCount=1, MaxCount=1, InstanceType="t3.nano")
+    wid = workspace_id(ec2_ws)
+    tags = [{"Key": "orch-workspace", "Value": wid}, {"Key": "orch-family", "Value": "workers"},
+            {"Key": "orch-node", "Value": "workers-ghost"}]
+    ec2.run_instances(ImageId=load_provider(ec2_ws, "aws").image, MinCount=1, MaxCount=1, InstanceType="t3.nano",
+                      TagSpecifications=[{"ResourceType": "instance", "Tags": tags}])
+    dry = json.loads(orch("reconcile", "--json").out)
+    assert dry["orphans"] == ["workers-ghost"]
+    applied = json.loads(orch("reconcile", "--apply", "--json").out)
+    assert applied["orphans"] == ["workers-ghost"]
+    assert [i["State"]["Name"] for i in ec2_instances(workspace_id=wid)] == ["terminated"]
+    assert "agrees" in orch("reconcile").out
+
+
 # -- (b) spawn and stop ------------------------------------------------------------------
 
 
@@ -144,12 +238,9 @@ def test_spawn_creates_tagged_instances_with_the_fleet_key(ec2_ws: Workspace, or
                                      "orch-node": node_id}
         assert instance["ImageId"] == load_provider(ec2_ws, "aws").image
 
-    fleet_key = ec2_ws.ssh_key.with_suffix(".pub").read_text().strip()
-    pairs = ec2.describe_key_pairs()["KeyPairs"]
-    fingerprint = get_pubkey_ssh2_fingerprint(fleet_key)  # type: ignore[no-untyped-call]
-    assert [p["KeyFingerprint"] for p in pairs] == [fingerprint], \
-        "the fleet key is imported once"
-    assert {i["KeyName"] for i in running} == {pairs[0]["KeyName"]}
+    assert_one_key_pair_is_the_fleet_key(ec2_ws, ec2)
+    assert {i["KeyName"] for i in running} == {key_pair_name(wid, fleet_key(ec2_ws))}
+    assert "Warning" not in spawned.err
 
     nodes = json.loads(orch("nodes", "--json").out)
     assert sorted(n["id"] for n in nodes) == sorted(report["ready"])
@@ -158,23 +249,27 @@ def test_spawn_creates_tagged_instances_with_the_fleet_key(ec2_ws: Workspace, or
     assert "agrees" in orch("reconcile").out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product: parallel creates on one provider each run libcloud's find-or-import of the fleet key pair "
-    "(DescribeKeyPairs, then ImportKeyPair); all but one get InvalidKeyPair.Duplicate and are replaced"))
 def test_parallel_creates_import_the_fleet_key_without_failed_attempts(
-        ec2_ws: Workspace, fault_proxy: FaultProxy, orch: Callable[..., Run]) -> None:
+        ec2_ws: Workspace, fault_proxy: FaultProxy, orch: Callable[..., Run], ec2: Any) -> None:
     through_proxy(ec2_ws, fault_proxy)
-    with fault_proxy.faults.lock:  # a slow DescribeKeyPairs: the three creates surely overlap
-        fault_proxy.faults.latency["DescribeKeyPairs"] = 0.3
+    with fault_proxy.faults.lock:  # a slow key import and slow creates: the three creates surely overlap
+        fault_proxy.faults.latency.update({"DescribeKeyPairs": 0.3, "ImportKeyPair": 0.3, "RunInstances": 0.2})
     spawned = orch("spawn", "workers", "--json", cwd=ec2_ws.root)
     assert spawned.code == 0, spawned.err
     report = json.loads(spawned.out)
     assert report["failures"] == [] and len(report["created"]) == 3
+    assert fault_proxy.calls.count("ImportKeyPair") == 1 and fault_proxy.calls.count("RunInstances") == 3
+    assert_one_key_pair_is_the_fleet_key(ec2_ws, ec2)
+
+    # Another command imports under the same name: "already exists" is ours, not a failure.
+    (ec2_ws.families_dir / "workers.yaml").write_text(family_yaml(4, ["aws"]))
+    grown = orch("spawn", "workers", "--json")
+    assert grown.code == 0, grown.err
+    assert json.loads(grown.out)["failures"] == [] and len(json.loads(grown.out)["ready"]) == 4
+    assert fault_proxy.calls.count("ImportKeyPair") == 2
+    assert_one_key_pair_is_the_fleet_key(ec2_ws, ec2)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product: provision.destroy_node confirms with find_node, which counts an EC2 instance listed as "
-    "'terminated' as still there, so `orch stop` fails with 'still lists node ... after destroy'"))
 def test_stop_terminates_the_instances(ec2_ws: Workspace, orch: Callable[..., Run], ec2_instances: Instances) -> None:
     (ec2_ws.families_dir / "workers.yaml").write_text(family_yaml(2, ["aws"]))
     assert orch("spawn", "workers", "-q", cwd=ec2_ws.root).code == 0
@@ -189,28 +284,31 @@ def test_stop_terminates_the_instances(ec2_ws: Workspace, orch: Callable[..., Ru
     driver = make_driver(ec2_ws, load_provider(ec2_ws, "aws"))
     assert [n for n in driver.list_nodes() if n.state == CloudState.RUNNING] == []
     assert {r.state for r in records(ec2_ws)} == {NodeState.STOPPED}
-    assert "agrees" in orch("reconcile").out
+    assert "agrees" in orch("reconcile").out, "terminated instances are gone, not orphans"
+    assert {i["State"]["Name"] for i in ec2_instances(workspace_id=wid)} == {"terminated"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product: create_node passes auth=NodeAuthSSHKey(ed25519 fleet key); libcloud's "
-    "ex_find_or_import_keypair_by_key_material looks the pair up by MD5 fingerprint, but EC2 reports SHA-256 "
-    "for imported ed25519 keys, so it imports again and every create after the first gets "
-    "InvalidKeyPair.Duplicate"))
 def test_the_default_ed25519_fleet_key_works_for_more_than_one_node(ws: Workspace, moto_server: MotoServer,
-                                                                    orch: Callable[..., Run]) -> None:
+                                                                    orch: Callable[..., Run], ec2: Any,
+                                                                    ec2_instances: Instances) -> None:
     (ws.providers_dir / "aws.yaml").write_text(ec2_provider(moto_server.port))
     (ws.families_dir / "workers.yaml").write_text(
         "release: primes\ncount: 2\nplacement:\n  providers: [aws]\nbootstrap:\n  strategy: rolling\n"
         "  batch_size: 1\n  retries: 1\n")
+    assert fleet_key(ws).startswith("ssh-ed25519 ")
     spawned = orch("spawn", "workers", "--json", cwd=ws.root)
     assert spawned.code == 0, spawned.err
+    report = json.loads(spawned.out)
+    assert report["failures"] == [] and len(report["ready"]) == 2 and len(report["created"]) == 2
+    assert_one_key_pair_is_the_fleet_key(ws, ec2)
+    running = ec2_instances(workspace_id=workspace_id(ws), states=LIVE)
+    assert {i["KeyName"] for i in running} == {key_pair_name(workspace_id(ws), fleet_key(ws))}
+    assert len(running) == 2
 
 
 # -- (c, d, e) faults through the proxy --------------------------------------------------
 
 
-@CODES_UNREAD
 def test_a_capacity_error_cools_the_size_down_and_lands_on_the_next_size(
         ec2_ws: Workspace, fault_proxy: FaultProxy, orch: Callable[..., Run], ec2_instances: Instances) -> None:
     through_proxy(ec2_ws, fault_proxy)
@@ -247,7 +345,6 @@ def test_a_capacity_error_cools_the_size_down_and_lands_on_the_next_size(
     assert "cooling down" in text.out
 
 
-@CODES_UNREAD
 def test_throttled_creates_are_retried_and_recorded(ec2_ws: Workspace, fault_proxy: FaultProxy,
                                                     orch: Callable[..., Run], ec2_instances: Instances) -> None:
     through_proxy(ec2_ws, fault_proxy)
@@ -268,11 +365,10 @@ def test_throttled_creates_are_retried_and_recorded(ec2_ws: Workspace, fault_pro
     assert [i["TagMap"]["orch-node"] for i in running] == report["ready"], "one instance, not one per try"
 
 
-@CODES_UNREAD
 def test_a_quota_error_cools_the_provider_down_and_the_rest_goes_to_the_next(
         ec2_ws: Workspace, fault_proxy: FaultProxy, orch: Callable[..., Run], ec2_instances: Instances) -> None:
     through_proxy(ec2_ws, fault_proxy, priority=10)
-    # The next provider: nodes on this machine.  No bootstrap: the workspace's key is RSA.
+    # The next provider: nodes on this machine (provisioned only, to keep the test short).
     (ec2_ws.providers_dir / "local.yaml").write_text(
         "driver: local\nlabels: [private]\npriority: 20\nmax_nodes: 3\nbootstrap: false\n")
     (ec2_ws.families_dir / "workers.yaml").write_text(family_yaml(4, ["aws", "local"]))
