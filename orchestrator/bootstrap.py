@@ -12,6 +12,15 @@ On the node, everything lives under ``~/orch``::
     releases/<name>-<version>/   unpacked and built; .orch-sha256 marks a finished build
     current -> releases/<name>-<version>
     node.json                    node id, family, release, dependencies' addresses
+    agent/, bin/orch-port        the node agent and the port runner (see agent_install.py)
+
+The agent rides along in the same round trips: the first command also reports the
+agent's stamp, its bundle is one more SFTP upload when that differs, and the install
+script unpacks it and starts the agent's supervisor in the background while the
+release builds (the agent compiles the port runner itself, niced, after that).  The node is healthy only while
+its supervisor runs.  A node the agent could not dial back from (a provider other than
+local or netns while orch.yaml has no ``scheduler_address``) is bootstrapped without
+the agent, and says so in its log; ``agent_install.ensure_agents`` reports it.
 """
 
 from __future__ import annotations
@@ -25,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator import agent_install
+from orchestrator.agent_install import AgentPayload
 from orchestrator.config import NodeFamily, ReleaseManifest
-from orchestrator.errors import RemoteError
+from orchestrator.errors import ConfigError, OrchError, RemoteError
 from orchestrator.ssh import Result, SSHPool, SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, ReleaseRecord
+from orchestrator.workspace import Workspace
 
 HEADER = Path(__file__).resolve().parents[1] / "worker_native" / "include" / "orch_work.h"
 REMOTE_ROOT = "orch"
@@ -58,6 +70,23 @@ class BootstrapPlan:
     dependencies: Mapping[str, list[str]] = field(default_factory=dict)  # family -> addresses
     seed: str | None = None
     config_hash: str = ""
+    workspace: Workspace | None = None  # for the agent; when None, found from the fleet key's path
+    agent: bool = True  # install the node agent and require its supervisor in the health check
+
+    @property
+    def slots(self) -> int:
+        return self.family.workers_per_node or self.family.demands.cpus
+
+
+def plan_workspace(plan: BootstrapPlan) -> Workspace | None:
+    """The plan's workspace, or the one whose fleet key the plan's target uses."""
+    if plan.workspace is not None:
+        return plan.workspace
+    key = plan.target.key_file
+    if len(key.parents) < 3:
+        return None
+    ws = Workspace(key.parents[2])
+    return ws if ws.ssh_key == key and ws.settings_file.is_file() else None
 
 
 class NodeLog:
@@ -111,6 +140,17 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
 
     log.write(f"== bootstrap {node} ({plan.node.path}) with {release.ref} sha256 {release.sha256}")
     try:
+        agent: AgentPayload | None = None
+        ws = plan_workspace(plan) if plan.agent else None
+        if plan.agent and ws is None:
+            log.write("no workspace known for this plan: the node agent is not installed")
+        if ws is not None:
+            step = "agent"
+            try:
+                agent = agent_install.agent_payload(ws, plan.node, slots=plan.slots)
+            except ConfigError as exc:  # no scheduler address for this provider: no agent yet
+                log.write(f"the node agent is not installed: {exc}")
+        step = "connect"
         progress(node, step)
         session: SSHSession = pool.session(plan.target)
         step = "pre"
@@ -119,17 +159,22 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
             run(command)
         step = "upload"
         progress(node, step)
-        have = run(f"mkdir -p {REMOTE_ROOT}/releases {REMOTE_ROOT}/include && "
-                   f"(sha256sum {blob} 2>/dev/null || true)").stdout.split()
+        look = f"mkdir -p {REMOTE_ROOT}/releases {REMOTE_ROOT}/include && (sha256sum {blob} 2>/dev/null || true)"
+        output = run(look + (f" && {agent_install.look_command()}" if agent else "")).stdout
+        have = output.split()
         session.put(HEADER, f"{REMOTE_ROOT}/include/orch_work.h")
         if not have or have[0] != release.sha256:
             session.put_bytes(plan.tarball, blob)
             log.write(f"uploaded {len(plan.tarball)} bytes to {blob}")
+        if ws is not None and agent is not None and agent_install.installed_stamp(output) != agent.stamp:
+            bundle = agent_install.issue_bundle(ws, agent)
+            session.put_bytes(bundle, agent_install.REMOTE_BUNDLE)
+            log.write(f"uploaded the agent ({len(bundle)} bytes, stamp {agent.stamp[:12]})")
         session.put_bytes(json.dumps(node_config(plan), indent=2, sort_keys=True).encode(),
                           f"{REMOTE_ROOT}/node.json")
         step = "install"
         progress(node, step)
-        result = run(install_script(plan), check=False)
+        result = run(install_script(plan, agent), check=False)
         if result.failed:
             step = _last_step(result.stdout) or step
             raise BootstrapFailed(node, step, f"exited {result.exited}", log.path, result.tail(15))
@@ -139,7 +184,7 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
             run(command)
     except BootstrapFailed:
         raise
-    except RemoteError as exc:
+    except OrchError as exc:  # RemoteError, or the workspace's CA or settings (agent)
         log.write(f"!! {step}: {exc}")
         raise BootstrapFailed(node, step, str(exc).splitlines()[0], log.path, log.tail()) from exc
     log.write(f"== {node} ready")
@@ -148,11 +193,14 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
 STEP_MARK = "::orch-step "
 
 
-def install_script(plan: BootstrapPlan) -> str:
+def install_script(plan: BootstrapPlan, agent: AgentPayload | None = None) -> str:
     """The shell script that installs the release on the node, idempotently.
 
     A release already built there (its ``.orch-sha256`` matches) is only re-linked and
-    checked; each step prints ``::orch-step NAME`` before it starts.
+    checked; each step prints ``::orch-step NAME`` before it starts.  With ``agent``,
+    the agent's bundle (when one was uploaded) is unpacked first and its supervisor
+    started in the background, overlapping the release steps; the agent step waits
+    for it.
     """
     release = plan.release
     folder = f"{REMOTE_ROOT}/releases/{release.name}-{release.version}"
@@ -164,6 +212,7 @@ def install_script(plan: BootstrapPlan) -> str:
 
     lines = [
         "set -e",
+        *([step("agent"), *agent_install.unpack_lines(agent)] if agent else []),
         step("verify"),
         f"echo {release.sha256}'  '{blob} | sha256sum -c --quiet -",
         f'if [ "$(cat {folder}/.orch-sha256 2>/dev/null)" != {release.sha256} ]; then',
@@ -180,8 +229,9 @@ def install_script(plan: BootstrapPlan) -> str:
         "fi",
         step("configure"),
         f"ln -sfn releases/{release.name}-{release.version} {REMOTE_ROOT}/current",
+        *([step("agent"), *agent_install.start_lines(agent)] if agent else []),
         step("health"),
-        health_check_command(plan),
+        health_check_command(plan, agent=agent is not None),
     ]
     return "\n".join(lines)
 
@@ -211,14 +261,14 @@ def node_config(plan: BootstrapPlan) -> dict[str, Any]:
     }
 
 
-def health_check_command(plan: BootstrapPlan) -> str:
-    """The node is healthy when its work library was built and its config names it
-    and this release (node.json is written sorted, two-space indented: see above).
-
-    The node agent (work-engine issue) joins this check: started, then answering.
+def health_check_command(plan: BootstrapPlan, *, agent: bool = True) -> str:
+    """The node is healthy when its work library was built, its config names it and
+    this release (node.json is written sorted, two-space indented: see above), and
+    (``agent``) the agent's supervisor runs.
     """
     library = shlex.quote(f"{REMOTE_ROOT}/current/{plan.manifest.library}")
     names = shlex.quote(f'"node": "{plan.node.id}",')
     release = shlex.quote(f'"release_sha256": "{plan.release.sha256}",')
     config = f"{REMOTE_ROOT}/node.json"
-    return f"test -f {library} && grep -qF {names} {config} && grep -qF {release} {config}"
+    check = f"test -f {library} && grep -qF {names} {config} && grep -qF {release} {config}"
+    return f"{check} && {agent_install.health_command()}" if agent else check

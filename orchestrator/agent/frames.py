@@ -98,6 +98,28 @@ def encode_task(seq: int, attempt: int, size: float, data: bytes) -> bytes:
     return TASK_HEADER.pack(TASK_MAGIC, seq, attempt, size, len(data)) + data
 
 
+def encode_result(seq: int, ok: bool, elapsed_ns: int, payload: bytes) -> bytes:
+    """One result frame, as a port writes it (the scheduler stores results this way)."""
+    return RESULT_HEADER.pack(RESULT_MAGIC, seq, STATUS_OK if ok else STATUS_FAILED, elapsed_ns, len(payload)) + payload
+
+
+def decode_tasks(buffer: bytes) -> list[tuple[int, int, float, bytes]]:
+    """Every task frame in ``buffer`` as (seq, attempt, size, data); raises FrameError
+    on anything else (the scheduler reads back the batches of tasks it stored)."""
+    tasks = []
+    pos, end = 0, len(buffer)
+    unpack = TASK_HEADER.unpack_from
+    while pos < end:
+        if end - pos < HEADER_LEN:
+            raise FrameError(f"a partial task header at offset {pos}")
+        magic, seq, attempt, size, data_len = unpack(buffer, pos)
+        if magic != TASK_MAGIC or pos + HEADER_LEN + data_len > end:
+            raise FrameError(f"a bad task frame at offset {pos}")
+        tasks.append((seq, attempt, size, buffer[pos + HEADER_LEN : pos + HEADER_LEN + data_len]))
+        pos += HEADER_LEN + data_len
+    return tasks
+
+
 def decode_results(buffer: bytes | bytearray | memoryview) -> tuple[list[PortResult], bytes]:
     """The complete result frames at the start of ``buffer``, and the bytes after them
     (a partial frame, to be completed by the next read). Raises FrameError on bytes

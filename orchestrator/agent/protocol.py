@@ -32,7 +32,9 @@ The conversation:
       (release folder missing:) LOAD_FAILED {work, missing: true, reason} ->
                                             <- RELEASE (u32 json length | JSON {release,
                                                         sha256, build: [cmd...]} | tar.gz)
-      (installed and built; the scheduler sends LOAD again)
+                                            <- LOAD (again, at once: the agent handles
+                                                     LOAD, UNLOAD and RELEASE in order, so
+                                                     this one runs after the install)
       LOADED {work, ports: [i...]}          ->
                                             <- TASKS port | frames ...
       RESULTS port | frames ...             ->

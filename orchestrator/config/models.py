@@ -246,6 +246,8 @@ class WorkspaceSettings(StrictModel):
     """``orch.yaml`` at the workspace root."""
 
     release_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="largest release tarball")
+    scheduler_address: str | None = Field(default=None, min_length=1, description="what remote agents dial")
+    scheduler_port: int | None = Field(default=None, ge=1, le=65535, description="default: from the workspace id")
 
 
 SCHEMAS: dict[str, type[StrictModel]] = {

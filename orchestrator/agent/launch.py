@@ -1,0 +1,136 @@
+"""The agent's first phase, light on purpose: no asyncio, no ssl.
+
+``run`` (what ``python3 -m orch_agent run`` and the supervisor's child execute) builds
+the port runner when its source changed, then waits until one of the schedulers
+accepts a TCP connection, dialing with the agent's backoff, and only then imports
+asyncio and ssl and starts the agent proper (``agent.py``).  A node whose scheduler is
+not up (a spawn, when no job runs) so keeps an idle agent of a few MB that cost its
+bootstrap almost nothing; when the scheduler is up, the first probe connects at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import socket
+import sys
+import time
+
+from .config import BACKOFF_CAP, BACKOFF_START, PARENT_ENV, Config, ConfigError, Log
+
+PROBE_TIMEOUT = 5.0
+BUILD_TIMEOUT = 600.0
+
+
+class _Stop(Exception):
+    """SIGTERM (or the supervisor gone) while the agent was still waiting."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def build_port(cfg: Config, log: Log) -> str | None:
+    """Build ``port_binary`` from ``port_source`` (with cc at nice 19) unless its stamp
+    ``port_binary.sha256`` matches the source; None when it is ready, else why not.
+    Without a ``port_source``, ``port_binary`` is used as it is."""
+    source = cfg.port_source
+    if source is None:
+        return None
+    binary = cfg.port_binary
+    name = os.path.basename(binary)
+    stamp = binary + ".sha256"
+    tmp = os.path.join(os.path.dirname(binary), f".{name}.{os.getpid()}.new")
+    try:
+        # the same digest as orchestrator.agent_install.port_digest()
+        digest = hashlib.sha256(_read(source) + b"\0" + _read(os.path.join(os.path.dirname(source), "orch_work.h")))
+        if os.path.isfile(binary) and os.path.isfile(stamp) and _read(stamp).decode().strip() == digest.hexdigest():
+            return None
+        os.makedirs(os.path.dirname(binary), exist_ok=True)
+        import shlex  # only for a build: an idle agent stays small
+        import shutil
+        import subprocess
+
+        nice = ["nice", "-n", "19"] if shutil.which("nice") else []
+        compiler = shlex.split(os.environ.get("CC") or "cc")
+        started = time.monotonic()
+        # Low priority for real: with autogroup scheduling (Linux's default for desktops
+        # and many servers) nice only ranks processes within a session, so the build
+        # gets a session of its own and lowers that session's autogroup too.
+        argv = ["sh", "-c", 'echo 19 > /proc/self/autogroup 2>/dev/null; exec "$@"', "sh",
+                *nice, *compiler, "-O2", "-std=c11", "-o", tmp, source, "-ldl"]
+        done = subprocess.run(argv, cwd=os.path.dirname(source), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=BUILD_TIMEOUT, check=False, start_new_session=True)
+        lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+        if done.returncode != 0:
+            for line in lines[-10:]:
+                log(f"building {name}: {line}")
+            return f"building {name} failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}"
+        os.replace(tmp, binary)
+        with open(stamp, "w") as fh:
+            fh.write(digest.hexdigest() + "\n")
+    except Exception as exc:  # OSError, ValueError, subprocess.TimeoutExpired: all say why
+        return f"cannot build the port runner: {exc}"
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    log(f"built {binary} from {os.path.basename(source)} ({digest.hexdigest()[:12]}) "
+        f"in {time.monotonic() - started:.2f} s")
+    return None
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def wait_for_scheduler(cfg: Config, log: Log) -> None:
+    """Return once a scheduler address accepts a TCP connection (closed at once: the
+    agent proper dials again with TLS).  Raises _Stop when the supervisor is gone."""
+    parent = os.environ.get(PARENT_ENV)
+    failures, turn = 0, 0
+    while True:
+        if parent and parent.isdigit() and os.getppid() != int(parent):
+            log(f"the supervisor (pid {parent}) is gone; stopping")
+            raise _Stop("no supervisor")
+        host, port = cfg.scheduler[turn % len(cfg.scheduler)]
+        turn += 1
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+            return
+        except OSError as exc:
+            failures += 1
+            if failures & (failures - 1) == 0:  # 1, 2, 4, 8, ...: a dead scheduler does not flood the log
+                log(f"scheduler {host}:{port}: {type(exc).__name__}: {exc} (attempt {failures}; retrying)")
+        delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures - 1, 16))
+        time.sleep(random.uniform(delay / 2, delay))
+
+
+def run(config_path: str | os.PathLike[str]) -> int:
+    """``python3 -m orch_agent run --config agent.json``: the agent, until SIGTERM."""
+    try:
+        cfg = Config.load(config_path)
+    except ConfigError as exc:
+        Log(None)(f"agent: {exc}")
+        return 2
+    log = Log(cfg.log)
+    log(f"agent {cfg.node} starting (pid {os.getpid()}, python {sys.version.split()[0]}, "
+        f"schedulers {', '.join(f'{h}:{p}' for h, p in cfg.scheduler)})")
+    handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        problem = build_port(cfg, log)
+        if problem:
+            log(problem)  # a LOAD tries again, and says why it cannot
+        wait_for_scheduler(cfg, log)
+    except _Stop:
+        log(f"agent {cfg.node} stopped")
+        return 0
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    from .agent import run_agent
+
+    return run_agent(cfg, log)

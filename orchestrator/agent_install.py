@@ -1,0 +1,375 @@
+"""Putting the node agent on nodes: its code, the port runner, certificates, config, and
+a running supervisor.
+
+On the node, beside the release (see ``bootstrap.py``)::
+
+    ~/orch/agent/            (0700)
+        orch_agent/*.py      a copy of orchestrator/agent/*.py (standard library only)
+        src/port.c, src/orch_work.h   the port runner's source, built on the node
+        agent.json           node id, scheduler address, slots, paths (relative to here)
+        ca.crt, node.crt, node.key (0600)   the workspace CA, this node's cert and key
+        bundle.stamp         what was installed (see ``AgentPayload.stamp``)
+        agent.pid, agent.code, agent.log    the supervisor's pid, code digest, the log
+    ~/orch/bin/orch-port     built by the agent with cc (niced) from src/ when it starts;
+                             orch-port.sha256 stamps the source it was built from
+
+Everything travels as one tarball (one SFTP upload), only when the node's stamp differs,
+and is installed by a few lines of the bootstrap script, so the agent adds no SSH round
+trip to a bootstrap.  ``python3 -m orch_agent ensure`` starts the supervisor unless one
+already runs this code and config; the script runs it in the background while the
+release builds.  The port runner is compiled by the agent at the lowest priority, so
+that it takes only idle CPU (a LOAD waits for it).
+
+The scheduler dials nothing: agents dial it, at :func:`scheduler_endpoint`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import ipaddress
+import json
+import os
+import shlex
+import tarfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from orchestrator import pki
+from orchestrator.config import load_family, load_provider, load_settings
+from orchestrator.errors import ConfigError, OrchError, RemoteError, StateError
+from orchestrator.remote import ssh_target
+from orchestrator.ssh import Result, SSHPool, SSHSession, SSHTarget
+from orchestrator.state import NodeRecord, Store
+from orchestrator.workspace import Workspace
+
+AGENT_SOURCE = Path(__file__).resolve().parent / "agent"
+NATIVE = Path(__file__).resolve().parents[1] / "worker_native"
+PORT_SOURCE = NATIVE / "port.c"
+HEADER = NATIVE / "include" / "orch_work.h"
+
+REMOTE_AGENT = "orch/agent"
+REMOTE_BUNDLE = f"{REMOTE_AGENT}/.bundle.tar.gz"
+STAMP_MARK = "::orch-agent-stamp "
+PORT_RANGE = (20000, 29999)
+HEARTBEAT = 5.0
+NEED_BUNDLE = 10  # exit status of the ensure script when the node's agent files are stale
+
+_PYTHON = f'PYTHONPATH="$HOME/{REMOTE_AGENT}" python3 -m orch_agent'
+_CONFIG = f'--config "$HOME/{REMOTE_AGENT}/agent.json"'
+
+
+# -- where agents dial ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Facts:
+    workspace_id: str
+    drivers: dict[str, str]  # provider name -> driver
+
+
+_FACTS_TTL = 5.0  # seconds: a spawn's bootstraps open the store once between them
+_facts_cache: dict[tuple[Path, int], tuple[float, _Facts]] = {}
+_facts_lock = threading.Lock()
+
+
+def _facts(ws: Workspace, store: Store | None = None) -> _Facts:
+    if store is not None:
+        return _Facts(store.workspace_id, {p.name: p.driver for p in store.list_providers()})
+    try:  # keyed by the store file too: a workspace made again in the same place is another
+        key = (ws.root, os.stat(ws.state_db).st_ino)
+    except OSError as exc:
+        raise StateError(f"the workspace has no state store ({ws.state_db}): {exc.strerror}") from exc
+    with _facts_lock:
+        cached = _facts_cache.get(key)
+        if cached is not None and time.monotonic() - cached[0] < _FACTS_TTL:
+            return cached[1]
+        try:
+            with Store.open(ws.state_db, migrate=False) as opened:
+                facts = _Facts(opened.workspace_id, {p.name: p.driver for p in opened.list_providers()})
+        except (StateError, IndexError) as exc:
+            raise StateError(f"cannot read the workspace id from {ws.state_db}: {exc}") from exc
+        _facts_cache[key] = (time.monotonic(), facts)
+        return facts
+
+
+def default_scheduler_port(workspace_id: str) -> int:
+    """A port in 20000..29999 that depends only on the workspace id."""
+    low, high = PORT_RANGE
+    return low + int(hashlib.sha256(workspace_id.encode()).hexdigest(), 16) % (high - low + 1)
+
+
+def scheduler_port(ws: Workspace, *, store: Store | None = None) -> int:
+    """The scheduler's TLS port: ``scheduler_port`` in orch.yaml, else from the workspace id."""
+    settings = load_settings(ws)
+    return settings.scheduler_port or default_scheduler_port(_facts(ws, store).workspace_id)
+
+
+def scheduler_endpoint(ws: Workspace, node: NodeRecord, *, store: Store | None = None) -> tuple[str, int]:
+    """(host, port) the node's agent dials: 127.0.0.1 for local nodes, the bridge's
+    address (the subnet's first host) for netns nodes, ``scheduler_address`` from
+    orch.yaml for any other provider (else ConfigError)."""
+    return _endpoint(ws, node, _facts(ws, store))
+
+
+def _endpoint(ws: Workspace, node: NodeRecord, facts: _Facts) -> tuple[str, int]:
+    settings = load_settings(ws)
+    port = settings.scheduler_port or default_scheduler_port(facts.workspace_id)
+    driver = facts.drivers.get(node.provider) or load_provider(ws, node.provider).driver
+    if driver == "local":
+        return "127.0.0.1", port
+    if driver == "netns":
+        subnet = node.extra.get("subnet")
+        if not subnet:
+            raise StateError(f"netns node {node.id} has no subnet recorded", hint="`orch reconcile` records it")
+        return str(ipaddress.IPv4Network(str(subnet))[1]), port
+    if settings.scheduler_address:
+        return settings.scheduler_address, port
+    raise ConfigError(
+        f"node {node.id} (provider {node.provider}, driver {driver}) needs an address of this machine "
+        "that it can reach",
+        hint=f"set scheduler_address (and scheduler_port, now {port}) in {ws.relative(ws.settings_file)}",
+    )
+
+
+# -- what goes to a node ----------------------------------------------------------------------
+
+
+def _agent_files() -> list[tuple[str, bytes]]:
+    return [(f"orch_agent/{p.name}", p.read_bytes()) for p in sorted(AGENT_SOURCE.glob("*.py"))]
+
+
+def port_digest() -> str:
+    """sha256 of the port runner's source (port.c and the header it includes)."""
+    return hashlib.sha256(PORT_SOURCE.read_bytes() + b"\0" + HEADER.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class AgentPayload:
+    """Everything a node's agent install needs but its certificate.
+
+    ``stamp`` digests the agent code, the port source, agent.json and the CA: the node
+    has this agent when its ``bundle.stamp`` says so (the node's certificate is issued
+    only when a bundle goes)."""
+
+    node: str
+    config: bytes
+    ca: bytes
+    files: tuple[tuple[str, bytes], ...]
+    stamp: str
+
+    def bundle(self, cert: bytes, key: bytes) -> bytes:
+        """The tarball that goes to ``~/orch/agent/`` (the key 0600).  Built for every
+        node, so kept cheap: plain ustar, gzip level 1 (~3 ms)."""
+        out = io.BytesIO()
+        entries = [*self.files, ("agent.json", self.config), ("ca.crt", self.ca), ("node.crt", cert)]
+        now = int(time.time())
+        with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as packed, \
+                tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for name, data, mode in [*((n, d, 0o644) for n, d in entries), ("node.key", key, 0o600)]:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), mode, now
+                tar.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+
+
+def agent_config(ws: Workspace, node: NodeRecord, *, slots: int, endpoint: tuple[str, int]) -> dict[str, object]:
+    host, port = endpoint
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {
+        "node": node.id,
+        "name": node.id,
+        "scheduler": [address],
+        "slots": slots,
+        "ca": "ca.crt",
+        "cert": "node.crt",
+        "key": "node.key",
+        "port_binary": "../bin/orch-port",
+        "port_source": "src/port.c",
+        "releases": "../releases",
+        "include": "../include",
+        "heartbeat": HEARTBEAT,
+        "log": "agent.log",
+    }
+
+
+def agent_payload(ws: Workspace, node: NodeRecord, *, slots: int, store: Store | None = None) -> AgentPayload:
+    """What ``node``'s agent install consists of (the store gives the workspace id and
+    the providers' drivers; without one it is opened read-only)."""
+    return _payload(ws, node, slots, _facts(ws, store))
+
+
+def _payload(ws: Workspace, node: NodeRecord, slots: int, facts: _Facts) -> AgentPayload:
+    config = json.dumps(agent_config(ws, node, slots=slots, endpoint=_endpoint(ws, node, facts)),
+                        indent=2, sort_keys=True).encode() + b"\n"
+    ca = pki.ca_cert_pem(ws)
+    files = (*_agent_files(), ("src/port.c", PORT_SOURCE.read_bytes()), ("src/orch_work.h", HEADER.read_bytes()))
+    digest = hashlib.sha256()
+    for name, data in (*files, ("agent.json", config), ("ca.crt", ca)):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return AgentPayload(node.id, config, ca, files, digest.hexdigest())
+
+
+def issue_bundle(ws: Workspace, payload: AgentPayload) -> bytes:
+    cert, key = pki.issue_node_cert(ws, payload.node)
+    return payload.bundle(cert, key)
+
+
+# -- shell, run on the node (from $HOME) -----------------------------------------------------------
+
+
+def look_command() -> str:
+    """Makes the agent's folders and prints the installed stamp after STAMP_MARK."""
+    return (f"mkdir -p {REMOTE_AGENT} orch/bin && chmod 700 {REMOTE_AGENT} && "
+            f"echo {shlex.quote(STAMP_MARK)}\"$(cat {REMOTE_AGENT}/bundle.stamp 2>/dev/null || echo none)\"")
+
+
+def installed_stamp(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(STAMP_MARK):
+            return line[len(STAMP_MARK):].strip()
+    return "none"
+
+
+def unpack_lines(payload: AgentPayload) -> list[str]:
+    """Unpack an uploaded bundle, record its stamp, and start ``ensure`` in the
+    background (``$ORCH_ENSURE``), so that it overlaps whatever the script does next
+    (a release build).  For a ``set -e`` script; start_lines waits for it."""
+    a = REMOTE_AGENT
+    return [
+        f"if [ -f {REMOTE_BUNDLE} ]; then",
+        f"  rm -rf {a}/orch_agent {a}/src && tar -xzf {REMOTE_BUNDLE} -C {a} --no-same-owner && rm -f {REMOTE_BUNDLE}",
+        "fi",
+        f"echo {payload.stamp} > {a}/bundle.stamp",
+        f"({_PYTHON} ensure {_CONFIG}) > {a}/ensure.out 2>&1 &",
+        "ORCH_ENSURE=$!",
+    ]
+
+
+def start_lines(payload: AgentPayload) -> list[str]:
+    """Wait for ``ensure``: it prints ``running`` or ``started`` once the supervisor
+    runs (the agent compiles orch-port itself, niced, when orch-port.sha256 does not
+    match).  For a ``set -e`` script, after unpack_lines."""
+    out = f"{REMOTE_AGENT}/ensure.out"
+    return [f'wait "$ORCH_ENSURE" || {{ cat {out}; exit 1; }}', f"cat {out}"]
+
+
+def health_command() -> str:
+    """True while the node's supervisor runs (its pid file names a live supervisor)."""
+    pid = f"{REMOTE_AGENT}/agent.pid"
+    return (f'test -s {pid} && kill -0 "$(cat {pid})" 2>/dev/null && '
+            f'grep -qa -e supervise -e ensure "/proc/$(cat {pid})/cmdline"')
+
+
+def _ensure_script(payload: AgentPayload) -> str:
+    """One round trip when the node is current: check the stamp, ensure the supervisor."""
+    return "\n".join([
+        "set -e",
+        look_command(),
+        f'if [ "$(cat {REMOTE_AGENT}/bundle.stamp 2>/dev/null)" != {payload.stamp} ]; then exit {NEED_BUNDLE}; fi',
+        f"{_PYTHON} ensure {_CONFIG}",
+    ])
+
+
+def _install_script(payload: AgentPayload) -> str:
+    return "\n".join(["set -e", *unpack_lines(payload), *start_lines(payload)])
+
+
+# -- the engine's calls ------------------------------------------------------------------------
+
+
+def slots_of(ws: Workspace, node: NodeRecord) -> int:
+    """Ports per node: the family's workers_per_node, else its cpus (1 when the family
+    is gone from the workspace)."""
+    try:
+        family = load_family(ws, node.family)
+    except OrchError:
+        return 1
+    return family.workers_per_node or family.demands.cpus
+
+
+def ensure_agents(ws: Workspace, store: Store, nodes: Sequence[NodeRecord], pool: SSHPool | None = None, *,
+                  max_parallel: int = 32, timeout: float = 120.0) -> dict[str, str]:
+    """Over SSH, make each node's agent current and its supervisor run.
+
+    Node id -> ``"running"`` (it already was), ``"started"``, or the error text.  A node
+    whose agent files are stale (or missing: bootstrapped before agents existed) gets
+    the bundle, the port runner is rebuilt when its source changed, and the supervisor
+    is restarted on the new code.  Never raises for one node's failure.  Without a
+    ``pool``, one is made for the call and closed after it."""
+    facts = _facts(ws, store)
+    if pool is None:
+        with SSHPool() as own:
+            return ensure_agents(ws, store, nodes, own, max_parallel=max_parallel, timeout=timeout)
+
+    def one(node: NodeRecord) -> str:
+        try:
+            target = ssh_target(ws, node)
+            assert pool is not None
+            session = pool.session(target)
+            payload = _payload(ws, node, slots_of(ws, node), facts)
+            result = session.run(f'cd "$HOME" && {_ensure_script(payload)}', timeout=timeout)
+            if result.exited == NEED_BUNDLE:
+                _upload(session, ws, payload)
+                result = session.run(f'cd "$HOME" && {_install_script(payload)}', timeout=timeout)
+            return _outcome(result)
+        except OrchError as exc:
+            return f"error: {exc}"
+
+    if not nodes:
+        return {}
+    with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(nodes)))) as executor:
+        outcomes = list(executor.map(one, nodes))
+    return {node.id: outcome for node, outcome in zip(nodes, outcomes, strict=True)}
+
+
+def _upload(session: SSHSession, ws: Workspace, payload: AgentPayload) -> None:
+    session.put_bytes(issue_bundle(ws, payload), REMOTE_BUNDLE)
+
+
+def _outcome(result: Result) -> str:
+    last = result.stdout.strip().splitlines()[-1:] or [""]
+    if result.ok and last[0] in ("running", "started"):
+        return last[0]
+    tail = result.tail(5).replace("\n", " | ")
+    return f"error: exit {result.exited}: {tail or 'no output'}"
+
+
+def stop_agent(pool: SSHPool, node: NodeRecord | SSHTarget, *, ws: Workspace | None = None,
+               timeout: float = 30.0) -> str:
+    """End the node's supervisor, agent and ports; returns what the node said
+    (``stopped (pid N)`` or ``not running``).  A NodeRecord needs ``ws`` (for the key)."""
+    if isinstance(node, NodeRecord):
+        if ws is None:
+            raise ValueError("stop_agent needs ws= to reach a NodeRecord")
+        target = ssh_target(ws, node)
+    else:
+        target = node
+    command = (f'cd "$HOME" && if [ -f {REMOTE_AGENT}/agent.json ]; then {_PYTHON} stop {_CONFIG}; '
+               "else echo not installed; fi")
+    result = pool.run(target, command, timeout=timeout)
+    if result.failed:
+        raise RemoteError(f"node {target.name}: stopping the agent failed: {result.tail(5)}")
+    return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+
+
+__all__ = [
+    "AgentPayload",
+    "agent_config",
+    "agent_payload",
+    "default_scheduler_port",
+    "ensure_agents",
+    "health_command",
+    "issue_bundle",
+    "look_command",
+    "scheduler_endpoint",
+    "scheduler_port",
+    "start_lines",
+    "stop_agent",
+    "unpack_lines",
+]
