@@ -141,7 +141,7 @@ def test_spawn_is_idempotent_grows_and_rolls_out_a_new_release(fleet_ws: Workspa
     assert len(grown["created"]) == 1 and len(grown["ready"]) == 3
 
     src = fleet_ws.releases_src_dir / "primes"
-    manifest = (src / "release.yaml").read_text().replace("version: 1.0.0", "version: 1.0.1")
+    manifest = (src / "release.yaml").read_text().replace("version: 1.1.0", "version: 1.1.1")
     (src / "release.yaml").write_text(manifest)
     rolled = json.loads(orch("spawn", "workers", "--count", "3", "--json").out)
     assert rolled["created"] == [] and sorted(rolled["rolled"]) == sorted(grown["ready"])

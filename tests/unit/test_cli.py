@@ -143,7 +143,7 @@ def test_provider_check_never_prints_secret_values(ws: Workspace, orch: Orch, mo
 def test_release_upload_is_idempotent_and_guards_versions(ws: Workspace, orch: Orch) -> None:
     src = ws.releases_src_dir / "primes"
     first = json.loads(orch("release", "upload", src, "--json", cwd=ws.root).out)
-    assert first["changed"] and first["release"] == "primes@1.0.0"
+    assert first["changed"] and first["release"] == "primes@1.1.0"
     again = json.loads(orch("release", "upload", src, "--json").out)
     assert again == {**first, "changed": False}
     assert len(list(ws.release_store.glob("*.tar.gz"))) == 1
@@ -155,11 +155,11 @@ def test_release_upload_is_idempotent_and_guards_versions(ws: Workspace, orch: O
     assert forced["changed"] and forced["sha256"] != first["sha256"]
     assert not (ws.release_store / f"{first['sha256']}.tar.gz").exists(), "the replaced tarball is unused"
     listed = json.loads(orch("release", "list", "--json").out)
-    assert [r["release"] for r in listed] == ["primes@1.0.0"]
+    assert [r["release"] for r in listed] == ["primes@1.1.0"]
     shown = json.loads(orch("release", "show", "primes", "--json").out)
     assert shown["sha256"] == forced["sha256"]
-    assert [f["name"] for f in shown["manifest"]["functions"]] == ["count_primes", "iterated_hash"]
-    assert orch("release", "remove", "primes@1.0.0").code == 0
+    assert [f["name"] for f in shown["manifest"]["functions"]] == ["count_primes", "iterated_hash", "list_primes"]
+    assert orch("release", "remove", "primes@1.1.0").code == 0
     assert json.loads(orch("release", "list", "--json").out) == []
     assert not (ws.release_store / f"{forced['sha256']}.tar.gz").exists()
 

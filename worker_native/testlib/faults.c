@@ -17,9 +17,12 @@
  *   flaky      echoes its data (lines) unless one whole line of it is a magic word:
  *              "crash" SIGSEGV, "abort" abort(), "hang" hangs, each on attempt 1 only
  *              (the retry succeeds); "poison" SIGSEGV on every attempt
+ *   journal    like flaky, and first appends "SEQ ATTEMPT\n" to $HOME/orch-journal (one
+ *              write(2) with O_APPEND), so tests can count how often each task ran
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -164,4 +167,27 @@ int flaky(const orch_task *task, orch_output *out)
         for (;;)
             pause();
     return echo(task, out);
+}
+
+int journal(const orch_task *task, orch_output *out)
+{
+    const char *home = getenv("HOME");
+    char path[4096], line[64];
+    if (home == NULL || snprintf(path, sizeof path, "%s/orch-journal", home) >= (int)sizeof path) {
+        orch_fail(out, "no HOME for the journal");
+        return ORCH_WORK_FAILED;
+    }
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT, 0644);
+    if (fd < 0) {
+        orch_fail(out, "cannot open the journal");
+        return ORCH_WORK_FAILED;
+    }
+    int n = snprintf(line, sizeof line, "%llu %u\n", (unsigned long long)task->seq, (unsigned)task->attempt);
+    ssize_t wrote = write(fd, line, (size_t)n);
+    close(fd);
+    if (wrote != n) {
+        orch_fail(out, "cannot write the journal");
+        return ORCH_WORK_FAILED;
+    }
+    return flaky(task, out);
 }
