@@ -16,7 +16,9 @@ original, so callers only ever catch ``OrchError``.
     │   │   └── UnsafeReleaseError 2      a path, link or file type that could escape
     │   ├── NotFoundError          2    a named provider, release, node... does not exist
     │   ├── ConflictError          2    the request contradicts what is already there
-    │   └── PlacementError         2    (placement) no capacity matches the demands
+    │   ├── PlacementError         2    (placement) no capacity matches the demands
+    │   ├── WorkModuleError        2    (scheduler.workmodules) a job's input or module options
+    │   └── SinkError              2    (scheduler.sinks) a bad sink URL, or a sink another job owns
     ├── ProviderError              3  a provider (cloud API, driver) failed
     │   ├── ProviderAuthError      3    credentials rejected: never retried
     │   ├── ProviderCapacityError  3    out of capacity for a size here: fail over elsewhere
@@ -24,7 +26,9 @@ original, so callers only ever catch ``OrchError``.
     │   ├── ProviderTransientError 3    throttled, 5xx, timed out: retried with backoff
     │   └── ProviderUnavailable    3    driver missing, endpoint unreachable
     ├── StateError                 4  the state store or stored artefacts are unusable
-    │   └── IntegrityError         4    a stored artefact fails its checksum
+    │   ├── IntegrityError         4    a stored artefact fails its checksum
+    │   ├── PKIError               4    (pki) the workspace's CA or certificates are unusable
+    │   └── SinkFailed             4    (scheduler.sinks) writing or committing output failed
     └── RemoteError                5  a command or connection on a node failed
         ├── NodeUnreachable        5    (ssh) connection refused, reset, timed out
         ├── HostKeyMismatch        5    (ssh) the node's host key is not the pinned one

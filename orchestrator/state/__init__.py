@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from orchestrator.state.jobstore import StoredWork
 from orchestrator.state.migrations import MIGRATIONS
 from orchestrator.state.records import (
     NODE_TRANSITIONS,
@@ -13,8 +14,6 @@ from orchestrator.state.records import (
     NodeState,
     ProviderRecord,
     ReleaseRecord,
-    TaskRecord,
-    TaskState,
 )
 from orchestrator.state.store import Store
 
@@ -30,6 +29,5 @@ __all__ = [
     "ProviderRecord",
     "ReleaseRecord",
     "Store",
-    "TaskRecord",
-    "TaskState",
+    "StoredWork",
 ]

@@ -1,12 +1,13 @@
 """Jobs and tasks in the store (a part of ``Store``, kept in its own file).
 
 A job's tasks are written when the work module makes them, before they are sent
-anywhere; a result is written when it first arrives (first completion wins: a task that
-is already done keeps its first result); once the sink has committed a prefix of the
-output, the done tasks of that prefix are deleted and the job's ``progress`` records
-the sink's checkpoint, in the same transaction.  So after a crash the store holds
-exactly: the tasks not yet in the sink, each either pending (to run again) or done (its
-result waiting to be written), and where the work module and the sink stood.
+anywhere (one row per dispatch round: the task frames); results are written when they
+first arrive (one row per RESULTS message: the result frames the scheduler accepted,
+first completion wins); once the sink has committed a prefix of the output, the batches
+wholly inside it are deleted and the job's ``progress`` records the sink's checkpoint,
+in the same transaction.  So after a crash the store holds at least every task not yet
+in the sink, each either pending (to run again) or done (its result waiting to be
+written), and where the work module and the sink stood.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.agent.frames import decode_results, decode_tasks
 from orchestrator.errors import NotFoundError, StateError
-from orchestrator.state.records import JobRecord, JobState, TaskRecord, TaskState, row_to_job, row_to_task
+from orchestrator.state.records import JobRecord, JobState, row_to_job
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.SUSPENDED, JobState.FAILED}),
@@ -100,54 +103,91 @@ class JobStore:
         with self.transaction() as conn:
             if conn.execute("DELETE FROM jobs WHERE id=?", (job_id,)).rowcount == 0:
                 raise NotFoundError(f"no job {job_id!r}", hint="see `orch job list`")
-            conn.execute("DELETE FROM tasks WHERE job=?", (job_id,))
+            for table in ("task_batches", "result_batches", "task_attempts"):
+                conn.execute(f"DELETE FROM {table} WHERE job=?", (job_id,))
             conn.execute("DELETE FROM events WHERE job=?", (job_id,))
 
-    # -- tasks: these run on the scheduler's hot path, in batches -------------------------------
+    # -- tasks: on the scheduler's hot path, so written in batches -----------------------------
 
-    def add_tasks(self, job_id: str, tasks: Sequence[tuple[int, float, bytes]],
+    def add_tasks(self, job_id: str, first_seq: int, last_seq: int, frames: bytes,
                   progress: dict[str, Any]) -> None:
-        """New tasks (seq, size, data), pending, with the job's progress after making them."""
+        """New tasks first_seq..last_seq (their task frames), with the job's progress
+        (the work module's position) after making them."""
         with self.transaction() as conn:
-            conn.executemany(
-                "INSERT INTO tasks (job, seq, state, size, data) VALUES (?, ?, 'pending', ?, ?)",
-                [(job_id, seq, size, data) for seq, size, data in tasks],
-            )
+            conn.execute("INSERT INTO task_batches (job, first_seq, last_seq, frames) VALUES (?, ?, ?, ?)",
+                         (job_id, first_seq, last_seq, frames))
             conn.execute("UPDATE jobs SET progress=?, updated_at=? WHERE id=?",
                          (json.dumps(progress), time.time(), job_id))
 
-    def finish_tasks(self, job_id: str,
-                     results: Sequence[tuple[int, str, int, str | None, bytes | None, str]]) -> None:
-        """Finished tasks: (seq, state 'done' or 'failed', attempts, node, result, error)."""
+    def add_results(self, job_id: str, node: str | None, max_seq: int, frames: bytes,
+                    failed: Sequence[tuple[int, int, str]] = ()) -> None:
+        """Results recorded (first completion wins: the caller passes each seq once), as
+        result frames; ``failed``: (seq, attempts, reason) of tasks given up."""
         with self.transaction() as conn:
-            conn.executemany(
-                "UPDATE tasks SET state=?, attempts=?, node=?, result=?, error=? WHERE job=? AND seq=?",
-                [(state, attempts, node, result, error, job_id, seq)
-                 for seq, state, attempts, node, result, error in results],
-            )
+            if frames:
+                conn.execute(
+                    "INSERT INTO result_batches (job, id, max_seq, node, frames) VALUES (?, "
+                    "(SELECT coalesce(max(id), 0) + 1 FROM result_batches WHERE job=?), ?, ?, ?)",
+                    (job_id, job_id, max_seq, node, frames))
+            if failed:
+                conn.executemany(
+                    "INSERT INTO task_attempts (job, seq, attempts, error, failed) VALUES (?, ?, ?, ?, 1) "
+                    "ON CONFLICT (job, seq) DO UPDATE SET attempts=excluded.attempts, error=excluded.error, failed=1",
+                    [(job_id, seq, attempts, error) for seq, attempts, error in failed])
 
     def count_attempt(self, job_id: str, seq: int, attempts: int, error: str) -> None:
-        """A try of a task ended without a result; it stays pending."""
+        """A try of a task ended without a result; it will run again."""
         with self.transaction() as conn:
-            conn.execute("UPDATE tasks SET attempts=?, error=? WHERE job=? AND seq=?", (attempts, error, job_id, seq))
+            conn.execute(
+                "INSERT INTO task_attempts (job, seq, attempts, error) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (job, seq) DO UPDATE SET attempts=excluded.attempts, error=excluded.error",
+                (job_id, seq, attempts, error))
 
     def commit_output(self, job_id: str, next_seq: int, progress: dict[str, Any]) -> None:
-        """The sink committed every record before ``next_seq``: drop those done tasks
-        (failed ones stay, for their reasons) and record where the sink stands."""
+        """The sink committed every record before ``next_seq``: drop the batches wholly
+        before it and record where the sink stands (given-up tasks keep their row)."""
         with self.transaction() as conn:
-            conn.execute("DELETE FROM tasks WHERE job=? AND seq<? AND state='done'", (job_id, next_seq))
+            conn.execute("DELETE FROM task_batches WHERE job=? AND last_seq<?", (job_id, next_seq))
+            conn.execute("DELETE FROM result_batches WHERE job=? AND max_seq<?", (job_id, next_seq))
+            conn.execute("DELETE FROM task_attempts WHERE job=? AND seq<? AND failed=0", (job_id, next_seq))
             conn.execute("UPDATE jobs SET progress=?, updated_at=? WHERE id=?",
                          (json.dumps(progress), time.time(), job_id))
 
-    def unfinished_tasks(self, job_id: str, *, from_seq: int = 0) -> Iterator[TaskRecord]:
-        """The job's tasks at or after ``from_seq``, in seq order (for resume)."""
-        for row in self._query("SELECT * FROM tasks WHERE job=? AND seq>=? ORDER BY seq", (job_id, from_seq)):
-            yield row_to_task(row)
+    def stored_work(self, job_id: str, *, from_seq: int = 0) -> StoredWork:
+        """What a resume needs from ``from_seq`` on: the tasks made, their results, the
+        attempts of the ones that failed a try, the ones given up."""
+        work = StoredWork()
+        for row in self._query("SELECT frames FROM task_batches WHERE job=? AND last_seq>=? ORDER BY first_seq",
+                               (job_id, from_seq)):
+            for seq, _attempt, size, data in decode_tasks(bytes(row[0])):
+                if seq >= from_seq:
+                    work.tasks[seq] = (size, data)
+        for row in self._query("SELECT frames FROM result_batches WHERE job=? AND max_seq>=? ORDER BY id",
+                               (job_id, from_seq)):
+            results, _ = decode_results(bytes(row[0]))
+            for result in results:
+                if result.seq >= from_seq:
+                    work.results.setdefault(result.seq, result.payload)
+        for row in self._query("SELECT seq, attempts, error, failed FROM task_attempts WHERE job=? AND seq>=?",
+                               (job_id, from_seq)):
+            (work.failed if row["failed"] else work.attempts)[row["seq"]] = (row["attempts"], row["error"])
+        return work
 
-    def failed_tasks(self, job_id: str) -> list[TaskRecord]:
-        rows = self._query("SELECT * FROM tasks WHERE job=? AND state=? ORDER BY seq", (job_id, TaskState.FAILED.value))
-        return [row_to_task(r) for r in rows]
+    def failed_tasks(self, job_id: str) -> list[tuple[int, str]]:
+        """(seq, reason) of every task given up, in seq order."""
+        rows = self._query("SELECT seq, error FROM task_attempts WHERE job=? AND failed=1 ORDER BY seq", (job_id,))
+        return [(r[0], r[1]) for r in rows]
 
-    def task_counts(self, job_id: str) -> dict[str, int]:
-        rows = self._query("SELECT state, count(*) FROM tasks WHERE job=? GROUP BY state", (job_id,))
-        return {r[0]: int(r[1]) for r in rows}
+
+@dataclass
+class StoredWork:
+    """A job's tasks and results in the store, by seq."""
+
+    tasks: dict[int, tuple[float, bytes]] = field(default_factory=dict)
+    results: dict[int, bytes] = field(default_factory=dict)
+    attempts: dict[int, tuple[int, str]] = field(default_factory=dict)
+    failed: dict[int, tuple[int, str]] = field(default_factory=dict)
+
+    def pending(self) -> list[int]:
+        """Seqs made but neither done nor given up."""
+        return sorted(set(self.tasks) - set(self.results) - set(self.failed))

@@ -121,4 +121,40 @@ MIGRATIONS: tuple[Migration, ...] = (
         CREATE INDEX jobs_state ON jobs (state, created_at);
         """,
     ),
+    Migration(
+        3,
+        "tasks and results stored in batches",
+        """
+        -- One row per batch, not per task: a dispatch round's new tasks as the task frames
+        -- sent to ports, one RESULTS message's accepted results as result frames (see
+        -- worker_native/PROTOCOL.md). A few rows per thousand tasks keep the store off
+        -- the scheduler's hot path.
+        DROP TABLE tasks;
+        CREATE TABLE task_batches (
+            job       TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            first_seq INTEGER NOT NULL,
+            last_seq  INTEGER NOT NULL,
+            frames    BLOB NOT NULL,
+            PRIMARY KEY (job, first_seq)
+        ) WITHOUT ROWID;
+        CREATE TABLE result_batches (
+            job     TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            id      INTEGER NOT NULL,
+            max_seq INTEGER NOT NULL,
+            node    TEXT,
+            frames  BLOB NOT NULL,
+            PRIMARY KEY (job, id)
+        ) WITHOUT ROWID;
+        -- Tries that ended without a result (rare): the attempts so far and the last
+        -- reason; failed = 1 once the task is given up (kept for `orch job status`).
+        CREATE TABLE task_attempts (
+            job      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+            seq      INTEGER NOT NULL,
+            attempts INTEGER NOT NULL,
+            error    TEXT NOT NULL,
+            failed   INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (job, seq)
+        ) WITHOUT ROWID;
+        """,
+    ),
 )

@@ -136,26 +136,6 @@ class JobRecord:
     reason: str = ""
 
 
-class TaskState(enum.StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    job: str
-    seq: int
-    state: TaskState
-    size: float
-    data: bytes
-    attempts: int = 0
-    node: str | None = None
-    result: bytes | None = None
-    error: str = ""
-
-
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -202,12 +182,4 @@ def row_to_job(row: Any) -> JobRecord:
         id=row["id"], release=row["release"], function=row["function"], state=JobState(row["state"]),
         spec=_loads(row["spec"]), created_at=row["created_at"], updated_at=row["updated_at"],
         reason=row["reason"],
-    )
-
-
-def row_to_task(row: Any) -> TaskRecord:
-    return TaskRecord(
-        job=row["job"], seq=row["seq"], state=TaskState(row["state"]), size=row["size"],
-        data=bytes(row["data"]), attempts=row["attempts"], node=row["node"],
-        result=bytes(row["result"]) if row["result"] is not None else None, error=row["error"],
     )

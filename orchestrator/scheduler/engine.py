@@ -1,0 +1,745 @@
+"""The scheduler's engine: agents in, tasks out, each result recorded once, output in order.
+
+One asyncio loop does everything (no threads): it accepts agents over mutual TLS, loads
+the job's work on their ports, cuts tasks with the work module at each node's adaptive
+size, keeps every port's pipeline full, records results first-completion-wins, writes
+the output to the sink strictly in seq order, and retries what died elsewhere.
+
+The store is written in batches on this path: the tasks a dispatch round made (with the
+work module's position) before they are sent; the results of one RESULTS message as it
+arrives; and, every ``COMMIT_INTERVAL``, the sink's checkpoint together with dropping
+the done tasks it now holds.  A crash at any point leaves the job resumable from the
+store: pending tasks run again, done ones are written, nothing done is computed twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from orchestrator.agent import protocol as P
+from orchestrator.agent.frames import (
+    HEADER_LEN,
+    TASK_HEADER,
+    TASK_MAGIC,
+    FrameError,
+    PortResult,
+    decode_results,
+    encode_result,
+    encode_task,
+)
+from orchestrator.scheduler.sinks import Record, Sink
+from orchestrator.scheduler.sizing import Sizer
+from orchestrator.scheduler.spec import JobSpec
+from orchestrator.scheduler.workmodules import WorkModule
+from orchestrator.state import JobState, Store
+
+COMMIT_INTERVAL = 0.2
+"""Seconds between sink commits (each an fsync or a database COMMIT)."""
+PIPELINE_SECONDS = 0.05
+"""Work queued on a port beyond the task it runs, so it never waits for the network."""
+MAX_DEPTH = 1000
+MAX_WINDOW = 200_000
+"""Tasks made but not yet written out, at most: a slow task holds back only this many."""
+HELLO_TIMEOUT = 10.0
+HISTORY = 100
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Task:
+    """A task, kept as its first frame (attempt 1), which is also how the store keeps it."""
+
+    __slots__ = ("attempts", "avoid", "error", "frame", "seq", "size")
+
+    def __init__(self, seq: int, size: float, frame: bytes, attempts: int = 0) -> None:
+        self.seq, self.size, self.frame, self.attempts = seq, size, frame, attempts
+        self.avoid: str | None = None
+        self.error = ""
+
+    @classmethod
+    def make(cls, seq: int, size: float, data: bytes, attempts: int = 0) -> Task:
+        """(Packed directly: seq, size and data come from the engine and its work module,
+        already checked, and encode_task's checks cost as much as the packing.)"""
+        return cls(seq, size, TASK_HEADER.pack(TASK_MAGIC, seq, 1, size, len(data)) + data, attempts)
+
+    def frame_for_try(self) -> bytes:
+        """The frame to send now: attempt = tries so far + 1."""
+        if not self.attempts:
+            return self.frame
+        return encode_task(self.seq, self.attempts + 1, self.size, self.frame[HEADER_LEN:])
+
+
+class Port:
+    __slots__ = ("index", "inflight", "ready")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.ready = True
+        self.inflight: deque[Task] = deque()
+
+
+@dataclass(eq=False)
+class Agent:
+    """One connected agent (one node)."""
+
+    node: str
+    name: str
+    family: str
+    slots: int
+    writer: asyncio.StreamWriter
+    sizer: Sizer | None = None
+    ports: dict[int, Port] = field(default_factory=dict)
+    last_heard: float = field(default_factory=time.monotonic)
+    lost: bool = False
+    loaded: bool = False
+    release_sent: bool = False
+    excluded: str = ""
+    done: int = 0
+    reported_slow: bool = False
+    history: list[float] = field(default_factory=list)
+    """The elapsed seconds of this agent's first HISTORY successful tasks (sizing checks)."""
+
+    def send(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+
+@dataclass
+class ReleaseInfo:
+    """What an agent needs to load the job's work."""
+
+    folder: str  # name-version, the folder under ~/orch/releases
+    sha256: str
+    library: str
+    build: list[str]
+    tarball: Callable[[], bytes]
+
+
+@dataclass
+class Counters:
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    discarded: int = 0
+    port_deaths: int = 0
+    nodes_lost: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class JobRun:
+    """One job's state while it runs: what is out, what is back, what is written."""
+
+    def __init__(self, job_id: str, spec: JobSpec, module: WorkModule, sink: Sink, release: ReleaseInfo,
+                 *, next_write: int, generated: int, checkpoint: dict[str, Any] | None,
+                 counters: dict[str, int] | None = None) -> None:
+        self.id, self.spec, self.module, self.sink, self.release = job_id, spec, module, sink, release
+        self.next_write = next_write
+        self.generated = generated
+        self.checkpoint = checkpoint
+        self.outstanding: dict[int, Task] = {}
+        self.retry: deque[Task] = deque()
+        self.records: dict[int, Record] = {}
+        self.buffered = 0
+        self.exhausted = False
+        self.uncommitted = False
+        self.counters = Counters(**(counters or {}))
+        self.failure = ""
+        self.started = time.monotonic()
+        self.where: dict[str, str] = {}
+        """node id -> "running" or why it left the job (for `orch job status`)."""
+
+    def paused(self) -> bool:
+        """Backpressure: too much output waits for an earlier task."""
+        return (self.buffered > self.spec.max_unflushed_bytes
+                or self.generated - self.next_write >= MAX_WINDOW)
+
+    def finished(self) -> bool:
+        return self.exhausted and not self.outstanding and not self.records
+
+    def progress(self) -> dict[str, Any]:
+        """What the store keeps of this run (``jobs.progress``)."""
+        return {
+            "position": self.module.position(),
+            "generated": self.generated,
+            "next_write": self.next_write,
+            "checkpoint": self.checkpoint,
+            "counters": self.counters.as_dict(),
+            "nodes": self.where,
+            "scheduler": {"pid": os.getpid(), "host": socket.gethostname()},
+        }
+
+
+@dataclass
+class Finished:
+    """The tasks one message finished, to store in one go."""
+
+    accepted: list[PortResult] = field(default_factory=list)  # ok results recorded
+    failed: list[tuple[int, int, str]] = field(default_factory=list)  # seq, attempts, reason
+    max_seq: int = -1
+    all_accepted: bool = True
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: JobState
+    reason: str
+    counters: dict[str, int]
+    seconds: float
+
+
+class Engine:
+    """The scheduler: serves agents, runs one job at a time."""
+
+    def __init__(self, store: Store, *, ssl_context: ssl.SSLContext, admit: Callable[[str], str | None],
+                 peer_id: Callable[[Any], str | None], on_event: EventSink | None = None) -> None:
+        self.store = store
+        self.ssl_context = ssl_context
+        self.admit = admit
+        """node id -> its family when it may join, else None."""
+        self.peer_id = peer_id
+        self.on_event = on_event or (lambda kind, data: None)
+        self.agents: dict[str, Agent] = {}
+        self.job: JobRun | None = None
+        self._servers: list[asyncio.Server] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._lost_writers: set[asyncio.StreamWriter] = set()
+        self._done: asyncio.Event | None = None
+        self._no_agents_since: float | None = None
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def start(self, hosts: Iterable[str], port: int) -> None:
+        for host in sorted(set(hosts)):
+            server = await asyncio.start_server(self._connection, host, port, ssl=self.ssl_context,
+                                                reuse_address=True, ssl_handshake_timeout=HELLO_TIMEOUT)
+            self._servers.append(server)
+
+    async def close(self) -> None:
+        """Stop listening and end every connection (agents dial again later)."""
+        for server in self._servers:
+            server.close()
+        for writer in list(self._writers):
+            if writer in self._lost_writers:
+                writer.transport.abort()  # a lost node may never answer a close: do not wait for it
+            else:
+                writer.close()  # each handler then reads the end of its stream and finishes
+        handlers = list(self._handlers)
+        if handlers:
+            _, stuck = await asyncio.wait(handlers, timeout=2)
+            for task in stuck:  # (cancelling first would make asyncio's streams log the CancelledError)
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
+        for writer in list(self._writers):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        self._servers.clear()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+        self._writers.add(writer)
+        try:
+            await self._converse(reader, writer)
+        finally:
+            writer.close()
+            if task is not None:
+                self._handlers.discard(task)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 2)
+            self._writers.discard(writer)
+            self._lost_writers.discard(writer)
+
+    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        agent: Agent | None = None
+        why = "connection closed"
+        try:
+            node = self.peer_id(writer.get_extra_info("ssl_object"))
+            family = self.admit(node) if node else None
+            if node is None or family is None:
+                writer.write(P.control(P.ERROR, reason=f"node {node!r} is not a live node of this workspace"))
+                return
+            kind, body = await asyncio.wait_for(P.read_message(reader), HELLO_TIMEOUT)
+            hello = P.parse_control(kind, body)
+            if kind != P.HELLO or hello.get("node") != node:
+                writer.write(P.control(P.ERROR, reason="expected HELLO from the certificate's node"))
+                return
+            agent = self._join(node, family, hello, writer)
+            while True:
+                kind, body = await P.read_message(reader)
+                agent.last_heard = time.monotonic()
+                if agent.lost and kind != P.RESULTS:
+                    why = "came back after it was declared lost; it must dial again"
+                    break
+                self._handle(agent, kind, body)
+                if writer.transport.get_write_buffer_size() > (4 << 20):
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError, TimeoutError) as exc:
+            why = f"connection lost ({type(exc).__name__})"
+        except (P.ProtocolError, FrameError) as exc:
+            why = f"protocol error: {exc}"
+            with contextlib.suppress(Exception):
+                writer.write(P.control(P.ERROR, reason=why))
+        finally:
+            if agent is not None:
+                if not agent.lost:
+                    self._lose(agent, why)
+                if self.agents.get(agent.node) is agent:
+                    del self.agents[agent.node]
+
+    def _join(self, node: str, family: str, hello: dict[str, Any], writer: asyncio.StreamWriter) -> Agent:
+        old = self.agents.get(node)
+        if old is not None and not old.lost:
+            self._lose(old, "it connected again")
+            old.writer.close()
+        agent = Agent(node=node, name=str(hello.get("name") or node), family=family,
+                      slots=max(1, int(hello.get("slots") or 1)), writer=writer)
+        self.agents[node] = agent
+        agent.send(P.control(P.WELCOME, session=f"{node}-{time.time_ns()}", heartbeat=self._heartbeat()))
+        self.on_event("agent.joined", {"node": node, "slots": agent.slots})
+        if self.job is not None:
+            self._offer(agent)
+        return agent
+
+    def _heartbeat(self) -> float:
+        return self.job.spec.heartbeat_seconds if self.job else 1.0
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def _handle(self, agent: Agent, kind: int, body: bytes) -> None:
+        if kind == P.RESULTS:
+            self._results(agent, body)
+        elif kind == P.HEARTBEAT:
+            pass
+        elif kind == P.PORT_DIED:
+            msg = P.parse_control(kind, body)
+            self._port_died(agent, int(msg["port"]), msg.get("seq"), str(msg.get("reason", "")))
+        elif kind == P.PORT_READY:
+            port = agent.ports.get(int(P.parse_control(kind, body)["port"]))
+            if port is not None:
+                port.ready = True
+                self._pump()
+        elif kind == P.LOADED:
+            self._loaded(agent, P.parse_control(kind, body))
+        elif kind == P.LOAD_FAILED:
+            self._load_failed(agent, P.parse_control(kind, body))
+        elif kind == P.ERROR:
+            raise P.ProtocolError(f"the agent reported: {P.parse_control(kind, body).get('reason')}")
+        else:
+            raise P.ProtocolError(f"unexpected {P.KIND_NAMES[kind]} from an agent")
+
+    def _offer(self, agent: Agent) -> None:
+        """Ask the agent to load the job's work on its ports."""
+        job = self.job
+        if job is None or agent.excluded:
+            return
+        spec = job.spec
+        if spec.family is not None and agent.family != spec.family:
+            return
+        count = spec.ports_per_node or agent.slots
+        agent.sizer = self._sizer(job)
+        agent.send(P.control(
+            P.LOAD, work=job.id, release=job.release.folder, sha256=job.release.sha256,
+            library=job.release.library, function=spec.symbol, ports=list(range(count)),
+            task_timeout=spec.task_timeout,
+        ))
+
+    def _sizer(self, job: JobRun) -> Sizer:
+        spec = job.spec
+        initial = spec.initial_task_size if spec.initial_task_size is not None else max(job.module.min_size, 1e-3)
+        return Sizer(target=spec.target_task_seconds, min_size=job.module.min_size, initial=initial,
+                     fixed=spec.task_size)
+
+    def _loaded(self, agent: Agent, msg: dict[str, Any]) -> None:
+        if self.job is None or msg.get("work") != self.job.id:
+            return
+        agent.ports = {int(i): Port(int(i)) for i in msg.get("ports", [])}
+        agent.loaded = True
+        self.job.where[agent.node] = "running"
+        self.on_event("agent.loaded", {"node": agent.node, "ports": len(agent.ports)})
+        self._pump()
+
+    def _load_failed(self, agent: Agent, msg: dict[str, Any]) -> None:
+        job = self.job
+        if job is None:
+            return
+        if msg.get("missing") and not agent.release_sent:
+            agent.release_sent = True
+            header = {"release": job.release.folder, "sha256": job.release.sha256, "build": job.release.build}
+            agent.send(P.release_message(header, job.release.tarball()))
+            self.on_event("agent.release_sent", {"node": agent.node, "release": job.release.folder})
+            self._offer(agent)  # the agent handles control messages in order: installed, then loaded
+            return
+        agent.excluded = str(msg.get("reason") or "the work could not be loaded")
+        job.where[agent.node] = f"excluded: {agent.excluded}"
+        self.store.record_event("job.node_excluded", job=job.id, node=agent.node, reason=agent.excluded)
+        self.on_event("agent.excluded", {"node": agent.node, "reason": agent.excluded})
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    def _depth(self, agent: Agent) -> int:
+        assert agent.sizer is not None
+        expected = agent.sizer.expected_seconds()
+        if expected <= 0:
+            return 2
+        return max(2, min(MAX_DEPTH, int(PIPELINE_SECONDS / expected) + 1))
+
+    def _pump(self) -> None:
+        """Top up every ready port's pipeline; new tasks are stored before they are sent."""
+        job = self.job
+        if job is None or job.failure:
+            return
+        made: list[Task] = []
+        sends: list[tuple[Agent, int, list[Task]]] = []
+        for agent in self.agents.values():
+            if agent.lost or not agent.loaded:
+                continue
+            depth = self._depth(agent)
+            for port in agent.ports.values():
+                want = depth - len(port.inflight)
+                if not port.ready or want <= 0:
+                    continue
+                batch = self._take(job, agent, want, made)
+                if not batch:
+                    break
+                port.inflight.extend(batch)
+                sends.append((agent, port.index, batch))
+        if made:
+            self.store.add_tasks(job.id, made[0].seq, made[-1].seq, b"".join([t.frame for t in made]), job.progress())
+        for agent, index, batch in sends:
+            agent.send(P.port_message(P.TASKS, index, b"".join([t.frame_for_try() for t in batch])))
+        self._check_done()
+
+    def _take(self, job: JobRun, agent: Agent, want: int, made: list[Task]) -> list[Task]:
+        out: list[Task] = []
+        if job.retry:
+            others = any(a is not agent and a.loaded and not a.lost for a in self.agents.values())
+            skipped: list[Task] = []
+            while job.retry and len(out) < want:
+                task = job.retry.popleft()
+                if task.seq not in job.outstanding:
+                    continue  # finished meanwhile (a late result)
+                if others and task.avoid == agent.node:
+                    skipped.append(task)
+                    continue
+                out.append(task)
+            job.retry.extendleft(reversed(skipped))
+        if len(out) < want and not job.exhausted and not job.paused():
+            assert agent.sizer is not None
+            size = agent.sizer.size
+            module, outstanding = job.module, job.outstanding
+            while len(out) < want:
+                data = module.next(size)
+                if data is None:
+                    job.exhausted = True
+                    break
+                task = Task.make(job.generated, size, data)
+                job.generated += 1
+                outstanding[task.seq] = task
+                made.append(task)
+                out.append(task)
+        return out
+
+    # -- results --------------------------------------------------------------------------------
+
+    def _results(self, agent: Agent, body: bytes) -> None:
+        job = self.job
+        index, frames = P.parse_port(body)
+        results, rest = decode_results(frames)
+        if rest:
+            raise P.ProtocolError("RESULTS with a partial frame")
+        if job is None:
+            return
+        port = agent.ports.get(index)
+        if not agent.lost and port is None:
+            raise P.ProtocolError(f"RESULTS for port {index}, which was not loaded")
+        finished = Finished()
+        outstanding, records, counters = job.outstanding, job.records, job.counters
+        sizer = agent.sizer
+        observe = sizer.observe if sizer is not None else None
+        history = agent.history if len(agent.history) < HISTORY else None
+        inflight = port.inflight if port is not None and not agent.lost else None
+        accepted = finished.accepted
+        buffered = done = 0
+        for result in results:
+            seq = result.seq
+            task: Task | None
+            if inflight is not None and inflight and inflight[0].seq == seq:
+                task = inflight.popleft()
+            elif inflight is not None and any(t.seq == seq for t in inflight):
+                raise P.ProtocolError(f"port {index} answered seq {seq} out of turn")
+            else:
+                # A lost agent's answer, or a task sent to a port that died before the scheduler
+                # heard of it, run by the restarted port: the first completion still wins.
+                task = outstanding.get(seq)
+                if task is not None and not result.ok:
+                    task = None  # that attempt was already counted, and the task is queued again
+            if task is None or seq not in outstanding:
+                counters.discarded += 1  # another node finished it first
+                finished.all_accepted = False
+                continue
+            if result.ok:
+                # The hot path (one pass per task): record, account, adapt.
+                seconds = result.elapsed_ns * 1e-9
+                if observe is not None:
+                    observe(task.size, seconds)
+                if history is not None and len(history) < HISTORY:
+                    history.append(seconds)
+                payload = result.payload
+                del outstanding[seq]
+                records[seq] = Record(seq, True, payload)
+                buffered += len(payload)
+                done += 1
+                accepted.append(result)
+            else:
+                finished.all_accepted = False
+                self._attempt_failed(job, task, agent.node, f"{agent.name}: {result.message}", finished)
+        job.buffered += buffered
+        counters.done += done
+        agent.done += done
+        if accepted:
+            finished.max_seq = max(finished.max_seq, max(r.seq for r in accepted))
+        if finished.all_accepted and finished.accepted:
+            # The common case: every result was new and ok; store the frames as they came.
+            self.store.add_results(job.id, agent.node, finished.max_seq, bytes(frames), finished.failed)
+        else:
+            self._store_results(job, agent.node, finished)
+        if sizer is not None and sizer.slow and not agent.reported_slow:
+            agent.reported_slow = True
+            reason = (f"node {agent.name} cannot meet the target of {job.spec.target_task_seconds} s "
+                      f"even at the smallest task size ({sizer.elapsed:.3f} s per task)")
+            self.store.record_event("job.node_slow", job=job.id, node=agent.node, reason=reason)
+            self.on_event("node.slow", {"node": agent.node, "reason": reason})
+        self._write_output(job)
+        self._pump()
+
+    def _give_up(self, job: JobRun, task: Task, finished: Finished) -> None:
+        """The task failed its last attempt: it is written as failed, in its place."""
+        del job.outstanding[task.seq]
+        payload = task.error.encode()
+        job.records[task.seq] = Record(task.seq, False, payload)
+        job.buffered += len(payload)
+        job.counters.failed += 1
+        finished.failed.append((task.seq, task.attempts, task.error))
+
+    def _store_results(self, job: JobRun, node: str | None, finished: Finished) -> None:
+        if finished.accepted or finished.failed:
+            frames = b"".join([encode_result(r.seq, True, r.elapsed_ns, r.payload) for r in finished.accepted])
+            self.store.add_results(job.id, node, finished.max_seq, frames, finished.failed)
+
+    def _attempt_failed(self, job: JobRun, task: Task, node: str | None, reason: str, finished: Finished) -> None:
+        task.attempts += 1
+        task.avoid = node
+        task.error = f"attempt {task.attempts}: {reason}"
+        if task.attempts >= job.spec.max_attempts:
+            self._give_up(job, task, finished)
+            message = f"task {task.seq} failed after {task.attempts} attempts; last: {reason}"
+            self.store.record_event("job.task_failed", job=job.id, node=node, reason=message)
+            self.on_event("task.failed", {"seq": task.seq, "reason": message})
+            if job.spec.on_task_failure == "fail":
+                job.failure = message
+                self._check_done()
+            return
+        job.counters.retried += 1
+        self.store.count_attempt(job.id, task.seq, task.attempts, task.error)
+        job.retry.appendleft(task)
+
+    def _requeue(self, job: JobRun, agent: Agent, port: Port, in_flight: int | None, reason: str) -> None:
+        """A port's tasks come back: the one in flight has used an attempt, the rest ran never."""
+        tasks, port.inflight = port.inflight, deque()
+        finished = Finished()
+        untouched: list[Task] = []
+        for task in tasks:
+            if task.seq not in job.outstanding:
+                continue
+            if task.seq == in_flight:
+                self._attempt_failed(job, task, agent.node, reason, finished)
+            else:
+                untouched.append(task)
+        job.retry.extendleft(reversed(untouched))
+        self._store_results(job, agent.node, finished)
+
+    def _port_died(self, agent: Agent, index: int, seq: Any, reason: str) -> None:
+        port = agent.ports.get(index)
+        job = self.job
+        if port is None or job is None:
+            return
+        port.ready = False
+        job.counters.port_deaths += 1
+        in_flight = int(seq) if seq is not None else None
+        text = f"port {index} on {agent.name} died ({reason})"
+        self.store.record_event("job.port_died", job=job.id, node=agent.node,
+                                reason=f"{text}; task in flight: {in_flight}")
+        self.on_event("port.died", {"node": agent.node, "port": index, "seq": in_flight, "reason": reason})
+        self._requeue(job, agent, port, in_flight, text)
+        self._write_output(job)
+        self._pump()
+
+    def _lose(self, agent: Agent, why: str) -> None:
+        """The agent is gone (or silent): everything it held runs elsewhere."""
+        agent.lost = True
+        self._lost_writers.add(agent.writer)
+        job = self.job
+        if job is None or not agent.loaded:
+            return
+        job.counters.nodes_lost += 1
+        job.where[agent.node] = f"lost: {why}"
+        text = f"node {agent.name} lost: {why}"
+        self.store.record_event("job.node_lost", job=job.id, node=agent.node, reason=text)
+        self.on_event("node.lost", {"node": agent.node, "reason": why})
+        for port in agent.ports.values():
+            head = port.inflight[0].seq if port.inflight else None
+            self._requeue(job, agent, port, head, text)
+        agent.ports = {}
+        agent.loaded = False
+        self._write_output(job)
+        self._pump()
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def _write_output(self, job: JobRun) -> None:
+        records = job.records
+        if job.next_write not in records:
+            return
+        batch: list[Record] = []
+        seq = job.next_write
+        while seq in records:
+            record = records.pop(seq)
+            job.buffered -= len(record.payload)
+            batch.append(record)
+            seq += 1
+        job.sink.write(batch)
+        job.next_write = seq
+        job.uncommitted = True
+
+    def _commit(self, job: JobRun) -> None:
+        if not job.uncommitted:
+            return
+        job.checkpoint = job.sink.commit()
+        job.uncommitted = False
+        self.store.commit_output(job.id, job.next_write, job.progress())
+
+    def _check_done(self) -> None:
+        job = self.job
+        if job is not None and self._done is not None and (job.failure or job.finished()):
+            self._done.set()
+
+    # -- running a job --------------------------------------------------------------------------
+
+    async def run(self, job: JobRun, resume_tasks: Iterable[Task] = ()) -> Outcome:
+        """Run ``job`` to its end (done or failed) or until no agent is left for the job's
+        ``agent_wait_seconds`` (suspended); the store is left consistent either way."""
+        self.job = job
+        self._done = asyncio.Event()
+        for task in resume_tasks:
+            job.outstanding[task.seq] = task
+            job.retry.append(task)
+        if job.module.progress()[1] is not None and job.module.progress()[0] >= (job.module.progress()[1] or 0):
+            job.exhausted = True
+        self.store.set_job_state(job.id, JobState.RUNNING, reason="", progress=job.progress())
+        for agent in list(self.agents.values()):
+            if not agent.lost:
+                self._offer(agent)
+        self._write_output(job)
+        self._check_done()
+        ticker = asyncio.create_task(self._tick(job))
+        try:
+            await self._done.wait()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            self._commit(job)
+            for agent in self.agents.values():
+                if agent.loaded and not agent.lost:
+                    agent.send(P.control(P.UNLOAD, work=job.id))
+                agent.loaded = False
+                agent.ports = {}
+            self.job = None
+        seconds = time.monotonic() - job.started
+        if job.failure:
+            state, reason = JobState.FAILED, job.failure
+        elif job.finished():
+            state, reason = JobState.DONE, ""
+        else:
+            state, reason = JobState.SUSPENDED, self._suspend_reason
+        self.store.set_job_state(job.id, state, reason=reason, progress=job.progress())
+        return Outcome(state, reason, job.counters.as_dict(), seconds)
+
+    _suspend_reason = ""
+
+    def suspend(self, reason: str) -> None:
+        """Stop dispatching and end ``run`` with the job suspended (e.g. on Ctrl-C)."""
+        self._suspend_reason = reason
+        if self._done is not None:
+            self._done.set()
+
+    async def _tick(self, job: JobRun) -> None:
+        heartbeat = job.spec.heartbeat_seconds
+        last_beat = last_commit = time.monotonic()
+        while True:
+            await asyncio.sleep(min(COMMIT_INTERVAL, heartbeat) / 2)
+            now = time.monotonic()
+            if now - last_commit >= COMMIT_INTERVAL:
+                last_commit = now
+                self._commit(job)
+            if now - last_beat >= heartbeat:
+                last_beat = now
+                beat = P.message(P.HEARTBEAT)
+                for agent in list(self.agents.values()):
+                    if agent.lost:
+                        continue
+                    if now - agent.last_heard > 3 * heartbeat:
+                        self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
+                    else:
+                        agent.send(beat)
+            usable = [a for a in self.agents.values() if not a.lost and not a.excluded]
+            if usable:
+                self._no_agents_since = None
+            elif self._no_agents_since is None:
+                self._no_agents_since = now
+            elif now - self._no_agents_since > job.spec.agent_wait_seconds:
+                self.suspend(f"no agent connected for {job.spec.agent_wait_seconds:g} s; "
+                             f"check the nodes (`orch nodes`), then `orch job resume {job.id}`")
+            self.on_event("job.tick", self.snapshot())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Where the job stands, for progress displays and `orch job status`."""
+        job = self.job
+        if job is None:
+            return {}
+        done, total = job.module.progress()
+        return {
+            "job": job.id,
+            "written": job.next_write,
+            "generated": job.generated,
+            "exhausted": job.exhausted,
+            "buffered": job.buffered,
+            "paused": job.paused(),
+            "input_done": done,
+            "input_total": total,
+            "counters": job.counters.as_dict(),
+            "seconds": time.monotonic() - job.started,
+            "nodes": {
+                a.node: {"name": a.name, "ports": len(a.ports), "done": a.done,
+                         "size": a.sizer.size if a.sizer else None,
+                         "task_seconds": a.sizer.elapsed if a.sizer else None, "history": list(a.history),
+                         "lost": a.lost, "excluded": a.excluded}
+                for a in self.agents.values()
+            },
+        }

@@ -1,0 +1,270 @@
+"""Jobs, the cloud API: submit -> JobRef, run/resume, status, result, delete, list.
+
+``submit`` validates everything up front (the release, the function, the work module's
+input, the sink) and records a queued job; ``run`` (also ``resume``) embeds the
+scheduler: it makes sure the nodes' agents are up, serves them over mutual TLS on the
+workspace's scheduler port, and drives the job to its end.  The CLI (`orch job ...`)
+and, later, `orch serve` are thin layers over these functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import ValidationError
+
+from orchestrator.config.models import ReleaseManifest
+from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
+from orchestrator.release_catalog import find_release, manifest_of, read_release
+from orchestrator.scheduler.engine import Engine, EventSink, JobRun, Outcome, ReleaseInfo, Task
+from orchestrator.scheduler.sinks import Record, Sink, check_sink_url, open_sink
+from orchestrator.scheduler.spec import JobSpec
+from orchestrator.scheduler.workmodules import WorkModule, check_work_module, load_work_module
+from orchestrator.state import JobRecord, JobState, NodeRecord, NodeState, ReleaseRecord, Store
+from orchestrator.workspace import Workspace
+
+RESUMABLE = frozenset({JobState.QUEUED, JobState.SUSPENDED, JobState.FAILED, JobState.RUNNING})
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A submitted job."""
+
+    id: str
+    release: str
+    function: str
+
+
+def parse_function_ref(ref: str) -> tuple[str, str]:
+    """``RELEASE[@VERSION]:FUNCTION`` -> (release ref, function)."""
+    release, sep, function = ref.rpartition(":")
+    if not sep or not release or not function:
+        raise InputError(f"work {ref!r}: expected RELEASE:FUNCTION", hint="e.g. orch job run primes:count_primes ...")
+    return release, function
+
+
+def submit(ws: Workspace, store: Store, work: str, *, input: str, sink: str | None = None,
+           family: str | None = None, work_module: str | None = None,
+           module_options: dict[str, Any] | None = None, **options: Any) -> JobRef:
+    """Validate and record a queued job; nothing runs yet (see ``run``)."""
+    release_ref, function = parse_function_ref(work)
+    record = find_release(store, release_ref)
+    manifest = manifest_of(record)
+    declared = {f.name: f for f in manifest.functions}
+    if function not in declared:
+        raise InputError(f"release {record.ref} has no function {function!r} (it has: {', '.join(sorted(declared))})",
+                         hint="see release.yaml `functions`")
+    fn = declared[function]
+    if family is not None and not any(n.family == family for n in store.list_nodes()):
+        raise NotFoundError(f"--family {family}: no node of that family", hint=f"orch spawn {family}")
+    job_id = "j" + uuid.uuid4().hex[:10]
+    module = work_module or fn.work_module
+    opts = dict(module_options or {})
+    check_work_module(module, input, opts, release_source=_release_source(ws, record))
+    sink = sink or f"file:{ws.relative(ws.runtime_dir / 'jobs' / f'{job_id}.out')}"
+    check_sink_url(sink)
+    if urlsplit(sink).password:
+        raise InputError("--sink: the URL holds a password, which would be stored with the job",
+                         hint="drop it from the URL and set PGPASSWORD or ~/.pgpass instead")
+    options.setdefault("task_timeout", fn.timeout_seconds)
+    try:
+        spec = JobSpec(release=record.ref, function=function, symbol=fn.c_symbol, work_module=module, input=input,
+                       module_options=opts, family=family, sink=sink, **options)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(p) for p in error["loc"])
+        raise InputError(f"--{field.replace('_', '-')}: {error['msg']}", hint="see `orch job run --help`") from exc
+    store.add_job(job_id, release=record.ref, function=function, spec=spec.model_dump(mode="json"))
+    return JobRef(job_id, record.ref, function)
+
+
+def get(store: Store, job_id: str) -> JobRecord:
+    return store.get_job(job_id)
+
+
+def list_jobs(store: Store) -> list[JobRecord]:
+    return store.list_jobs()
+
+
+def scheduler_alive(job: JobRecord, progress: dict[str, Any]) -> int | None:
+    """The pid of the scheduler running ``job`` on this machine, if it is alive."""
+    owner = progress.get("scheduler") or {}
+    pid = owner.get("pid")
+    if job.state != JobState.RUNNING or not pid or owner.get("host") != socket.gethostname():
+        return None
+    if pid == os.getpid():
+        return os.getpid()
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return int(pid)
+    return int(pid)
+
+
+def status(store: Store, job_id: str) -> dict[str, Any]:
+    """queued | running (where) | done | suspended (why) | failed (why), with counters."""
+    job = store.get_job(job_id)
+    progress = store.job_progress(job_id)
+    alive = scheduler_alive(job, progress)
+    state = job.state.value
+    reason = job.reason
+    if job.state == JobState.RUNNING and alive is None:
+        reason = f"its scheduler is gone; `orch job resume {job_id}` finishes it"
+    return {
+        "id": job.id, "release": job.release, "function": job.function, "state": state, "reason": reason,
+        "spec": job.spec, "written": progress.get("next_write", 0), "generated": progress.get("generated", 0),
+        "counters": progress.get("counters", {}), "nodes": progress.get("nodes", {}),
+        "scheduler_pid": alive, "failed_tasks": store.failed_tasks(job_id),
+        "created_at": job.created_at, "updated_at": job.updated_at,
+    }
+
+
+def result(ws: Workspace, store: Store, job_id: str) -> Iterator[Record]:
+    """The job's output records, in seq order, from its sink."""
+    job = store.get_job(job_id)
+    sink = open_sink(job.spec["sink"], root=ws.root)
+    try:
+        yield from sink.read(job_id)
+    finally:
+        sink.close()
+
+
+def delete(ws: Workspace, store: Store, job_id: str) -> None:
+    """Remove every trace of the job: its output, tasks, events and record."""
+    job = store.get_job(job_id)
+    pid = scheduler_alive(job, store.job_progress(job_id))
+    if pid is not None and pid != os.getpid():
+        raise ConflictError(f"job {job_id} is running (scheduler pid {pid})", hint="stop it first (Ctrl-C)")
+    sink = open_sink(job.spec["sink"], root=ws.root)
+    try:
+        sink.delete(job_id)
+    finally:
+        sink.close()
+    store.delete_job(job_id)
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None = None,
+        ready_timeout: float | None = None) -> Outcome:
+    """Run (or resume) ``job_id`` on the workspace's ready nodes until it ends."""
+    job = store.get_job(job_id)
+    if job.state == JobState.DONE:
+        raise ConflictError(f"job {job_id} is already done", hint=f"see `orch job result {job_id}`")
+    progress = store.job_progress(job_id)
+    pid = scheduler_alive(job, progress)
+    if pid is not None:
+        raise ConflictError(f"job {job_id} is running in scheduler pid {pid}", hint="wait for it, or stop it first")
+    spec = JobSpec.model_validate(job.spec)
+    release = find_release(store, spec.release)
+    manifest = manifest_of(release)
+    nodes = _job_nodes(store, spec)
+    module = load_work_module(spec.work_module, spec.input, spec.module_options, progress.get("position"),
+                              release_source=_release_source(ws, release))
+    sink = open_sink(spec.sink, root=ws.root)
+    try:
+        next_write = sink.open(job_id, progress.get("checkpoint"))
+        run_state = JobRun(job_id, spec, module, sink, _release_info(ws, release, manifest),
+                           next_write=next_write, generated=int(progress.get("generated", 0)),
+                           checkpoint=progress.get("checkpoint"), counters=progress.get("counters"))
+        tasks = _restore(store, run_state)
+        from orchestrator import agent_install, pki
+
+        agent_install.ensure_agents(ws, store, nodes, None)
+        endpoints = {agent_install.scheduler_endpoint(ws, node) for node in nodes}
+        hosts = sorted({host for host, _ in endpoints})
+        port = next(iter(endpoints))[1]
+        allowed = {node.id: node.family for node in nodes}
+
+        def admit(node_id: str) -> str | None:
+            return allowed.get(node_id)
+
+        engine = Engine(store, ssl_context=pki.server_ssl_context(ws), admit=admit, peer_id=pki.peer_node_id,
+                        on_event=on_event)
+        return asyncio.run(_serve(engine, hosts, port, run_state, tasks))
+    finally:
+        sink.close()
+        module.close()
+
+
+async def _serve(engine: Engine, hosts: list[str], port: int, job: JobRun, tasks: list[Task]) -> Outcome:
+    try:
+        await engine.start(hosts, port)
+    except OSError as exc:
+        raise StateError(f"the scheduler cannot listen on {', '.join(hosts)} port {port}: {exc.strerror}",
+                         hint="another `orch job run` may be serving this workspace; "
+                              "or set scheduler_port in orch.yaml") from exc
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGINT, engine.suspend, f"interrupted; `orch job resume {job.id}` goes on")
+        loop.add_signal_handler(signal.SIGTERM, engine.suspend, f"stopped; `orch job resume {job.id}` goes on")
+    try:
+        return await engine.run(job, tasks)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+        await engine.close()
+
+
+def _job_nodes(store: Store, spec: JobSpec) -> list[NodeRecord]:
+    nodes = store.list_nodes(family=spec.family, states=[NodeState.READY])
+    if not nodes:
+        where = f"of family {spec.family} " if spec.family else ""
+        raise StateError(f"no ready nodes {where}to run the job on",
+                         hint=f"orch spawn {spec.family or 'FAMILY'}, then run the job again")
+    return nodes
+
+
+def _restore(store: Store, job: JobRun) -> list[Task]:
+    """The work the store holds past the sink's end: done tasks go to the output buffer,
+    given-up ones are written as failed, pending ones run again (keeping their attempts)."""
+    work = store.stored_work(job.id, from_seq=job.next_write)
+    for seq, payload in work.results.items():
+        job.records[seq] = Record(seq, True, payload)
+        job.buffered += len(payload)
+    for seq, (_attempts, error) in work.failed.items():
+        job.records.setdefault(seq, Record(seq, False, error.encode()))
+    pending = []
+    for seq in work.pending():
+        size, data = work.tasks[seq]
+        pending.append(Task.make(seq, size, data, work.attempts.get(seq, (0, ""))[0]))
+    return pending
+
+
+def _release_info(ws: Workspace, record: ReleaseRecord, manifest: ReleaseManifest) -> ReleaseInfo:
+    return ReleaseInfo(folder=f"{record.name}-{record.version}", sha256=record.sha256, library=manifest.library,
+                       build=list(manifest.build), tarball=lambda: read_release(ws, record))
+
+
+def _release_source(ws: Workspace, record: ReleaseRecord) -> Any:
+    """``path -> bytes`` of a file in the release (for work modules a release ships)."""
+    def source(path: str) -> bytes:
+        import io
+        import tarfile
+
+        with tarfile.open(fileobj=io.BytesIO(read_release(ws, record)), mode="r:gz") as tar:
+            for member in tar.getmembers():
+                inner = member.name.split("/", 1)[1] if "/" in member.name else member.name
+                if inner == path and member.isfile():
+                    handle = tar.extractfile(member)
+                    if handle is not None:
+                        return handle.read()
+        raise NotFoundError(f"release {record.ref} has no file {path!r}", hint="check the work module's path")
+    return source
+
+
+__all__ = ["JobRef", "Outcome", "Sink", "WorkModule", "delete", "get", "list_jobs", "result", "run", "status",
+           "submit"]
