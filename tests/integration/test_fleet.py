@@ -146,7 +146,7 @@ def test_spawn_is_idempotent_grows_and_rolls_out_a_new_release(fleet_ws: Workspa
     rolled = json.loads(orch("spawn", "workers", "--count", "3", "--json").out)
     assert rolled["created"] == [] and sorted(rolled["rolled"]) == sorted(grown["ready"])
     versions = json.loads(orch("exec", "workers", "--json", "--", "readlink orch/current").out)
-    assert {v["stdout"].strip() for v in versions.values()} == {"releases/primes-1.0.1"}
+    assert {v["stdout"].strip() for v in versions.values()} == {"releases/primes-1.1.1"}
 
     shrunk = json.loads(orch("spawn", "workers", "--count", "1", "--json").out)
     assert len(shrunk["removed"]) == 2 and len(shrunk["ready"]) == 1
