@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import frames, protocol
-from .config import BACKOFF_CAP, BACKOFF_START, PARENT_ENV, Config, ConfigError, Log
+from .config import PARENT_ENV, POKE, Config, ConfigError, Log
 from .frames import HEADER_LEN, RESULT_HEADER, RESULT_MAGIC, TASK_HEADER, TASK_MAGIC
 from .launch import build_port
 from .protocol import (
@@ -500,6 +500,7 @@ class Agent:
         self.heartbeat = cfg.heartbeat
         self.last_heard = 0.0
         self.stop_event = asyncio.Event()
+        self.poked = asyncio.Event()  # POKE: a scheduler has just started; dial now
         self.wanting: dict[str, str] = {}  # release sha256 -> the work that asked for it
         self.install_failed: dict[str, str] = {}  # release sha256 -> why (this connection)
         self._port_build: asyncio.Future[str | None] | None = None
@@ -546,10 +547,20 @@ class Agent:
                 failures = 0
             if self.stop_event.is_set():
                 break
-            delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(max(failures - 1, 0), 16))
-            delay = random.uniform(delay / 2, delay)
-            with contextlib.suppress(*TIMEOUTS):
-                await asyncio.wait_for(self.stop_event.wait(), delay)
+            delay = min(cfg.backoff_cap, cfg.backoff_start * 2 ** min(max(failures - 1, 0), 16))
+            if self.poked.is_set():
+                self.poked.clear()
+                failures, turn, delay = 0, 0, 0.0
+            await self.backoff(random.uniform(delay / 2, delay))
+
+    async def backoff(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less when stopped or poked."""
+        waits = [asyncio.ensure_future(self.stop_event.wait()), asyncio.ensure_future(self.poked.wait())]
+        try:
+            await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     def client_context(self) -> ssl.SSLContext:
         cfg = self.cfg
@@ -873,6 +884,7 @@ async def _main(cfg: Config, log: Log) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, agent.stop_event.set)
+    loop.add_signal_handler(getattr(signal, POKE), agent.poked.set)
     parent = os.environ.get(PARENT_ENV)
     watch = asyncio.ensure_future(_watch_parent(int(parent), agent)) if parent and parent.isdigit() else None
     try:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 BACKOFF_START = 0.1  # seconds before dialing again after the first failure; doubles per failure
 BACKOFF_CAP = 2.0  # ... up to this; each wait is uniform(d/2, d)
+POKE = "SIGUSR1"  # sent by `ensure` when a scheduler is listening: dial now, backoff forgotten
 PARENT_ENV = "ORCH_AGENT_PARENT"
 """Set by the supervisor for its child: the pid the agent watches (it ends when that is gone)."""
 
@@ -62,12 +63,16 @@ class Config:
                 raise ConfigError(f"{path}: 'scheduler' names no address")
             self.slots = int(raw.get("slots", 1))
             self.heartbeat = float(raw.get("heartbeat", 5.0))
+            self.backoff_start = float(raw.get("backoff_start", BACKOFF_START))
+            self.backoff_cap = float(raw.get("backoff_cap", BACKOFF_CAP))
         except KeyError as exc:
             raise ConfigError(f"{path}: {exc.args[0]!r} is missing") from exc
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         if self.heartbeat <= 0:
             raise ConfigError(f"{path}: 'heartbeat' must be positive")
+        if not 0 < self.backoff_start <= self.backoff_cap:
+            raise ConfigError(f"{path}: 'backoff_start' and 'backoff_cap' must be positive, start <= cap")
         self.ca = file("ca")
         self.cert = file("cert")
         self.key = file("key")

@@ -14,12 +14,13 @@ import contextlib
 import hashlib
 import os
 import random
+import select
 import signal
 import socket
 import sys
 import time
 
-from .config import BACKOFF_CAP, BACKOFF_START, PARENT_ENV, Config, ConfigError, Log
+from .config import PARENT_ENV, POKE, Config, ConfigError, Log
 
 PROBE_TIMEOUT = 5.0
 BUILD_TIMEOUT = 600.0
@@ -31,6 +32,10 @@ class _Stop(Exception):
 
 def _raise_stop(signum: int, frame: object) -> None:
     raise _Stop(signal.Signals(signum).name)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A handler that does nothing: the signal's number reaches the wakeup pipe."""
 
 
 def build_port(cfg: Config, log: Log) -> str | None:
@@ -92,21 +97,46 @@ def wait_for_scheduler(cfg: Config, log: Log) -> None:
     agent proper dials again with TLS).  Raises _Stop when the supervisor is gone."""
     parent = os.environ.get(PARENT_ENV)
     failures, turn = 0, 0
-    while True:
-        if parent and parent.isdigit() and os.getppid() != int(parent):
-            log(f"the supervisor (pid {parent}) is gone; stopping")
-            raise _Stop("no supervisor")
-        host, port = cfg.scheduler[turn % len(cfg.scheduler)]
-        turn += 1
-        try:
-            socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
-            return
-        except OSError as exc:
-            failures += 1
-            if failures & (failures - 1) == 0:  # 1, 2, 4, 8, ...: a dead scheduler does not flood the log
-                log(f"scheduler {host}:{port}: {type(exc).__name__}: {exc} (attempt {failures}; retrying)")
-        delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures - 1, 16))
-        time.sleep(random.uniform(delay / 2, delay))
+    poke = getattr(signal, POKE)
+    wake_r, wake_w = os.pipe()
+    for fd in (wake_r, wake_w):
+        os.set_blocking(fd, False)
+    previous_fd = signal.set_wakeup_fd(wake_w)
+    previous = signal.signal(poke, _ignore)
+    try:
+        while True:
+            if parent and parent.isdigit() and os.getppid() != int(parent):
+                log(f"the supervisor (pid {parent}) is gone; stopping")
+                raise _Stop("no supervisor")
+            host, port = cfg.scheduler[turn % len(cfg.scheduler)]
+            turn += 1
+            try:
+                socket.create_connection((host, port), timeout=PROBE_TIMEOUT).close()
+                return
+            except OSError as exc:
+                failures += 1
+                if failures & (failures - 1) == 0:  # 1, 2, 4, 8, ...: a dead scheduler does not flood the log
+                    log(f"scheduler {host}:{port}: {type(exc).__name__}: {exc} (attempt {failures}; retrying)")
+            delay = min(cfg.backoff_cap, cfg.backoff_start * 2 ** min(failures - 1, 16))
+            if _poked_during(wake_r, random.uniform(delay / 2, delay), poke):
+                failures, turn = 0, 0  # dial every address again, now
+    finally:
+        signal.signal(poke, previous)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(wake_r)
+        os.close(wake_w)
+
+
+def _poked_during(wake: int, seconds: float, poke: int) -> bool:
+    """Sleep ``seconds`` unless POKE arrives first (its number on the wakeup pipe)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([wake], [], [], left)
+        if readable:
+            with contextlib.suppress(BlockingIOError):
+                if poke in os.read(wake, 64):
+                    return True
+    return False
 
 
 def run(config_path: str | os.PathLike[str]) -> int:

@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 
-from .config import PARENT_ENV, TYPE_CHECKING, Config, Log
+from .config import PARENT_ENV, POKE, TYPE_CHECKING, Config, Log
 
 if TYPE_CHECKING:
     from typing import Any
@@ -133,12 +133,19 @@ def supervise(config_path: str) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGTERM)
 
+    def on_poke(signum: int, frame: object) -> None:
+        child = state["child"]
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
     lock = _lock(os.path.join(folder, LOCK_FILE), wait=False)
     if lock is None:
         log(f"another supervisor holds {os.path.join(folder, LOCK_FILE)}; this one ({os.getpid()}) ends")
         return 1
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    signal.signal(getattr(signal, POKE), on_poke)
     _write(os.path.join(folder, CODE_FILE), code_digest(config_path) + "\n")
     _write(pid_file, f"{os.getpid()}\n")
     log(f"supervisor started (pid {os.getpid()})")
@@ -201,6 +208,7 @@ def _fork_agent(config_path: str, lock: int) -> int:
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
+        signal.signal(getattr(signal, POKE), signal.SIG_IGN)  # until the agent listens for it
         os.environ[PARENT_ENV] = str(parent)
         from .launch import run
 
@@ -302,6 +310,8 @@ def ensure(config_path: str, *, wait: float = 10.0) -> int:
 def _ensure(config_path: str, cfg: Config, folder: str, wait: float) -> int:
     pid = running_supervisor(folder)
     if pid is not None and _runs_current(config_path):
+        with contextlib.suppress(OSError):
+            os.kill(pid, getattr(signal, POKE))  # a scheduler may have just started: dial it now
         print("running")
         return 0
     if pid is not None:

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -182,7 +182,6 @@ def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None 
         tasks = _restore(store, run_state)
         from orchestrator import agent_install, pki
 
-        agent_install.ensure_agents(ws, store, nodes, None)
         endpoints = {agent_install.scheduler_endpoint(ws, node) for node in nodes}
         hosts = sorted({host for host, _ in endpoints})
         port = next(iter(endpoints))[1]
@@ -193,13 +192,16 @@ def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None 
 
         engine = Engine(store, ssl_context=pki.server_ssl_context(ws), admit=admit, peer_id=pki.peer_node_id,
                         on_event=on_event)
-        return asyncio.run(_serve(engine, hosts, port, run_state, tasks))
+        # Listen first: `ensure` pokes an idle agent, which then dials at once.
+        return asyncio.run(_serve(engine, hosts, port, run_state, tasks,
+                                  lambda: agent_install.ensure_agents(ws, store, nodes, None)))
     finally:
         sink.close()
         module.close()
 
 
-async def _serve(engine: Engine, hosts: list[str], port: int, job: JobRun, tasks: list[Task]) -> Outcome:
+async def _serve(engine: Engine, hosts: list[str], port: int, job: JobRun, tasks: list[Task],
+                 ensure_agents: Callable[[], object]) -> Outcome:
     try:
         await engine.start(hosts, port)
     except OSError as exc:
@@ -207,6 +209,11 @@ async def _serve(engine: Engine, hosts: list[str], port: int, job: JobRun, tasks
                          hint="another `orch job run` may be serving this workspace; "
                               "or set scheduler_port in orch.yaml") from exc
     loop = asyncio.get_running_loop()
+    try:
+        await loop.run_in_executor(None, ensure_agents)
+    except BaseException:
+        await engine.close()
+        raise
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, engine.suspend, f"interrupted; `orch job resume {job.id}` goes on")
         loop.add_signal_handler(signal.SIGTERM, engine.suspend, f"stopped; `orch job resume {job.id}` goes on")

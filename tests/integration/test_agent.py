@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -190,7 +191,7 @@ def make_home(tmp_path: Path) -> Iterator[MakeHome]:
     homes: list[Home] = []
 
     def make(ws: Workspace, scheduler: str, *, node: str = "n1", heartbeat: float = 1.0,
-             cert_ws: Workspace | None = None, with_cert: bool = True, slots: int = 2) -> Home:
+             cert_ws: Workspace | None = None, with_cert: bool = True, slots: int = 2, **extra: Any) -> Home:
         folder = tmp_path / f"home-{len(homes)}" / "orch" / "agent"
         package = folder / "orch_agent"
         package.mkdir(parents=True)
@@ -207,7 +208,7 @@ def make_home(tmp_path: Path) -> Iterator[MakeHome]:
         config = {"node": node, "name": f"{node}-name", "scheduler": [scheduler], "slots": slots,
                   "ca": "ca.crt", "cert": "node.crt", "key": "node.key", "port_binary": str(PORT),
                   "releases": "../releases", "include": str(NATIVE / "include"), "heartbeat": heartbeat,
-                  "log": "agent.log"}
+                  "log": "agent.log", **extra}
         (folder / "agent.json").write_text(json.dumps(config))
         home = Home(folder, releases, secrets.token_hex(8), [])
         homes.append(home)
@@ -649,6 +650,23 @@ def test_ensure_starts_a_detached_supervisor_and_stop_ends_it(ws: Workspace, pee
     stopped = home.command("stop")
     assert stopped.returncode == 0 and stopped.stdout.startswith("stopped")
     wait_until(lambda: not marked(home.token), 10, "every process gone")
+
+
+def test_ensure_pokes_a_waiting_agent_to_dial_at_once(ws: Workspace, make_home: MakeHome) -> None:
+    # Backoff of 30 to 60 s: only the poke from `ensure` can bring the agent in sooner.
+    port = _free_port()
+    home = make_home(ws, f"127.0.0.1:{port}", backoff_start=30, backoff_cap=60)
+    home.start("supervise")
+    wait_until(lambda: "(attempt 1; retrying)" in home.log_text(), what="a refused dial (first phase)")
+    with AgentPeer(pki.server_ssl_context(ws), port=port, reject=True) as rejecting:
+        assert home.command("ensure").stdout.strip() == "running"
+        wait_until(lambda: len(rejecting.accepts) >= 1, 10, "the poked agent's TLS dial")
+        wait_until(lambda: home.log_text().count("(attempt 1; retrying)") == 2, 10,
+                   "a refused TLS dial (second phase)")
+    with AgentPeer(pki.server_ssl_context(ws), port=port) as good:
+        assert home.command("ensure").stdout.strip() == "running"
+        session_of(good, home, timeout=10)
+    assert home.command("stop").returncode == 0
 
 
 # -- on a real node ------------------------------------------------------------------------------
