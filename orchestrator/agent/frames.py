@@ -145,6 +145,30 @@ def decode_results(buffer: bytes | bytearray | memoryview) -> tuple[list[PortRes
     return results, buffer[pos:]
 
 
+def decode_result_tuples(buffer: bytes | bytearray | memoryview) -> list[tuple[int, bool, int, bytes]]:
+    """Every result frame in ``buffer`` as (seq, ok, elapsed_ns, payload): the scheduler's
+    hot path (no object per result).  Raises FrameError on a bad or partial frame."""
+    results: list[tuple[int, bool, int, bytes]] = []
+    append, unpack = results.append, RESULT_HEADER.unpack_from
+    if not isinstance(buffer, bytes):
+        buffer = bytes(buffer)
+    pos, end_of_buffer = 0, len(buffer)
+    while pos < end_of_buffer:
+        if end_of_buffer - pos < HEADER_LEN:
+            raise FrameError(f"a partial result header at offset {pos}")
+        magic, seq, status, elapsed_ns, payload_len = unpack(buffer, pos)
+        if magic != RESULT_MAGIC:
+            raise FrameError(f"bad result magic {bytes(magic)!r} at offset {pos} (want {RESULT_MAGIC!r})")
+        if status > STATUS_FAILED:
+            raise FrameError(f"bad result status {status} for seq {seq}")
+        end = pos + HEADER_LEN + payload_len
+        if payload_len > MAX_OUTPUT or end > end_of_buffer:
+            raise FrameError(f"a partial or oversized result payload for seq {seq} ({payload_len} bytes)")
+        append((seq, status == STATUS_OK, elapsed_ns, buffer[pos + HEADER_LEN : end]))
+        pos = end
+    return results
+
+
 def describe_exit(returncode: int) -> str:
     """Why a port ended, from its return code (negative: the signal that killed it)."""
     if returncode < 0:

@@ -31,8 +31,7 @@ from orchestrator.agent.frames import (
     TASK_HEADER,
     TASK_MAGIC,
     FrameError,
-    PortResult,
-    decode_results,
+    decode_result_tuples,
     encode_result,
     encode_task,
 )
@@ -184,7 +183,7 @@ class JobRun:
 class Finished:
     """The tasks one message finished, to store in one go."""
 
-    accepted: list[PortResult] = field(default_factory=list)  # ok results recorded
+    accepted: list[tuple[int, int, bytes]] = field(default_factory=list)  # ok results: seq, elapsed ns, output
     failed: list[tuple[int, int, str]] = field(default_factory=list)  # seq, attempts, reason
     max_seq: int = -1
     all_accepted: bool = True
@@ -410,10 +409,11 @@ class Engine:
             if agent.lost or not agent.loaded:
                 continue
             depth = self._depth(agent)
+            low_water = depth // 2  # top up in batches of at least half the depth
             for port in agent.ports.values():
-                want = depth - len(port.inflight)
-                if not port.ready or want <= 0:
+                if not port.ready or len(port.inflight) > low_water:
                     continue
+                want = depth - len(port.inflight)
                 batch = self._take(job, agent, want, made)
                 if not batch:
                     break
@@ -442,17 +442,21 @@ class Engine:
         if len(out) < want and not job.exhausted and not job.paused():
             assert agent.sizer is not None
             size = agent.sizer.size
-            module, outstanding = job.module, job.outstanding
-            while len(out) < want:
-                data = module.next(size)
-                if data is None:
-                    job.exhausted = True
-                    break
-                task = Task.make(job.generated, size, data)
-                job.generated += 1
-                outstanding[task.seq] = task
-                made.append(task)
-                out.append(task)
+            count = want - len(out)
+            datas = job.module.next_many(size, count)
+            if len(datas) < count:
+                job.exhausted = True
+            seq = job.generated
+            outstanding, pack = job.outstanding, TASK_HEADER.pack
+            fresh = []
+            for data in datas:
+                task = Task(seq, size, pack(TASK_MAGIC, seq, 1, size, len(data)) + data)
+                outstanding[seq] = task
+                fresh.append(task)
+                seq += 1
+            job.generated = seq
+            made += fresh
+            out += fresh
         return out
 
     # -- results --------------------------------------------------------------------------------
@@ -460,9 +464,7 @@ class Engine:
     def _results(self, agent: Agent, body: bytes) -> None:
         job = self.job
         index, frames = P.parse_port(body)
-        results, rest = decode_results(frames)
-        if rest:
-            raise P.ProtocolError("RESULTS with a partial frame")
+        results = decode_result_tuples(frames)
         if job is None:
             return
         port = agent.ports.get(index)
@@ -476,8 +478,7 @@ class Engine:
         inflight = port.inflight if port is not None and not agent.lost else None
         accepted = finished.accepted
         buffered = done = 0
-        for result in results:
-            seq = result.seq
+        for seq, ok, elapsed_ns, payload in results:
             task: Task | None
             if inflight is not None and inflight and inflight[0].seq == seq:
                 task = inflight.popleft()
@@ -487,33 +488,33 @@ class Engine:
                 # A lost agent's answer, or a task sent to a port that died before the scheduler
                 # heard of it, run by the restarted port: the first completion still wins.
                 task = outstanding.get(seq)
-                if task is not None and not result.ok:
+                if task is not None and not ok:
                     task = None  # that attempt was already counted, and the task is queued again
             if task is None or seq not in outstanding:
                 counters.discarded += 1  # another node finished it first
                 finished.all_accepted = False
                 continue
-            if result.ok:
+            if ok:
                 # The hot path (one pass per task): record, account, adapt.
-                seconds = result.elapsed_ns * 1e-9
+                seconds = elapsed_ns * 1e-9
                 if observe is not None:
                     observe(task.size, seconds)
                 if history is not None and len(history) < HISTORY:
                     history.append(seconds)
-                payload = result.payload
                 del outstanding[seq]
                 records[seq] = Record(seq, True, payload)
                 buffered += len(payload)
                 done += 1
-                accepted.append(result)
+                accepted.append((seq, elapsed_ns, payload))
             else:
                 finished.all_accepted = False
-                self._attempt_failed(job, task, agent.node, f"{agent.name}: {result.message}", finished)
+                message = payload.decode("utf-8", "replace")
+                self._attempt_failed(job, task, agent.node, f"{agent.name}: {message}", finished)
         job.buffered += buffered
         counters.done += done
         agent.done += done
         if accepted:
-            finished.max_seq = max(finished.max_seq, max(r.seq for r in accepted))
+            finished.max_seq = max(finished.max_seq, max([a[0] for a in accepted]))
         if finished.all_accepted and finished.accepted:
             # The common case: every result was new and ok; store the frames as they came.
             self.store.add_results(job.id, agent.node, finished.max_seq, bytes(frames), finished.failed)
@@ -539,7 +540,7 @@ class Engine:
 
     def _store_results(self, job: JobRun, node: str | None, finished: Finished) -> None:
         if finished.accepted or finished.failed:
-            frames = b"".join([encode_result(r.seq, True, r.elapsed_ns, r.payload) for r in finished.accepted])
+            frames = b"".join([encode_result(seq, True, ns, payload) for seq, ns, payload in finished.accepted])
             self.store.add_results(job.id, node, finished.max_seq, frames, finished.failed)
 
     def _attempt_failed(self, job: JobRun, task: Task, node: str | None, reason: str, finished: Finished) -> None:

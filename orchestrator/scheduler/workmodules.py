@@ -127,6 +127,17 @@ class WorkModule(abc.ABC):
     def next(self, size: float) -> bytes | None:
         """The next task's data for a task of ``size`` in (0, 1]; None once the input is exhausted."""
 
+    def next_many(self, size: float, count: int) -> list[bytes]:
+        """Up to ``count`` tasks of ``size``, as ``next`` would give them one by one;
+        fewer only once the input is exhausted."""
+        out: list[bytes] = []
+        for _ in range(count):
+            data = self.next(size)
+            if data is None:
+                break
+            out.append(data)
+        return out
+
     @abc.abstractmethod
     def position(self) -> dict[str, Any]:
         """JSON-able; a module of the same input and options built with it continues exactly here."""
@@ -191,6 +202,19 @@ class RangeModule(WorkModule):
             high = self.end
         self._next = high
         return b"%d %d" % (low, high)
+
+    def next_many(self, size: float, count: int) -> list[bytes]:
+        low = self._next
+        if low >= self.end or count <= 0:
+            return []
+        span = _task_count(size, self.max_span)
+        count = min(count, -(-(self.end - low) // span))
+        high = min(low + count * span, self.end)
+        self._next = high
+        cuts = range(low, high, span)
+        out = [b"%d %d" % (a, a + span) for a in cuts]
+        out[-1] = b"%d %d" % (cuts[-1], high)
+        return out
 
     def position(self) -> dict[str, Any]:
         return {"next": self._next}

@@ -37,6 +37,7 @@ from orchestrator.agent.frames import (
     TASK_MAGIC,
     FrameError,
     PortResult,
+    decode_result_tuples,
     decode_results,
     describe_exit,
     encode_task,
@@ -144,6 +145,12 @@ def test_decode_results_across_every_split() -> None:
         got, rest = decode_results(frames[:cut])
         more, rest = decode_results(bytearray(rest + frames[cut:]))
         assert (got + more, rest) == (expected, b"")
+    # The scheduler's decoder: the same results as tuples; a partial frame is an error.
+    assert decode_result_tuples(memoryview(frames)) == [(r.seq, r.ok, r.elapsed_ns, r.payload) for r in expected]
+    for cut in range(1, len(frames)):
+        if cut not in (HEADER_LEN + 5, 2 * HEADER_LEN + 13):
+            with pytest.raises(FrameError, match="partial"):
+                decode_result_tuples(frames[:cut])
 
 
 @pytest.mark.parametrize(
@@ -157,6 +164,8 @@ def test_decode_results_across_every_split() -> None:
 def test_decode_rejects_what_a_port_never_writes(frame: bytes, complaint: str) -> None:
     with pytest.raises(FrameError, match=complaint):
         decode_results(frame)
+    with pytest.raises(FrameError, match=complaint if "limit" not in complaint else "oversized"):
+        decode_result_tuples(frame)
 
 
 @pytest.mark.parametrize(

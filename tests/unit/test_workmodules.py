@@ -103,6 +103,23 @@ def test_cutting(name: str, tmp_path: Path) -> None:
             assert b"".join(cut.expect) == cut.input
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, 1000])
+@pytest.mark.parametrize("name", list(CUTS))
+def test_next_many_cuts_as_next_does(name: str, count: int, tmp_path: Path) -> None:
+    cut = CUTS[name]
+    with load_work_module(cut.module, _input(cut, tmp_path), cut.options) as module:
+        got: list[bytes] = []
+        for turn in range(10_000):
+            batch = module.next_many(cut.sizes[turn % len(cut.sizes)], count)  # one size per batch
+            got += batch
+            if len(batch) < count:
+                break
+        assert module.next_many(1.0, count) == [], "an exhausted module stays exhausted"
+    with load_work_module(cut.module, _input(cut, tmp_path), cut.options) as single:
+        sizes = [cut.sizes[(i // count) % len(cut.sizes)] for i in range(len(got) + 1)]
+        assert got == drain(single, sizes, cycle=False)
+
+
 @pytest.mark.parametrize(("module", "input", "options", "min_size"), [
     ("range", "0:10", {"max_span": 4}, 0.25),
     ("range", "0:10", {}, 1e-6),
