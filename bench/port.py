@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ctypes_work import FAIL, WRITE, OrchOutput, OrchTask  # bench/ is on sys.path when run as a script
 from rich.console import Console
 from rich.table import Table
 
@@ -38,29 +39,6 @@ PORT = NATIVE / "build" / "orch-port"
 FAULTS = NATIVE / "build" / "libfaults.so"
 
 console = Console(highlight=False)
-
-
-# -- the orch_work.h ABI through ctypes -------------------------------------------------
-
-
-class OrchTask(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.POINTER(ctypes.c_ubyte)),
-        ("data_len", ctypes.c_size_t),
-        ("size", ctypes.c_double),
-        ("seq", ctypes.c_uint64),
-        ("attempt", ctypes.c_uint32),
-        ("node_name", ctypes.c_char_p),
-    ]
-
-
-class OrchOutput(ctypes.Structure):
-    pass
-
-
-WRITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(OrchOutput), ctypes.c_void_p, ctypes.c_size_t)
-FAIL = ctypes.CFUNCTYPE(None, ctypes.POINTER(OrchOutput), ctypes.c_char_p)
-OrchOutput._fields_ = [("ctx", ctypes.c_void_p), ("write", WRITE), ("fail", FAIL)]
 
 
 @dataclass
