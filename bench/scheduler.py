@@ -9,7 +9,7 @@
    mutual TLS, one port per node by default), beside multiprocessing.Pool with as many
    processes calling the same C function through ctypes (chunksize 1 and 1000), and
    dask.distributed's LocalCluster (``--dask-tasks`` tasks: it is far slower per task),
-   and Ray when it is installed.  orch's time runs from the first agent loading the
+   and Ray when it is installed (``pip install -e '.[bench]'``).  orch's time runs from the first agent loading the
    work to the job's end (agents dial in on their own backoff first: shown apart).
 2. Efficiency on CPU-bound C work: ``iterated_hash`` (the same cost for every number,
    so equal chunks are the direct side's best cut) over ``--cpu-range`` through orch
@@ -101,9 +101,11 @@ def _ray_map(processes: int, library: str, function: str, items: list[bytes]) ->
         import ray  # type: ignore[import-not-found]
     except ImportError:
         return None
-    ray.init(num_cpus=processes, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=processes, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO / "bench")}})
     try:
         call_batch = ray.remote(ctypes_work.call_batch)
+        ray.get([call_batch.remote(library, function, [item]) for item in items[:100]])  # warm: workers up
         started = time.perf_counter()
         ray.get([call_batch.remote(library, function, [item]) for item in items])
         return time.perf_counter() - started
@@ -194,7 +196,7 @@ def overhead(args: argparse.Namespace, ws: Workspace, store: Store, faults: str)
     if ray is not None:
         rows.append(Row(f"ray ({processes} cpus)", args.dask_tasks, ray))
     else:
-        console.print("ray: not installed (no wheel for this machine); left out", markup=False)
+        console.print("ray: not installed (pip install -e '.[bench]'); left out", markup=False)
 
     table = Table(title=f"{args.tasks:,} no-op C tasks (one integer each)", title_justify="left")
     for column in ("engine", "tasks", "seconds", "us/task", "note"):
