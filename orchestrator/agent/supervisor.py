@@ -28,7 +28,8 @@ import time
 from .config import PARENT_ENV, POKE, TYPE_CHECKING, Config, Log
 
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
 PID_FILE = "agent.pid"
 CODE_FILE = "agent.code"
@@ -202,8 +203,8 @@ def _fork_agent(config_path: str, lock: int) -> int:
     pid = os.fork()
     if pid:
         return pid
-    code = 70
-    try:
+
+    def agent() -> int:
         os.close(lock)  # the lock is the supervisor's alone
         os.setsid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -212,8 +213,17 @@ def _fork_agent(config_path: str, lock: int) -> int:
         os.environ[PARENT_ENV] = str(parent)
         from .launch import run
 
-        code = run(config_path)
-    except BaseException:  # the child must never return into the supervisor
+        return run(config_path)
+
+    _child(agent)
+
+
+def _child(body: Callable[[], int]) -> NoReturn:
+    """A forked child's whole life: it must never return into its parent's code."""
+    code = 70
+    try:
+        code = body()
+    except BaseException:
         import traceback
 
         traceback.print_exc()
@@ -321,8 +331,8 @@ def _ensure(config_path: str, cfg: Config, folder: str, wait: float) -> int:
     sys.stderr.flush()
     child = os.fork()
     if child == 0:  # the supervisor: detached, in a session of its own, stdio to the log
-        code = 70
-        try:
+
+        def detached() -> int:
             os.setsid()
             null = os.open(os.devnull, os.O_RDONLY)
             out = os.open(cfg.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -330,16 +340,9 @@ def _ensure(config_path: str, cfg: Config, folder: str, wait: float) -> int:
             os.dup2(out, 1)
             os.dup2(out, 2)
             os.closerange(3, 256)  # nothing of the SSH session stays open
-            code = supervise(config_path)
-        except BaseException:  # never return into ensure
-            import traceback
+            return supervise(config_path)
 
-            traceback.print_exc()
-        finally:
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+        _child(detached)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         done, status_ = os.waitpid(child, os.WNOHANG)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.ctypes_work import FAIL, WRITE, OrchOutput, OrchTask
+
 REPO = Path(__file__).resolve().parents[2]
 RELEASE = REPO / "releases" / "primes"
 INCLUDE = REPO / "worker_native" / "include"
@@ -61,27 +63,7 @@ def iterated_hash_reference(start: int, end: int) -> bytes:
     return f"{h:016x}\n".encode()
 
 
-# -- a ctypes harness for orch_work.h -----------------------------------------------
-
-
-class OrchTask(ctypes.Structure):
-    _fields_ = [
-        ("data", ctypes.POINTER(ctypes.c_ubyte)),
-        ("data_len", ctypes.c_size_t),
-        ("size", ctypes.c_double),
-        ("seq", ctypes.c_uint64),
-        ("attempt", ctypes.c_uint32),
-        ("node_name", ctypes.c_char_p),
-    ]
-
-
-class OrchOutput(ctypes.Structure):
-    pass
-
-
-WRITE = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(OrchOutput), ctypes.c_void_p, ctypes.c_size_t)
-FAIL = ctypes.CFUNCTYPE(None, ctypes.POINTER(OrchOutput), ctypes.c_char_p)
-OrchOutput._fields_ = [("ctx", ctypes.c_void_p), ("write", WRITE), ("fail", FAIL)]
+# -- a ctypes harness for orch_work.h (its structs: bench/ctypes_work.py) -------------
 
 
 @dataclass
