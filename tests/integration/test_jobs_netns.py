@@ -309,7 +309,8 @@ class TestNetnsFaults:
 
     def test_a_partitioned_node_is_lost_then_rejoins_and_nothing_is_recorded_twice(
             self, cluster: Cluster, record_property: Callable[[str, object], None]) -> None:
-        start, end = BASE, BASE + 6_000_000
+        # Long enough that a third of it is still to be cut once the loss is detected.
+        start, end = BASE, BASE + 12_000_000
         job = cluster.submit(f"{start}:{end}", target_task_seconds=0.05, module_options={"max_span": end - start},
                              heartbeat_seconds=HEARTBEAT, sink="sqlite:partition.db")
         proc = cluster.start(job)
