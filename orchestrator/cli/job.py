@@ -106,7 +106,8 @@ def status(ctx: typer.Context, job: Annotated[str, typer.Argument(help="The job 
         ("state", state),
         ("input", f"{info['spec']['work_module']} {info['spec']['input']}"),
         ("sink", info["spec"]["sink"]),
-        ("nodes", ", ".join(f"{node} ({where})" for node, where in sorted(info["nodes"].items())) or "-"),
+        ("nodes", ", ".join(f"{node} ({where}{_size(info, node)})" for node, where in sorted(info["nodes"].items()))
+         or "-"),
         ("tasks written", info["written"]),
         ("tasks made", info["generated"]),
         ("done / failed", f"{counters.get('done', 0)} / {counters.get('failed', 0)}"),
@@ -237,3 +238,8 @@ def _finish(job_id: str, outcome: Outcome, as_json: bool) -> None:
 
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="job")
+
+
+def _size(info: dict[str, Any], node: str) -> str:
+    size = info.get("sizes", {}).get(node)
+    return f", task size {size:.3g}" if size is not None else ""

@@ -157,6 +157,8 @@ class JobRun:
         self.started = time.monotonic()
         self.where: dict[str, str] = {}
         """node id -> "running" or why it left the job (for `orch job status`)."""
+        self.sizes: dict[str, float] = {}
+        """node id -> its current task size (for `orch job status` and the dashboard)."""
 
     def paused(self) -> bool:
         """Backpressure: too much output waits for an earlier task."""
@@ -175,6 +177,7 @@ class JobRun:
             "checkpoint": self.checkpoint,
             "counters": self.counters.as_dict(),
             "nodes": self.where,
+            "sizes": {node: float(f"{size:.4g}") for node, size in self.sizes.items()},
             "scheduler": {"pid": os.getpid(), "host": socket.gethostname()},
         }
 
@@ -520,6 +523,8 @@ class Engine:
             self.store.add_results(job.id, agent.node, finished.max_seq, bytes(frames), finished.failed)
         else:
             self._store_results(job, agent.node, finished)
+        if sizer is not None:
+            job.sizes[agent.node] = sizer.size
         if sizer is not None and sizer.slow and not agent.reported_slow:
             agent.reported_slow = True
             reason = (f"node {agent.name} cannot meet the target of {job.spec.target_task_seconds} s "

@@ -125,6 +125,7 @@ def status(store: Store, job_id: str) -> dict[str, Any]:
         "id": job.id, "release": job.release, "function": job.function, "state": state, "reason": reason,
         "spec": job.spec, "written": progress.get("next_write", 0), "generated": progress.get("generated", 0),
         "counters": progress.get("counters", {}), "nodes": progress.get("nodes", {}),
+        "sizes": progress.get("sizes", {}),
         "scheduler_pid": alive, "failed_tasks": store.failed_tasks(job_id),
         "created_at": job.created_at, "updated_at": job.updated_at,
     }

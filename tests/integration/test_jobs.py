@@ -171,6 +171,10 @@ def test_adaptive_sizes_meet_the_target_and_output_is_independent_of_the_cut(clu
     assert cluster.output(job) == "".join(f"{p}\n" for p in primes_below(3_000_000)).encode()
     sizes = {n["name"]: n["size"] for n in events[-1]["nodes"].values()}  # type: ignore[union-attr]
     assert len(sizes) == NODES and all(0 < s < 1 for s in sizes.values()), sizes
+    # The status (and so the dashboard) has the task size of each node that ran tasks.
+    stored: dict[str, float] = cluster.status(job)["sizes"]  # type: ignore[assignment]
+    assert stored and set(stored) <= {n.id for n in cluster.nodes()}, stored
+    assert all(0 < size <= 1 for size in stored.values()), stored
 
 
 @pytest.mark.parametrize(("word", "timeout"), [("crash", 60.0), ("abort", 60.0), ("hang", 1.0)])
