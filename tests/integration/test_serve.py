@@ -1,0 +1,470 @@
+"""``orch serve`` for real: a server subprocess on a free port, two local nodes spawned
+through the API, a job submitted through the API and run by the server's job runner,
+and a schemathesis run over the published OpenAPI description.
+
+The module's server and nodes are made once; teardown stops the server (SIGTERM, which
+must remove .orch/serve.json and exit 0) and then every node (`orch stop --all`),
+whether the tests passed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.workspace import Workspace
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.sshd, pytest.mark.slow]
+ORCH = [sys.executable, "-m", "orchestrator"]
+NODES = 2
+
+
+def primes_below(n: int) -> int:
+    sieve = bytearray([1]) * n
+    sieve[:2] = b"\0\0"
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
+    return sum(sieve)
+
+
+class Server:
+    """A running `orch serve` subprocess and a client for it."""
+
+    def __init__(self, ws: Workspace, proc: subprocess.Popen[str], info: dict[str, Any], log: Path) -> None:
+        self.ws = ws
+        self.proc = proc
+        self.info = info
+        self.log = log
+        self.token = (ws.runtime_dir / "api-token").read_text().strip()
+        self.client = httpx.Client(base_url=info["url"], timeout=120,
+                                   headers={"Authorization": f"Bearer {self.token}"})
+
+    @property
+    def url(self) -> str:
+        return str(self.info["url"])
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        return self.client.get(path, **kwargs)
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        return self.client.post(path, json=body)
+
+    def orch(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ORCH, *args], cwd=self.ws.root, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "COLUMNS": "200"})
+
+
+def start_server(ws: Workspace, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any], Path]:
+    """Start `orch serve ARGS` and wait for its .orch/serve.json (and a live /healthz)."""
+    log = ws.root / f"serve-{time.monotonic_ns()}.log"
+    serve_json = ws.runtime_dir / "serve.json"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*ORCH, "serve", *args], cwd=ws.root, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"orch serve exited {proc.returncode}: {log.read_text()}")
+        try:
+            info = json.loads(serve_json.read_text())
+        except (OSError, ValueError):
+            time.sleep(0.05)
+            continue
+        if info.get("pid") == proc.pid:
+            return proc, info, log
+        time.sleep(0.05)
+    stop_server(proc)
+    raise AssertionError(f"orch serve wrote no serve.json in 30 s: {log.read_text()}")
+
+
+def stop_server(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            return proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    return int(proc.returncode)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("serve")
+    ws = Workspace.init(root / "ws")
+    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
+                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
+    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 8\n")
+    (ws.families_dir / "workers.yaml").write_text(
+        f"release: primes\ncount: {NODES}\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
+    uploaded = subprocess.run([*ORCH, "release", "upload", str(ws.releases_src_dir / "primes")], cwd=ws.root,
+                              capture_output=True, text=True, timeout=60)
+    assert uploaded.returncode == 0, uploaded.stderr
+    proc, info, log = start_server(ws, "--port", "0")
+    srv = Server(ws, proc, info, log)
+    try:
+        yield srv
+    finally:
+        srv.client.close()
+        code = stop_server(proc)
+        stopped = subprocess.run([*ORCH, "stop", "--all"], cwd=ws.root, capture_output=True, text=True,
+                                 timeout=120)
+        assert code == 0, f"orch serve exited {code} on SIGTERM: {log.read_text()}"
+        assert not (ws.runtime_dir / "serve.json").exists(), "serve.json survived a clean shutdown"
+        assert "Traceback" not in log.read_text(), log.read_text()
+        assert stopped.returncode == 0 or "name a FAMILY" in stopped.stderr, stopped.stderr
+
+
+@pytest.fixture(scope="module")
+def spawned(server: Server) -> list[str]:
+    """The module's nodes, spawned through POST /nodes/spawn."""
+    response = server.post("/nodes/spawn", {"family": "workers"})
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert report["ok"] and len(report["ready"]) == NODES, report
+    return list(report["ready"])
+
+
+# -- access -------------------------------------------------------------------------------------
+
+
+def test_serve_json_and_the_token_file(server: Server) -> None:
+    assert server.info["host"] == "127.0.0.1" and server.info["tls"] is False
+    assert server.url == f"http://127.0.0.1:{server.info['port']}"
+    token_file = server.ws.runtime_dir / "api-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    assert len(server.token) >= 32
+
+
+def test_healthz_is_open_and_every_other_route_wants_the_token(server: Server) -> None:
+    assert httpx.get(f"{server.url}/healthz").json()["ok"] is True
+    schema = server.get("/openapi.json").json()
+    routes = [(method.upper(), path) for path, item in schema["paths"].items() for method in item]
+    assert len(routes) >= 18
+    routes += [("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/no/such/route")]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {server.token}"},
+                    {"Authorization": server.token}):
+        for method, path in routes:
+            if path == "/healthz":
+                continue
+            url = server.url + path.replace("{job_id}", "j1").replace("{key}", "k")
+            response = httpx.request(method, url, headers=headers, json={"family": "workers"})
+            assert response.status_code == 401, (method, path, headers, response.text)
+            body = response.json()
+            assert set(body) == {"error", "hint"} and "token" in body["error"]
+
+
+# -- the workspace -----------------------------------------------------------------------------
+
+
+def test_info_providers_releases_families(server: Server, spawned: list[str]) -> None:
+    info = server.get("/info").json()
+    assert info["nodes"]["by_state"]["ready"] == NODES
+    assert info["nodes"]["by_family"] == {"workers": NODES}
+    assert info["nodes"]["by_provider"] == {"local": NODES}
+    assert info["totals"]["releases"] == 1 and info["totals"]["providers"] == 1
+    cli = server.orch("info", "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["nodes"] == info["nodes"]
+    assert [p["name"] for p in server.get("/providers").json()] == ["local"]
+    assert [r["release"] for r in server.get("/releases").json()] == ["primes@1.1.0"]
+    [family] = server.get("/families").json()
+    assert family["name"] == "workers" and family["nodes"] == NODES
+    nodes = server.get("/nodes").json()
+    assert sorted(n["id"] for n in nodes) == sorted(spawned)
+    assert all(n["state"] == "ready" for n in nodes)
+
+
+def test_kv_round_trip(server: Server) -> None:
+    value = {"a": [1, 2.5, "x"], "b": None}
+    first = server.client.put("/kv/conf.one", json=value)
+    assert first.status_code == 200 and first.json() == {"key": "conf.one", "version": 1}
+    assert server.client.put("/kv/conf.one", json=value).json()["version"] == 2
+    assert server.get("/kv/conf.one").json() == {"key": "conf.one", "value": value}
+    assert server.get("/kv", params={"prefix": "conf."}).json() == {"conf.one": value}
+    wrong_type = server.client.put("/kv/conf.one", content=b"x", headers={"Content-Type": "text/plain"})
+    assert wrong_type.status_code == 415 and "application/json" in wrong_type.json()["error"]
+    assert server.client.delete("/kv/conf.one").status_code == 200
+    missing = server.get("/kv/conf.one")
+    assert missing.status_code == 404 and missing.json() == {"error": "no key 'conf.one'", "hint": "see GET /kv"}
+    assert server.client.delete("/kv/conf.one").status_code == 404
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+
+def test_a_job_submitted_through_the_api_runs_in_the_server(server: Server, spawned: list[str]) -> None:
+    submitted = server.post("/jobs", {"work": "primes:count_primes", "input": "0:200000",
+                                      "module_options": {"max_span": 20000}})
+    assert submitted.status_code == 201, submitted.text
+    job = submitted.json()["job"]
+    deadline = time.monotonic() + 60
+    status: dict[str, Any] = {}
+    saw_metrics = False
+    while time.monotonic() < deadline:
+        status = server.get(f"/jobs/{job}").json()
+        if status["state"] == "running" and not saw_metrics:
+            families = {f.name: f for f in text_string_to_metric_families(server.get("/metrics").text)}
+            saw_metrics = any(s.labels.get("job") == job for s in families["orch_job_tasks_done"].samples)
+        if status["state"] not in ("queued", "running"):
+            break
+        time.sleep(0.1)
+    assert status["state"] == "done", status
+    assert status["scheduler_pid"] is None and status["counters"]["failed"] == 0
+    assert status["nodes"] and set(status["nodes"]) <= set(spawned)  # a node may join after the end
+    result = server.get(f"/jobs/{job}/result")
+    assert result.status_code == 200
+    counts = [int(x) for x in result.content.split()]
+    assert len(counts) == status["written"] and sum(counts) == primes_below(200_000)
+    listed = server.get("/jobs").json()
+    assert any(j["job"] == job and j["state"] == "done" for j in listed)
+    events = server.get("/events", params={"job": job}).json()
+    kinds = [e["kind"] for e in events]
+    assert "job.running" in kinds and "job.done" in kinds, kinds
+    assert [e["id"] for e in events] == sorted(e["id"] for e in events)
+    after = server.get("/events", params={"after": events[0]["id"], "limit": 1, "job": job}).json()
+    assert [e["id"] for e in after] == [events[1]["id"]]
+    cli = server.orch("events", "--job", job, "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert [e["id"] for e in json.loads(cli.stdout)] == [e["id"] for e in events]
+    assert server.client.delete(f"/jobs/{job}").status_code == 200
+    assert server.get(f"/jobs/{job}").status_code == 404
+    print(f"(saw live task metrics while running: {saw_metrics})")
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"work": "nope:count_primes", "input": "0:10"}, 404, "no release"),
+    ({"work": "primes:nope", "input": "0:10"}, 400, "has no function 'nope'"),
+    ({"work": "primes:count_primes", "input": "10:0"}, 400, "input"),
+    ({"work": "primes:count_primes", "input": "0:10", "task_size": 2}, 400, "--task-size"),
+    ({"work": "primes", "input": "0:10"}, 400, "RELEASE:FUNCTION"),
+])
+def test_bad_job_input_is_one_line_and_4xx(server: Server, body: dict[str, Any], status: int, words: str) -> None:
+    before = server.get("/jobs").json()
+    response = server.post("/jobs", body)
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert set(error) == {"error", "hint"} and words in error["error"] and "\n" not in error["error"]
+    assert server.get("/jobs").json() == before
+
+
+def test_not_found_and_validation(server: Server) -> None:
+    assert server.get("/jobs/jnope").status_code == 404
+    assert server.get("/jobs/jnope/result").status_code == 404
+    assert server.client.delete("/jobs/jnope").status_code == 404
+    assert server.post("/nodes/stop", {}).status_code == 422
+    assert server.post("/nodes/stop", {"family": "workers", "all": True}).status_code == 422
+    assert server.post("/nodes/spawn", {"family": "nope"}).status_code == 404
+    assert server.post("/nodes/exec", {"family": "nope", "command": "true"}).status_code == 400
+    assert server.get("/events", params={"after": -1}).status_code == 422
+
+
+def test_exec_has_the_shape_of_orch_exec_json(server: Server, spawned: list[str]) -> None:
+    response = server.post("/nodes/exec", {"family": "workers", "command": "echo hi; echo err >&2; exit 3"})
+    assert response.status_code == 200, response.text
+    assert response.json() == {node: {"exit": 3, "stdout": "hi\n", "stderr": "err\n"} for node in spawned}
+    one = server.post("/nodes/exec", {"nodes": [spawned[0]], "command": "echo one"}).json()
+    assert one == {spawned[0]: {"exit": 0, "stdout": "one\n", "stderr": ""}}
+    cli = server.orch("exec", "--json", spawned[0], "--", "echo", "one")
+    assert json.loads(cli.stdout) == one
+
+
+def test_metrics_parse(server: Server, spawned: list[str]) -> None:
+    server.get("/info")
+    assert httpx.get(f"{server.url}/info").status_code == 401
+    response = server.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    nodes = {s.labels["state"]: s.value for s in families["orch_nodes"].samples}
+    assert nodes["ready"] == NODES and set(nodes) >= {"ready", "stopped", "failed"}
+    assert set(s.labels["state"] for s in families["orch_jobs"].samples) >= {"queued", "running", "done"}
+    assert {"orch_job_tasks_done", "orch_job_tasks_failed"} <= set(families)
+    requests = {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+                for s in families["orch_http_requests"].samples if s.name.endswith("_total")}
+    assert requests[("GET", "/info", "200")] >= 1
+    assert any(status == "401" for _, _, status in requests)
+
+
+def test_orch_events_follow_prints_new_events_as_they_come(server: Server) -> None:
+    from orchestrator.state import Store
+
+    last = max([0, *(e["id"] for e in server.get("/events", params={"limit": 10_000}).json())])
+    proc = subprocess.Popen([*ORCH, "events", "--follow", "--json", "--after", str(last), "--interval", "0.1"],
+                            cwd=server.ws.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with Store.open(server.ws.state_db) as store:
+            first = store.record_event("test.note", reason="one")
+            second = store.record_event("test.note", reason="two")
+        assert proc.stdout is not None
+        lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        assert [(e["id"], e["kind"], e["reason"]) for e in lines] == [(first, "test.note", "one"),
+                                                                    (second, "test.note", "two")]
+        assert [e["id"] for e in server.get("/events", params={"after": last}).json()] == [first, second]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+# -- robustness ----------------------------------------------------------------------------------
+
+
+def test_schemathesis_finds_no_server_error(server: Server, tmp_path: Path) -> None:
+    """Fuzz every route but those that make, stop or reach nodes; no answer may be 5xx."""
+    ran = subprocess.run(
+        [str(Path(sys.executable).with_name("schemathesis")), "run", f"{server.url}/openapi.json",
+         "-H", f"Authorization: Bearer {server.token}", "--checks", "not_a_server_error",
+         "--max-examples", "10", "--exclude-path-regex", "^/nodes/(spawn|stop|exec)$",
+         "--generation-database", "none", "--no-color", "--report-dir", str(tmp_path), "--seed", "1"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-2000:]
+    assert "Tested: 17" in ran.stdout or "passed" in ran.stdout, ran.stdout[-2000:]
+    assert "Traceback" not in server.log.read_text()
+    assert server.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["serve", "--port", "70000"], "--port 70000"),
+    (["serve", "--host", "no-such-host.invalid", "--port", "0"], "--host"),
+    (["serve", "--port", "x"], "--port"),
+    (["events", "--after", "-1"], "--after"),
+])
+def test_bad_cli_input_is_one_line(server: Server, args: list[str], words: str) -> None:
+    ran = server.orch(*args, timeout=30)
+    assert ran.returncode == 2, (ran.returncode, ran.stderr)
+    assert words in ran.stderr and "Traceback" not in ran.stderr
+    assert len(ran.stderr.strip().splitlines()) == 1, ran.stderr
+
+
+def test_one_server_per_workspace(server: Server) -> None:
+    ran = server.orch("serve", "--port", "0", timeout=30)
+    assert ran.returncode == 2 and f"pid {server.proc.pid}" in ran.stderr, ran.stderr
+    assert json.loads((server.ws.runtime_dir / "serve.json").read_text())["pid"] == server.proc.pid
+
+
+def test_a_port_in_use_is_refused_naming_the_option(tmp_path: Path) -> None:
+    ws = Workspace.init(tmp_path / "other")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        ran = subprocess.run([*ORCH, "serve", "--port", str(port)], cwd=ws.root, capture_output=True, text=True,
+                             timeout=30)
+    assert ran.returncode == 2 and f"--port {port}: cannot listen" in ran.stderr, ran.stderr
+    assert not (ws.runtime_dir / "serve.json").exists()
+
+
+def test_not_on_loopback_it_serves_https_with_the_workspace_ca(tmp_path: Path) -> None:
+    """A server on 0.0.0.0 (reached on 127.0.0.1 only) of a workspace of its own."""
+    ws = Workspace.init(tmp_path / "tls")
+    proc, info, log = start_server(ws, "--host", "0.0.0.0", "--port", "0")
+    try:
+        token = (ws.runtime_dir / "api-token").read_text().strip()
+        assert info["tls"] is True and info["url"].startswith("https://")
+        context = ssl.create_default_context(cafile=str(ws.runtime_dir / "pki" / "ca.crt"))
+        context.check_hostname = False  # the certificate names the role (orch-scheduler), not a host
+        base = f"https://127.0.0.1:{info['port']}"
+        with httpx.Client(verify=context) as client:
+            assert client.get(f"{base}/healthz").json()["ok"] is True
+            assert client.get(f"{base}/info").status_code == 401
+            assert client.get(f"{base}/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{info['port']}/healthz", timeout=5)
+        with pytest.raises(httpx.HTTPError):  # the system's trust store does not know the workspace CA
+            httpx.get(f"{base}/healthz", timeout=5)
+    finally:
+        assert stop_server(proc, signal.SIGINT) == 0, log.read_text()
+    assert not (ws.runtime_dir / "serve.json").exists()
+    assert "Traceback" not in log.read_text()
+
+
+# -- the pieces, in process ----------------------------------------------------------------------
+
+
+def test_running_jobs_counters_reach_the_metrics(tmp_path: Path) -> None:
+    from orchestrator.server.metrics import Metrics
+    from orchestrator.state import JobState, Store
+
+    ws = Workspace.init(tmp_path / "m")
+    with Store.open(ws.state_db) as store:
+        store.add_job("jrun", release="primes@1.1.0", function="count_primes", spec={})
+        store.set_job_state("jrun", JobState.RUNNING, progress={"counters": {"done": 7, "failed": 2}})
+        store.add_job("jq", release="primes@1.1.0", function="count_primes", spec={})
+    metrics = Metrics(ws)
+    metrics.count_request("GET", "/jobs/{job_id}", 404)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    done = {s.labels["job"]: s.value for s in families["orch_job_tasks_done"].samples}
+    failed = {s.labels["job"]: s.value for s in families["orch_job_tasks_failed"].samples}
+    assert done == {"jrun": 7} and failed == {"jrun": 2}  # queued jobs have no counters
+    jobs_by_state = {s.labels["state"]: s.value for s in families["orch_jobs"].samples}
+    assert jobs_by_state["running"] == 1 and jobs_by_state["queued"] == 1
+    [request] = [s for s in families["orch_http_requests"].samples if s.name.endswith("_total")]
+    assert request.labels == {"method": "GET", "route": "/jobs/{job_id}", "status": "404"} and request.value == 1
+
+
+def test_the_runner_takes_queued_jobs_oldest_first_one_at_a_time(tmp_path: Path) -> None:
+    import threading
+
+    from orchestrator.errors import StateError
+    from orchestrator.scheduler.runner import JobRunner
+    from orchestrator.state import JobState, Store
+
+    ws = Workspace.init(tmp_path / "r")
+    ran: list[tuple[str, str]] = []
+    running = threading.Semaphore(1)
+
+    def fake_run(w: Workspace, store: Store, job_id: str) -> None:
+        assert running.acquire(blocking=False), "two jobs at once"
+        try:
+            ran.append((job_id, threading.current_thread().name))
+            if job_id == "j2":
+                raise StateError("no ready nodes to run the job on")
+            store.set_job_state(job_id, JobState.RUNNING)
+            time.sleep(0.05)
+            store.set_job_state(job_id, JobState.DONE)
+        finally:
+            running.release()
+
+    with Store.open(ws.state_db) as store:
+        for job in ("j1", "j2", "j3"):
+            store.add_job(job, release="primes@1.1.0", function="count_primes", spec={})
+            time.sleep(0.01)
+    runner = JobRunner(ws, poll_seconds=0.05, run_job=fake_run)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(ran) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with Store.open(ws.state_db) as store:
+            store.add_job("j4", release="primes@1.1.0", function="count_primes", spec={})
+        runner.wake()
+        while len(ran) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        assert runner.stop(timeout=5)
+    assert [job for job, _ in ran] == ["j1", "j2", "j3", "j4"]
+    assert {thread for _, thread in ran} == {"orch-job-runner"}
+    with Store.open(ws.state_db) as store:
+        states = {j.id: (j.state, j.reason) for j in store.list_jobs()}
+    assert states["j1"][0] == states["j3"][0] == states["j4"][0] == JobState.DONE
+    assert states["j2"] == (JobState.FAILED, "no ready nodes to run the job on")
+    assert runner.current is None
