@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -407,6 +407,47 @@ class Store(JobStore):
             (scope, len(prefix), prefix),
         )
         return {r["key"]: json.loads(r["value"]) for r in rows}
+
+    # Optimistic transactions over the kv table (``orchestrator.cloud.Cloud.mutate_store``):
+    # read with ``kv_read``, then ``kv_apply`` checks in one write transaction that
+    # nothing read has changed and writes everything, or writes nothing.
+
+    def kv_read(self, key: str, *, scope: str = "") -> tuple[str, int] | None:
+        """The key's stored JSON text and version, or None when absent."""
+        rows = self._query("SELECT value, version FROM kv WHERE scope=? AND key=?", (scope, key))
+        return (str(rows[0]["value"]), int(rows[0]["version"])) if rows else None
+
+    def kv_apply(self, expected: Mapping[tuple[str, str], tuple[str, int] | None],
+                 writes: Mapping[tuple[str, str], str]) -> bool:
+        """Write ``writes`` ((scope, key) -> JSON text) if every (scope, key) in ``expected``
+        still holds what ``kv_read`` returned then (text and version; None: absent), all
+        in one ``BEGIN IMMEDIATE`` transaction.  False, and nothing written, otherwise.
+
+        Comparing the text as well as the version makes a key deleted and made again
+        (which starts again at version 1) count as changed only when its value differs.
+        """
+        now = time.time()
+        try:
+            with self.transaction() as conn:
+                for (scope, key), seen in expected.items():
+                    row = conn.execute("SELECT value, version FROM kv WHERE scope=? AND key=?", (scope, key)).fetchone()
+                    current = (str(row[0]), int(row[1])) if row is not None else None
+                    if current != seen:
+                        return False
+                conn.executemany(
+                    "INSERT INTO kv (scope, key, value, updated_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(scope, key) DO UPDATE SET value=excluded.value, version=kv.version+1, "
+                    "updated_at=excluded.updated_at",
+                    [(scope, key, text, now) for (scope, key), text in writes.items()],
+                )
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"state store write failed: {exc}", hint="retry") from exc
+        return True
+
+    def kv_clear(self, *, scope: str) -> int:
+        """Delete every key of ``scope``; returns how many there were."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM kv WHERE scope=?", (scope,)).rowcount
 
 
 def _statements(script: str) -> Iterator[str]:

@@ -1,0 +1,115 @@
+"""The Python cloud API on real local nodes: grow a family through ``Cloud.add_node``,
+run a job in-process, check its output against a direct computation, look at
+``status`` and ``info``, remove a node, delete the job without a trace."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from orchestrator import fleet
+from orchestrator.cloud import Cloud, KVTransaction, job_scope
+from orchestrator.errors import NotFoundError
+from orchestrator.state import JobState, NodeState, Store
+from orchestrator.workspace import Workspace
+from tests.conftest import REPO
+from tests.integration.conftest import processes_of
+
+pytestmark = [pytest.mark.sshd, pytest.mark.slow]
+PRIMES_BELOW_200000 = 17984
+
+
+def primes_below(n: int) -> int:
+    sieve = bytearray([1]) * n
+    sieve[:2] = b"\0\0"
+    for i in range(2, int(n ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
+    return sum(sieve)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Workspace:
+    ws = Workspace.init(tmp_path / "ws")
+    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
+                    ignore=shutil.ignore_patterns("build"))
+    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 4\n")
+    (ws.families_dir / "workers.yaml").write_text(
+        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
+    return ws
+
+
+def test_nodes_and_a_job_through_the_cloud_api(workspace: Workspace) -> None:
+    assert primes_below(200_000) == PRIMES_BELOW_200000
+    nodes = []
+    try:
+        with Cloud(workspace.root) as cloud:
+            [first] = cloud.add_node("workers")
+            [second] = cloud.add_node("workers", count=1)  # grows by one: 1 -> 2
+            assert first.id != second.id
+            assert {n.id for n in cloud.nodes()} == {first.id, second.id}
+            assert all(n.state == NodeState.READY for n in cloud.nodes())
+
+            job = cloud.add_job("primes:count_primes", input="0:200000")
+            assert cloud.status(job)["state"] == "queued"
+            outcome = cloud.run(job)
+            assert outcome.state == JobState.DONE, outcome
+            output = cloud.result(job)
+            counts = [int(line) for line in output.split()]
+            assert sum(counts) == PRIMES_BELOW_200000
+            assert len(counts) == outcome.counters["done"]
+            status = cloud.status(job.id)
+            assert status["state"] == "done" and status["written"] == len(counts)
+            assert status["failed_tasks"] == []
+
+            info = cloud.info()
+            assert info["totals"]["live_nodes"] == info["totals"]["ready_nodes"] == 2
+            assert {k: v for k, v in info["nodes"]["by_state"].items() if v} == {"ready": 2}
+            assert info["nodes"]["by_family"] == {"workers": 2}
+            assert info["nodes"]["by_provider"] == {"local": 2}
+            assert {k: v for k, v in info["jobs"]["by_state"].items() if v} == {"done": 1}
+            assert info["totals"]["jobs"] == 1
+
+            def note(tx: KVTransaction) -> None:
+                tx.store(job, "primes", sum(counts))
+
+            cloud.mutate_store(note)
+            assert cloud.mutate_store(lambda tx: tx.fetch(job, "primes")) == PRIMES_BELOW_200000
+
+            removed = cloud.remove_node(first.id)
+            assert removed.state == NodeState.STOPPED
+            assert processes_of(first.provider_node_id, first.extra["node_dir"]) == []
+            assert [n.id for n in cloud.nodes()] == [second.id]
+            info = cloud.info()
+            assert info["totals"]["live_nodes"] == 1 and info["totals"]["nodes"] == 2
+            assert {k: v for k, v in info["nodes"]["by_state"].items() if v} == {"ready": 1, "stopped": 1}
+            assert info["nodes"]["by_family"] == {"workers": 1}
+            with pytest.raises(NotFoundError):
+                cloud.remove_node(first.id)
+
+            sink = workspace.root / ".orch" / "jobs" / f"{job.id}.out"
+            assert sink.exists()
+            cloud.delete_job(job)
+            with pytest.raises(NotFoundError, match=job.id):
+                cloud.status(job)
+            with pytest.raises(NotFoundError):
+                cloud.result(job)
+            assert cloud.jobs() == []
+            assert not sink.exists()
+            store = cloud.store
+            assert store.events(job=job.id) == []
+            assert store.kv_items(scope=job_scope(job)) == {}
+            for table in ("jobs", "task_batches", "result_batches", "task_attempts"):
+                column = "id" if table == "jobs" else "job"
+                assert store._query(f"SELECT 1 FROM {table} WHERE {column}=?", (job.id,)) == [], table
+            assert cloud.info()["totals"]["jobs"] == 0
+    finally:
+        with Store.open(workspace.state_db) as store:
+            nodes = store.list_nodes()
+            live = fleet.select_nodes(store, all_nodes=True)
+            if live:
+                fleet.stop(workspace, store, live)
+    for node in nodes:
+        assert processes_of(node.provider_node_id, node.extra.get("node_dir", "/nonexistent")) == [], node.id
