@@ -4,6 +4,7 @@
 #   - Debian packages (when missing, and only as root): a C toolchain, OpenSSH's sshd,
 #     iproute2 for network-namespace nodes, python3-venv
 #   - PostgreSQL (root only): installed when missing, its cluster started when down
+#   - Chromium and chromium-driver (root only) for the dashboard's browser test
 #   - a virtualenv in .venv with orch and its dev extra installed (editable)
 #   - the C side in worker_native/ built with make
 set -euo pipefail
@@ -53,6 +54,19 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   say "postgresql $pg_version/$pg_cluster running on port $pg_port$done_"
 else
   say "postgresql: skipped (installing and starting it needs root on Debian); its tests will skip"
+fi
+
+# Chromium and its WebDriver for the dashboard's browser test: root only, like PostgreSQL;
+# without them that test skips, saying why.
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  say "chromium: $(chromium --version 2>/dev/null | head -n 1)"
+elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  say "chromium: installed $(chromium --version 2>/dev/null | head -n 1)"
+else
+  say "chromium: skipped (installing it needs root on Debian); the dashboard's browser test will skip"
 fi
 
 if [ ! -x .venv/bin/python ]; then
