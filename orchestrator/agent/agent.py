@@ -26,6 +26,10 @@ builds and ports are subprocesses).  Per connection (see ``protocol.py``):
   that ends because it cannot load its library (exit 3, 4 or 5) is not restarted.
 - A task that runs past the work's ``task_timeout`` (counted from when it was sent or,
   if later, from the previous result) gets its port SIGKILLed.
+- EXEC runs a shell command at once (a task of its own, beside everything else) in a
+  session of its own, reading its stdout and stderr through pipes the loop watches
+  (capped, the rest dropped); past its timeout, or when the connection ends, its whole
+  process group is SIGKILLed.  EXEC_DONE answers it.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ from .frames import HEADER_LEN, RESULT_HEADER, RESULT_MAGIC, TASK_HEADER, TASK_M
 from .launch import build_port
 from .protocol import (
     ERROR,
+    EXEC,
+    EXEC_DONE,
     HEARTBEAT,
     HELLO,
     KIND_NAMES,
@@ -485,6 +491,139 @@ class Port:
             proc.kill()
 
 
+# -- remote commands (EXEC) -----------------------------------------------------------------
+
+
+class _Capture:
+    """One pipe read by the loop until EOF (or ``close``): at most ``cap`` bytes kept."""
+
+    def __init__(self, fd: int, cap: int) -> None:
+        self.fd, self.cap = fd, cap
+        self.data = bytearray()
+        self.dropped = 0
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        os.set_blocking(fd, False)
+        self.loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self.close()
+            return
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]
+        self.dropped += max(0, len(chunk) - max(room, 0))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+
+def _killpg(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _exec_home() -> str:
+    return os.environ.get("HOME") or os.path.expanduser("~")
+
+
+def _exec_limits(msg: dict[str, Any]) -> tuple[str, float, int]:
+    """(command, timeout, max_output) of an EXEC; raises ValueError."""
+    command = msg.get("command")
+    if not isinstance(command, str) or not command:
+        raise ValueError("command must be a non-empty string")
+    timeout = msg.get("timeout")
+    timeout = protocol.EXEC_TIMEOUT if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
+        raise ValueError(f"timeout {timeout!r} is not a positive number of seconds")
+    cap = msg.get("max_output")
+    cap = protocol.EXEC_MAX_OUTPUT if cap is None else cap
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= protocol.EXEC_OUTPUT_CAP:
+        raise ValueError(f"max_output {cap!r} is not a byte count from 0 to {protocol.EXEC_OUTPUT_CAP}")
+    return command, float(timeout), cap
+
+
+async def run_exec(msg: dict[str, Any]) -> dict[str, Any]:
+    """Run one EXEC; the EXEC_DONE fields but ``id``.  Cancelled, it SIGKILLs the
+    command's process group (and reaps the shell) before it ends."""
+    started = time.monotonic()
+
+    def done(status: int | None, reason: str, out: _Capture | None = None,
+             err: _Capture | None = None) -> dict[str, Any]:
+        return {"exit": status, "stdout": out.text() if out else "", "stderr": err.text() if err else "",
+                "truncated": bool((out and out.dropped) or (err and err.dropped)),
+                "seconds": round(time.monotonic() - started, 3), "reason": reason}
+
+    try:
+        command, timeout, cap = _exec_limits(msg)
+    except ValueError as exc:
+        return done(None, f"bad EXEC: {exc}")
+    home = _exec_home()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "/bin/sh", "-c", command, cwd=home, stdin=asyncio.subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            start_new_session=True, close_fds=True,
+        )
+    except BaseException as exc:
+        os.close(out_r)
+        os.close(err_r)
+        if isinstance(exc, OSError):
+            return done(None, f"cannot start /bin/sh in {home}: {_describe(exc)}")
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    out, err = _Capture(out_r, cap), _Capture(err_r, cap)
+    everything = asyncio.gather(proc.wait(), out.done, err.done)
+    try:
+        try:
+            await asyncio.wait_for(asyncio.shield(everything), timeout)
+        except TIMEOUTS:
+            _killpg(proc.pid)
+            await proc.wait()
+            # the group is dead: what it wrote is still in the pipes, unless a process
+            # that left the group holds them open
+            with contextlib.suppress(*TIMEOUTS):
+                await asyncio.wait_for(asyncio.shield(everything), 0.5)
+            return done(None, f"timed out after {timeout:g} s", out, err)
+    except BaseException:  # cancelled: the connection ended
+        _killpg(proc.pid)
+        await asyncio.shield(proc.wait())
+        raise
+    finally:
+        out.close()
+        err.close()
+        everything.cancel()  # a no-op when finished; retrieves nothing
+        with contextlib.suppress(BaseException):
+            await everything
+    rc = proc.returncode
+    assert rc is not None
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = "?"
+        return done(-1, f"killed by signal {-rc} ({name})", out, err)
+    return done(rc, "", out, err)
+
+
 # -- the agent ---------------------------------------------------------------------------
 
 
@@ -504,6 +643,7 @@ class Agent:
         self.wanting: dict[str, str] = {}  # release sha256 -> the work that asked for it
         self.install_failed: dict[str, str] = {}  # release sha256 -> why (this connection)
         self._port_build: asyncio.Future[str | None] | None = None
+        self.execs: set[asyncio.Task[None]] = set()  # EXECs running (this connection)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -639,6 +779,7 @@ class Agent:
                 with contextlib.suppress(BaseException):
                     await task
             self.writer = None
+            await self.kill_execs()
             await self.kill_ports()
             writer.close()
             with contextlib.suppress(*TIMEOUTS, OSError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -682,6 +823,8 @@ class Agent:
                 pass
             elif kind in (LOAD, UNLOAD, RELEASE):
                 control.put_nowait((kind, body))
+            elif kind == EXEC:
+                self.start_exec(protocol.parse_control(kind, body))
             elif kind == ERROR:
                 reason = protocol.parse_control(kind, body).get("reason")
                 raise SessionEnded(f"the scheduler sent ERROR: {reason}")
@@ -842,6 +985,38 @@ class Agent:
     async def _build_port(self) -> str | None:
         return await asyncio.to_thread(build_port, self.cfg, self.log)
 
+    # -- remote commands -----------------------------------------------------------------------
+
+    def start_exec(self, msg: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self._exec(msg))
+        self.execs.add(task)
+        task.add_done_callback(self.execs.discard)
+
+    async def _exec(self, msg: dict[str, Any]) -> None:
+        ident = msg.get("id")
+        shown = str(msg.get("command"))
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        try:
+            result = await run_exec(msg)
+        except Exception as exc:  # a bug: say so rather than leave the scheduler waiting
+            self.log(f"exec {ident!r}: internal error: {exc!r}: {' | '.join(traceback.format_exc().splitlines()[-4:])}")
+            result = {"exit": None, "stdout": "", "stderr": "", "truncated": False, "seconds": 0.0,
+                      "reason": f"internal error in the agent: {exc!r}"}
+        outcome = result["reason"] or f"exit {result['exit']}"
+        self.log(f"exec {ident!r} `{shown}`: {outcome} after {result['seconds']:g} s")
+        self.send(protocol.control(EXEC_DONE, id=ident, **result))
+        await self.drain()
+
+    async def kill_execs(self) -> None:
+        """SIGKILL the process group of every running EXEC and reap it; nothing is sent."""
+        running = list(self.execs)
+        self.execs.clear()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+            self.log(f"killed {len(running)} running command(s)")
+
     async def kill_ports(self) -> None:
         ports = list(self.ports.values())
         self.ports.clear()
@@ -892,6 +1067,7 @@ async def _main(cfg: Config, log: Log) -> None:
     finally:
         if watch is not None:
             watch.cancel()
+        await agent.kill_execs()
         await agent.kill_ports()
 
 

@@ -41,8 +41,39 @@ The conversation:
       PORT_DIED {port, seq|null, reason}    ->
       PORT_READY {port}                     ->
       HEARTBEAT {}                          <-> HEARTBEAT {} (every ``heartbeat`` seconds)
+                                            <- EXEC {id, command, timeout, max_output}
+      EXEC_DONE {id, exit, stdout, stderr,  ->
+                 truncated, seconds, reason}
                                             <- UNLOAD {work}   (job finished: stop its ports)
       ERROR {reason} (either side, then close)
+
+EXEC runs ``command`` with ``/bin/sh -c`` in the node user's home directory ($HOME),
+stdin from /dev/null, in a session (and process group) of its own.  EXECs run at once,
+concurrently with each other and with everything else (not in the LOAD/UNLOAD/RELEASE
+order); each is answered by one EXEC_DONE with the same ``id`` (any JSON value, echoed),
+in the order they finish.  ``timeout`` is in seconds (missing or null: 60; must be > 0);
+past it the whole process group is SIGKILLed.  ``max_output`` caps stdout and stderr at
+that many bytes each (missing or null: 1 MiB; at most 16 MiB); the rest is read and
+dropped.  EXEC_DONE:
+
+    exit       the exit status; -1 when the shell was killed by a signal (as ``orch exec``
+               over SSH reports it); null when it timed out, could not start, or the EXEC
+               was malformed
+    stdout, stderr   the captured bytes decoded as UTF-8 with errors="replace"
+    truncated  true when stdout or stderr was longer than ``max_output``
+    seconds    wall time from start to finish (float)
+    reason     "" when the command exited by itself with a status; else why not:
+               "timed out after N s", "killed by signal N (SIGNAME)", "cannot start ...",
+               "bad EXEC: ..."
+
+The command's stdout and stderr are read until both close and the shell has exited, so a
+background process that keeps them open counts against the timeout (as over SSH); one
+that closed them (``cmd >/dev/null 2>&1 &``) outlives a finished EXEC.  When the
+connection drops, every running EXEC's process group is SIGKILLed and no EXEC_DONE is
+sent (the scheduler treats them as lost).  (An agent that is itself SIGKILLed cannot do
+that: its EXECs, in sessions of their own, outlive it.)  EXEC came without a version
+bump: an agent from before it takes kind 14 for a ProtocolError, answers ERROR and dials
+again; ``ensure_agents`` replaces such an agent, whose code differs.
 
 A side that hears nothing (not even a heartbeat) for three heartbeat intervals treats the
 peer as lost.  When the connection drops, the agent kills its ports (dropping the tasks
@@ -64,6 +95,13 @@ HEADER_LEN = HEADER.size  # 5
 PORT_PREFIX = struct.Struct("<I")
 MAX_MESSAGE = 256 << 20
 """The largest body either side accepts (a RELEASE carries a whole tarball)."""
+EXEC_TIMEOUT = 60.0
+"""Seconds an EXEC may run when it names no ``timeout``."""
+EXEC_MAX_OUTPUT = 1 << 20
+"""Bytes of stdout (and of stderr) an EXEC keeps when it names no ``max_output``."""
+EXEC_OUTPUT_CAP = 16 << 20
+"""The largest ``max_output``: twice this, JSON-escaped (6 bytes per byte at worst), fits
+in MAX_MESSAGE."""
 
 # Message kinds.
 HELLO = 1
@@ -79,11 +117,14 @@ PORT_DIED = 10
 PORT_READY = 11
 UNLOAD = 12
 ERROR = 13
+EXEC = 14
+EXEC_DONE = 15
 
 KIND_NAMES = {
     HELLO: "HELLO", WELCOME: "WELCOME", HEARTBEAT: "HEARTBEAT", LOAD: "LOAD", LOADED: "LOADED",
     LOAD_FAILED: "LOAD_FAILED", RELEASE: "RELEASE", TASKS: "TASKS", RESULTS: "RESULTS",
     PORT_DIED: "PORT_DIED", PORT_READY: "PORT_READY", UNLOAD: "UNLOAD", ERROR: "ERROR",
+    EXEC: "EXEC", EXEC_DONE: "EXEC_DONE",
 }
 
 SCHEDULER_NAME = "orch-scheduler"
