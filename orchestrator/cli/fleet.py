@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -107,7 +107,8 @@ def exec_(
     timeout: Annotated[float | None, typer.Option(help="Seconds each node may take.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run a command on nodes in parallel over SSH; exit non-zero if any node fails."""
+    """Run a command on nodes in parallel (through their agents when `orch serve` runs, else
+    over SSH); exit non-zero if any node fails."""
     ws = workspace(ctx)
     with open_store(ws) as store:
         ready = engine.select_nodes(store, all_nodes=True, states=[NodeState.READY])
@@ -118,27 +119,38 @@ def exec_(
                                                                        n.path.startswith(target))]
     if not chosen:
         raise InputError(f"no ready node matches {target!r}", hint="see `orch nodes`")
-    outcome = remote.exec_on(ws, chosen, " ".join(command), timeout=timeout)
-    if as_json:
-        print_json({name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr} if isinstance(r, ssh.Result)
-                           else {"error": str(r)}) for name, r in outcome.nodes.items()})
+    from orchestrator.server import client
+
+    line = " ".join(command)
+    server = client.running(ws)
+    answers: dict[str, dict[str, Any]]
+    if server is not None:  # the server holds the agents' connections: one request, no SSH
+        answers = client.call(ws, server, "POST", "/nodes/exec",
+                              {"nodes": [n.id for n in chosen], "command": line, "timeout": timeout})
     else:
-        for name, result in outcome.nodes.items():
-            if isinstance(result, ssh.Result):
-                mark = "ok" if result.ok else f"exit {result.exited}"
+        outcome = remote.exec_on(ws, chosen, line, timeout=timeout)
+        if len(chosen) == 1 and isinstance(error := outcome.nodes[chosen[0].id], RemoteError):
+            raise error  # a single node's error is the command's error
+        answers = {name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr} if isinstance(r, ssh.Result)
+                          else {"error": str(r)}) for name, r in outcome.nodes.items()}
+    if as_json:
+        print_json(answers)
+    else:
+        for name, answer in answers.items():
+            if "exit" in answer:
+                mark = "ok" if answer["exit"] == 0 else f"exit {answer['exit']}"
                 console.print(f"[bold]{name}[/bold] ({mark})")
-                if result.stdout:
-                    console.print(result.stdout.rstrip("\n"), markup=False)
-                if result.stderr:
-                    err_console.print(result.stderr.rstrip("\n"), markup=False)
-            elif len(outcome.nodes) > 1:  # a single node's error is the command's error, below
-                err_console.print(f"{name}: {result}", markup=False)
-    if outcome.failed:
-        first = next(iter(outcome.failed.values()))
-        if isinstance(first, RemoteError) and len(outcome.nodes) == 1:
-            raise first
-        raise RemoteError(f"{len(outcome.failed)} of {len(outcome.nodes)} node(s) failed: "
-                          f"{', '.join(sorted(outcome.failed))}")
+                if answer["stdout"]:
+                    console.print(answer["stdout"].rstrip("\n"), markup=False)
+                if answer["stderr"]:
+                    err_console.print(answer["stderr"].rstrip("\n"), markup=False)
+            elif len(answers) > 1:  # a single node's error is the command's error, below
+                err_console.print(f"{name}: {answer['error']}", markup=False)
+    failed = sorted(name for name, answer in answers.items() if answer.get("exit") != 0)
+    if failed:
+        if len(answers) == 1 and "error" in answers[failed[0]]:
+            raise RemoteError(answers[failed[0]]["error"])
+        raise RemoteError(f"{len(failed)} of {len(answers)} node(s) failed: {', '.join(failed)}")
 
 
 def _age(seconds: float) -> str:

@@ -219,6 +219,7 @@ class Engine:
         self._lost_writers: set[asyncio.StreamWriter] = set()
         self._done: asyncio.Event | None = None
         self._no_agents_since: float | None = None
+        self._execs: dict[int, tuple[Agent, asyncio.Future[dict[str, Any]]]] = {}
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -340,6 +341,11 @@ class Engine:
             self._loaded(agent, P.parse_control(kind, body))
         elif kind == P.LOAD_FAILED:
             self._load_failed(agent, P.parse_control(kind, body))
+        elif kind == P.EXEC_DONE:
+            msg = P.parse_control(kind, body)
+            pending = self._execs.get(int(msg.get("id", -1)))
+            if pending is not None and pending[0] is agent and not pending[1].done():
+                pending[1].set_result(msg)
         elif kind == P.ERROR:
             raise P.ProtocolError(f"the agent reported: {P.parse_control(kind, body).get('reason')}")
         else:
@@ -600,6 +606,9 @@ class Engine:
         """The agent is gone (or silent): everything it held runs elsewhere."""
         agent.lost = True
         self._lost_writers.add(agent.writer)
+        for owner, future in self._execs.values():
+            if owner is agent and not future.done():
+                future.set_result({"exit": None, "reason": f"node {agent.name} lost: {why}"})
         job = self.job
         if job is None or not agent.loaded:
             return
@@ -644,6 +653,30 @@ class Engine:
         job = self.job
         if job is not None and self._done is not None and (job.failure or job.finished()):
             self._done.set()
+
+    # -- agents outside jobs (orch serve) -------------------------------------------------------
+
+    def connected(self) -> dict[str, float]:
+        """Node id -> when (time.monotonic) its connected agent was last heard from."""
+        return {node: agent.last_heard for node, agent in self.agents.items() if not agent.lost}
+
+    async def exec(self, node: str, exec_id: int, command: str, timeout: float, max_output: int,
+                   wait: float) -> dict[str, Any]:
+        """Run ``command`` through ``node``'s agent: its EXEC_DONE, or ``{exit: None,
+        reason}`` when the agent is not connected, is lost meanwhile, or does not answer
+        within ``wait`` seconds."""
+        agent = self.agents.get(node)
+        if agent is None or agent.lost:
+            return {"exit": None, "reason": f"the agent of node {node} is not connected"}
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._execs[exec_id] = (agent, future)
+        try:
+            agent.send(P.control(P.EXEC, id=exec_id, command=command, timeout=timeout, max_output=max_output))
+            return await asyncio.wait_for(future, wait)
+        except TimeoutError:
+            return {"exit": None, "reason": f"no answer from the agent of {agent.name} within {wait:g} s"}
+        finally:
+            self._execs.pop(exec_id, None)
 
     # -- running a job --------------------------------------------------------------------------
 

@@ -158,9 +158,21 @@ def delete(ws: Workspace, store: Store, job_id: str) -> None:
 # -- running ---------------------------------------------------------------------------------------
 
 
-def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None = None,
-        ready_timeout: float | None = None) -> Outcome:
-    """Run (or resume) ``job_id`` on the workspace's ready nodes until it ends."""
+@dataclass
+class PreparedRun:
+    """A job ready for an engine: its run state, the stored tasks to run again, its nodes."""
+
+    state: JobRun
+    tasks: list[Task]
+    nodes: list[NodeRecord]
+
+
+@contextlib.contextmanager
+def prepared(ws: Workspace, store: Store, job_id: str) -> Iterator[PreparedRun]:
+    """Check that ``job_id`` can run here and now, open its work module and sink at
+    their stored positions, and restore its stored work; the module and sink are closed
+    on exit.  Everything is opened in the calling thread (a SQLite sink is bound to it),
+    so the engine that runs it must run there too."""
     job = store.get_job(job_id)
     if job.state == JobState.DONE:
         raise ConflictError(f"job {job_id} is already done", hint=f"see `orch job result {job_id}`")
@@ -180,9 +192,19 @@ def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None 
         run_state = JobRun(job_id, spec, module, sink, _release_info(ws, release, manifest),
                            next_write=next_write, generated=int(progress.get("generated", 0)),
                            checkpoint=progress.get("checkpoint"), counters=progress.get("counters"))
-        tasks = _restore(store, run_state)
-        from orchestrator import agent_install, pki
+        yield PreparedRun(run_state, _restore(store, run_state), nodes)
+    finally:
+        sink.close()
+        module.close()
 
+
+def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None = None) -> Outcome:
+    """Run (or resume) ``job_id`` on the workspace's ready nodes until it ends, with an
+    engine of its own (``orch job run``; ``orch serve`` keeps one engine, see service.py)."""
+    from orchestrator import agent_install, pki
+
+    with prepared(ws, store, job_id) as run_state:
+        nodes = run_state.nodes
         endpoints = {agent_install.scheduler_endpoint(ws, node) for node in nodes}
         hosts = sorted({host for host, _ in endpoints})
         port = next(iter(endpoints))[1]
@@ -194,11 +216,8 @@ def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None 
         engine = Engine(store, ssl_context=pki.server_ssl_context(ws), admit=admit, peer_id=pki.peer_node_id,
                         on_event=on_event)
         # Listen first: `ensure` pokes an idle agent, which then dials at once.
-        return asyncio.run(_serve(engine, hosts, port, run_state, tasks,
+        return asyncio.run(_serve(engine, hosts, port, run_state.state, run_state.tasks,
                                   lambda: agent_install.ensure_agents(ws, store, nodes, None)))
-    finally:
-        sink.close()
-        module.close()
 
 
 async def _serve(engine: Engine, hosts: list[str], port: int, job: JobRun, tasks: list[Task],

@@ -40,6 +40,7 @@ from orchestrator.errors import (
 )
 from orchestrator.info import event_dict, workspace_info
 from orchestrator.scheduler.runner import JobRunner
+from orchestrator.scheduler.service import SchedulerService
 from orchestrator.server.auth import api_token, bearer_ok
 from orchestrator.server.metrics import CONTENT_TYPE_LATEST, Metrics
 from orchestrator.state import NodeRecord, NodeState, Store
@@ -130,21 +131,30 @@ def _route_path(app: FastAPI, scope: MutableMapping[str, Any]) -> str:
 
 
 def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | None = None,
-               on_shutdown: Callable[[], None] | None = None, stop_timeout: float = 10.0) -> FastAPI:
+               on_shutdown: Callable[[], None] | None = None, stop_timeout: float = 10.0,
+               service: SchedulerService | None = None) -> FastAPI:
     """The API of workspace ``ws``; the runner (made when not given) starts and stops
-    with the app's lifespan; ``on_shutdown`` runs last (``serve`` removes serve.json)."""
+    with the app's lifespan; ``on_shutdown`` runs last (``serve`` removes serve.json).
+    With ``service`` (what ``orch serve`` passes), jobs run on its long-lived engine,
+    a shutdown suspends the running job, and exec goes through connected agents."""
     token = token or api_token(ws)
-    runner = runner or JobRunner(ws)
+    runner = runner or JobRunner(ws, run_job=service.run_job if service is not None else None)
     metrics = Metrics(ws)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if service is not None:
+            await asyncio.to_thread(service.start)
         runner.start()
         try:
             yield
         finally:
+            if service is not None:
+                service.suspend("the server stopped; `orch job resume JOB` or the next `orch serve` goes on")
             if not await asyncio.to_thread(runner.stop, stop_timeout):
                 log.warning("job %s still runs; `orch job resume %s` finishes it", runner.current, runner.current)
+            if service is not None:
+                await asyncio.to_thread(service.stop)
             if on_shutdown is not None:
                 on_shutdown()
 
@@ -152,6 +162,7 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
                   description="The control plane of an orch workspace: fleet, jobs, key-value, events, metrics.")
     app.state.ws = ws
     app.state.runner = runner
+    app.state.service = service
     app.state.metrics = metrics
 
     @app.middleware("http")
@@ -174,7 +185,7 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
     async def orch_error(_: Request, exc: OrchError) -> JSONResponse:
         return _error(status_for(exc), exc.message, exc.hint)
 
-    _routes(app, ws, runner, metrics)
+    _routes(app, ws, runner, metrics, service)
     return app
 
 
@@ -201,7 +212,8 @@ def _error(status: int, message: str, hint: str | None) -> JSONResponse:
     return JSONResponse({"error": message, "hint": hint}, status_code=status)
 
 
-def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics) -> None:
+def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics,
+            service: SchedulerService | None) -> None:
     # Declares the scheme in the OpenAPI description; the middleware enforces it.
     secured = [Depends(HTTPBearer(auto_error=False))]
 
@@ -215,6 +227,12 @@ def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics) ->
     def healthz() -> dict[str, Any]:
         """Liveness; no token needed."""
         return {"ok": True, "version": __version__}
+
+    @app.get("/agents", tags=["fleet"], dependencies=secured)
+    def agents() -> dict[str, float]:
+        """Node id -> seconds since its connected agent was last heard from (the server's
+        scheduler holds the connections between jobs; empty without it)."""
+        return {node: round(age, 3) for node, age in sorted(service.connected().items())} if service else {}
 
     @app.get("/info", tags=["workspace"], dependencies=secured)
     def info(db: StoreDep) -> dict[str, Any]:
@@ -292,9 +310,9 @@ def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics) ->
 
     @app.post("/nodes/exec", tags=["fleet"], dependencies=secured)
     def exec_(request: ExecRequest, db: StoreDep) -> dict[str, Any]:
-        """Run a command on ready nodes in parallel over SSH; per node `{exit, stdout, stderr}` or
-        `{error}` (as `orch exec --json`)."""
-        from orchestrator import fleet, remote, ssh
+        """Run a command on ready nodes in parallel, through their agents when connected, else
+        over SSH; per node `{exit, stdout, stderr}` or `{error}` (as `orch exec --json`)."""
+        from orchestrator import fleet
 
         ready = fleet.select_nodes(db, all_nodes=True, states=[NodeState.READY])
         if request.family is not None:
@@ -306,9 +324,7 @@ def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics) ->
         if not chosen:
             raise InputError(f"no ready node matches {request.family or ', '.join(request.nodes or [])!r}",
                              hint="see GET /nodes")
-        outcome = remote.exec_on(ws, chosen, request.command, timeout=request.timeout)
-        return {name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr} if isinstance(r, ssh.Result)
-                       else {"error": str(r)}) for name, r in outcome.nodes.items()}
+        return exec_nodes(ws, service, chosen, request.command, request.timeout)
 
     @app.get("/jobs", tags=["jobs"], dependencies=secured)
     def list_jobs(db: StoreDep) -> list[dict[str, Any]]:
@@ -400,3 +416,25 @@ def _node(n: NodeRecord) -> dict[str, Any]:
             "port": n.port, "state": n.state.value, "release": n.release, "size": n.size, "path": n.path,
             "ready_at": n.ready_at, "reason": n.reason}
 
+
+def exec_nodes(ws: Workspace, service: SchedulerService | None, nodes: list[NodeRecord], command: str,
+               timeout: float | None) -> dict[str, Any]:
+    """``command`` on ``nodes``: through the agents the service has connected, over SSH
+    for the rest (in parallel); node id -> ``{exit, stdout, stderr}`` or ``{error}``."""
+    from orchestrator import remote, ssh
+
+    answers: dict[str, Any] = {}
+    rest = nodes
+    if service is not None:
+        connected = service.connected()
+        through = [n for n in nodes if n.id in connected]
+        rest = [n for n in nodes if n.id not in connected]
+        if through:
+            answers.update(service.exec(through, command, timeout=timeout))
+            rest += [n for n in through if n.id not in answers]  # gone meanwhile: SSH
+    if rest:
+        outcome = remote.exec_on(ws, rest, command, timeout=timeout)
+        answers.update({name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr}
+                               if isinstance(r, ssh.Result) else {"error": str(r)})
+                        for name, r in outcome.nodes.items()})
+    return {n.id: answers[n.id] for n in nodes}

@@ -25,27 +25,17 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import uvicorn
 
 from orchestrator.errors import ConflictError, InputError
+from orchestrator.server.client import Endpoint, running, serve_file
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 
 PORT_RANGE = (10000, 19999)
-SERVE_FILE = "serve.json"
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    pid: int
-    url: str
-    host: str
-    port: int
-    tls: bool
 
 
 def default_port(workspace_id: str) -> int:
@@ -62,10 +52,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def serve_file(ws: Workspace) -> Path:
-    return ws.runtime_dir / SERVE_FILE
 
 
 def resolve(host: str, port: int) -> tuple[Any, ...]:
@@ -93,22 +79,6 @@ def bind(host: str, port: int) -> socket.socket:
         raise InputError(f"--port {port}: cannot listen on {host} port {port}: {exc.strerror}",
                          hint="pick another --port, or 0 for any free port") from exc
     return sock
-
-
-def running(ws: Workspace) -> Endpoint | None:
-    """The server that serves ``ws`` now, from .orch/serve.json (None when none, or when
-    its process is gone)."""
-    try:
-        data = json.loads(serve_file(ws).read_text())
-        endpoint = Endpoint(**data)
-        os.kill(endpoint.pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return endpoint
-    except (OSError, ValueError, TypeError):
-        return None
-    return endpoint
 
 
 class _Server(uvicorn.Server):
@@ -173,7 +143,9 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
             if json.loads(path.read_text()).get("pid") == os.getpid():
                 path.unlink()
 
-    app = create_app(ws, token=token, on_shutdown=remove_serve_file)
+    from orchestrator.scheduler.service import SchedulerService
+
+    app = create_app(ws, token=token, on_shutdown=remove_serve_file, service=SchedulerService(ws))
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", **ssl_files)  # type: ignore[arg-type]
     server = _Server(config)
     try:

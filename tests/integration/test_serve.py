@@ -70,6 +70,15 @@ class Server:
                               env={**os.environ, "COLUMNS": "200"})
 
 
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
 def start_server(ws: Workspace, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any], Path]:
     """Start `orch serve ARGS` and wait for its .orch/serve.json (and a live /healthz)."""
     log = ws.root / f"serve-{time.monotonic_ns()}.log"
@@ -285,6 +294,25 @@ def test_exec_has_the_shape_of_orch_exec_json(server: Server, spawned: list[str]
     assert json.loads(cli.stdout) == one
 
 
+def test_exec_goes_through_the_agents_the_server_holds(server: Server, spawned: list[str]) -> None:
+    # A job brings every node's agent in; they stay connected to the server after it.
+    job = server.post("/jobs", {"work": "primes:count_primes", "input": "0:100000"}).json()["job"]
+    wait_until(lambda: server.get(f"/jobs/{job}").json()["state"] == "done", 60, "the job done")
+    wait_until(lambda: set(server.get("/agents").json()) == set(spawned), 30, "every agent connected")
+    # The command's parent is the agent (through SSH it would be sshd's shell).
+    parent = "tr '\\0' ' ' < /proc/$PPID/cmdline"
+    answers = server.post("/nodes/exec", {"family": "workers", "command": parent}).json()
+    assert set(answers) == set(spawned)
+    assert all(a["exit"] == 0 and "orch_agent" in a["stdout"] for a in answers.values()), answers
+    cli = server.orch("exec", "--json", "workers", "--", parent)
+    assert cli.returncode == 0, cli.stderr
+    assert all("orch_agent" in a["stdout"] for a in json.loads(cli.stdout).values())
+    # A command past its timeout: an error for that node, as the SSH path reports one.
+    slow = server.post("/nodes/exec", {"nodes": [spawned[0]], "command": "sleep 30", "timeout": 0.5}).json()
+    assert "error" in slow[spawned[0]] and "0.5" in slow[spawned[0]]["error"], slow
+    assert server.client.delete(f"/jobs/{job}").status_code == 200
+
+
 def test_metrics_parse(server: Server, spawned: list[str]) -> None:
     server.get("/info")
     assert httpx.get(f"{server.url}/info").status_code == 401
@@ -395,6 +423,42 @@ def test_not_on_loopback_it_serves_https_with_the_workspace_ca(tmp_path: Path) -
         assert stop_server(proc, signal.SIGINT) == 0, log.read_text()
     assert not (ws.runtime_dir / "serve.json").exists()
     assert "Traceback" not in log.read_text()
+
+
+def test_sigterm_suspends_the_running_job_and_resume_finishes_it(tmp_path: Path) -> None:
+    ws = Workspace.init(tmp_path / "suspend")
+    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
+                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
+    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 2\n")
+    (ws.families_dir / "workers.yaml").write_text(
+        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
+
+    def orch(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ORCH, *args], cwd=ws.root, capture_output=True, text=True, timeout=300)
+
+    assert orch("release", "upload", str(ws.releases_src_dir / "primes")).returncode == 0
+    proc: subprocess.Popen[str] | None = None
+    try:
+        assert orch("spawn", "workers").returncode == 0
+        proc, info, log = start_server(ws, "--port", "0")
+        with httpx.Client(base_url=info["url"], timeout=60, headers={
+                "Authorization": f"Bearer {(ws.runtime_dir / 'api-token').read_text().strip()}"}) as client:
+            job = client.post("/jobs", json={"work": "primes:count_primes", "input": "0:20000000",
+                                             "target_task_seconds": 0.05}).json()["job"]
+            wait_until(lambda: client.get(f"/jobs/{job}").json()["written"] >= 1, 60, "output of the job")
+            assert stop_server(proc) == 0, log.read_text()
+        status = json.loads(orch("job", "status", job, "--json").stdout)
+        assert status["state"] == "suspended" and "server stopped" in status["reason"], status
+        assert status["written"] >= 1 and status["scheduler_pid"] is None, status
+        resumed = orch("job", "resume", job, "--json")
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["state"] == "done"
+        counts = [int(x) for x in orch("job", "result", job).stdout.split()]
+        assert sum(counts) == primes_below(20_000_000)
+    finally:
+        if proc is not None:
+            stop_server(proc)
+        orch("stop", "--all")
 
 
 # -- the pieces, in process ----------------------------------------------------------------------

@@ -1,0 +1,236 @@
+"""``SchedulerService``: one engine for the life of ``orch serve``.
+
+``orch job run`` starts an engine for its job and closes it at the end, so agents dial
+in for each job.  A server keeps one: an asyncio loop in a thread of its own listens on
+the workspace's scheduler port from start to stop, agents stay connected between jobs,
+and so the server can
+
+- run jobs (``run_job``, called by the ``JobRunner`` thread, one job at a time): the
+  job is prepared, run and closed in the loop's thread (a SQLite sink is bound to the
+  thread that opened it), and only the nodes whose agent is not connected yet are
+  ensured over SSH;
+- suspend the job it runs (``suspend``: on SIGTERM the server stops the job cleanly,
+  and ``orch job resume`` or the next server goes on from there);
+- run commands through the agents (``exec``, Salt-like): EXEC and EXEC_DONE over the
+  agents' connections, for ``orch exec`` and ``POST /nodes/exec``;
+- tell which nodes' agents are connected and when each was last heard from.
+
+Any node that is a live, ready node of the workspace when its agent connects is
+admitted (looked up in the store then), so nodes spawned after the server started join
+it.  The server listens on every address its nodes dial (``scheduler_endpoint``); an
+address that appears later (a netns provider's bridge) is added before the next job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from orchestrator.errors import RemoteError, StateError
+from orchestrator.scheduler import jobs
+from orchestrator.scheduler.engine import Engine, EventSink, Outcome
+from orchestrator.state import NodeRecord, NodeState, Store
+from orchestrator.workspace import Workspace
+
+EXEC_GRACE = 10.0
+"""Seconds past a command's own timeout to wait for the agent's answer."""
+
+
+class SchedulerService:
+    """A long-lived engine in a thread: start(), run_job() per job, exec(), stop()."""
+
+    def __init__(self, ws: Workspace, *, on_event: EventSink | None = None) -> None:
+        self.ws = ws
+        self.on_event = on_event
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._engine: Engine | None = None
+        self._store: Store | None = None
+        self._hosts: set[str] = set()
+        self._port: int | None = None
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        self._exec_ids = itertools.count(1)
+
+    # -- life -----------------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the loop thread and listen; raises StateError when the port is taken."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._main, name="orch-scheduler", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise StateError("the scheduler did not start in time")
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            self._thread.join(5)
+            self._thread = None
+            if isinstance(failure, StateError):
+                raise failure
+            raise StateError(f"the scheduler could not start: {failure}") from failure
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Suspend the running job (if any), close every connection, end the thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        self.suspend("the server stopped; `orch job resume JOB` or the next `orch serve` goes on")
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._stopping.set)
+        thread.join(timeout)
+        self._thread = None
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._failure = exc
+                self._ready.set()
+            else:
+                raise
+
+    async def _serve(self) -> None:
+        from orchestrator import pki
+
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        with Store.open(self.ws.state_db) as store:
+            self._store = store
+            self._engine = Engine(store, ssl_context=pki.server_ssl_context(self.ws), admit=self._admit,
+                                  peer_id=pki.peer_node_id, on_event=self.on_event)
+            try:
+                await self._listen(self._live_nodes(store), always=("127.0.0.1",))
+                self._ready.set()
+                await self._stopping.wait()
+            finally:
+                await self._engine.close()
+                self._engine = None
+                self._store = None
+
+    async def _listen(self, nodes: Sequence[NodeRecord], always: Sequence[str] = ()) -> None:
+        from orchestrator import agent_install
+
+        hosts = set(always)
+        for node in nodes:
+            try:
+                host, port = agent_install.scheduler_endpoint(self.ws, node, store=self._store)
+            except Exception:
+                continue
+            hosts.add(host)
+            self._port = port
+        if self._port is None:
+            self._port = agent_install.scheduler_port(self.ws, store=self._store)
+        new = sorted(hosts - self._hosts)
+        if not new:
+            return
+        assert self._engine is not None
+        try:
+            await self._engine.start(new, self._port)
+        except OSError as exc:
+            raise StateError(f"the scheduler cannot listen on {', '.join(new)} port {self._port}: {exc.strerror}",
+                             hint="another `orch job run` or `orch serve` may be serving this workspace; "
+                                  "or set scheduler_port in orch.yaml") from exc
+        self._hosts.update(new)
+
+    def _admit(self, node_id: str) -> str | None:
+        assert self._store is not None
+        try:
+            node = self._store.get_node(node_id)
+        except Exception:
+            return None
+        return node.family if node.state == NodeState.READY else None
+
+    @staticmethod
+    def _live_nodes(store: Store) -> list[NodeRecord]:
+        return store.list_nodes(states=[NodeState.READY])
+
+    def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
+        loop = self._loop
+        if loop is None or self._engine is None:
+            coroutine.close()
+            raise StateError("the scheduler is not running")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def run_job(self, ws: Workspace, store: Store, job_id: str) -> Outcome:
+        """Run ``job_id`` on the service's engine until it ends (JobRunner's hook);
+        ``store`` (the caller's) is not used: the loop thread has its own."""
+        return self._call(self._run(job_id))  # type: ignore[no-any-return]
+
+    async def _run(self, job_id: str) -> Outcome:
+        from orchestrator import agent_install
+
+        assert self._store is not None and self._engine is not None
+        engine = self._engine
+        with jobs.prepared(self.ws, self._store, job_id) as run:
+            await self._listen(run.nodes)
+            missing = [n for n in run.nodes if n.id not in engine.connected()]
+            if missing:  # in a thread of the loop's pool; `ensure` pokes the idle agents
+                await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: agent_install.ensure_agents(self.ws, self._thread_store(), missing, None))
+            return await engine.run(run.state, run.tasks)
+
+    def _thread_store(self) -> Store:
+        """A store for a pool thread (``ensure_agents`` reads facts from it)."""
+        local = getattr(self, "_local", None)
+        if local is None:
+            local = self._local = threading.local()
+        if getattr(local, "store", None) is None:
+            local.store = Store.open(self.ws.state_db)
+        return local.store  # type: ignore[no-any-return]
+
+    def suspend(self, reason: str) -> None:
+        """End the running job as suspended (resumable), if one runs."""
+        loop, engine = self._loop, self._engine
+        if loop is not None and engine is not None and engine.job is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(engine.suspend, reason)
+
+    # -- agents ---------------------------------------------------------------------------
+
+    def connected(self) -> dict[str, float]:
+        """Node id -> seconds since its agent was last heard from, for connected agents."""
+        if self._engine is None:
+            return {}
+        now = time.monotonic()
+        return {node: now - heard for node, heard in self._engine.connected().items()}
+
+    def exec(self, nodes: Sequence[NodeRecord], command: str, *, timeout: float | None = None,
+             max_output: int = 1 << 20) -> dict[str, dict[str, Any]]:
+        """Run ``command`` through the agents of those ``nodes`` that are connected, in
+        parallel: node id -> ``{exit, stdout, stderr}`` or ``{error}`` (as ``orch exec
+        --json``).  Nodes without a connected agent are left out of the answer."""
+        seconds = timeout if timeout is not None else 60.0
+        try:
+            return self._call(self._exec([n.id for n in nodes], command, seconds, max_output),  # type: ignore[no-any-return]
+                              seconds + 2 * EXEC_GRACE)
+        except concurrent.futures.TimeoutError as exc:
+            raise RemoteError(f"no answer from the agents within {seconds + 2 * EXEC_GRACE:g} s") from exc
+
+    async def _exec(self, node_ids: list[str], command: str, timeout: float, max_output: int
+                    ) -> dict[str, dict[str, Any]]:
+        assert self._engine is not None
+        engine = self._engine
+        connected = engine.connected()
+        chosen = [n for n in node_ids if n in connected]
+        answers = await asyncio.gather(*[
+            engine.exec(node, next(self._exec_ids), command, timeout, max_output, timeout + EXEC_GRACE)
+            for node in chosen])
+        return {node: _exec_json(answer) for node, answer in zip(chosen, answers, strict=True)}
+
+
+def _exec_json(answer: dict[str, Any]) -> dict[str, Any]:
+    """EXEC_DONE (or the engine's error) as ``orch exec --json`` shows a node."""
+    if answer.get("exit") is None:
+        return {"error": str(answer.get("reason") or answer.get("error") or "the command did not finish")}
+    return {"exit": int(answer["exit"]), "stdout": str(answer.get("stdout", "")),
+            "stderr": str(answer.get("stderr", ""))}
