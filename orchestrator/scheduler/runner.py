@@ -10,9 +10,10 @@ or a new submit runs it once the cause is fixed.  A job another scheduler has ta
 (``orch job run`` in another process submits, then runs at once) is left alone.
 
 **Stopping.** ``stop()`` lets no new job start and waits (up to ``timeout``) for the
-current job to end by itself; it does not suspend it, because the engine's suspend
-is reachable only through the SIGINT/SIGTERM handlers that ``jobs.run`` installs,
-and those need the main thread.  When the wait runs out, ``stop`` returns False and
+current job to end.  It does not suspend the job itself: ``orch serve`` runs jobs on a
+``SchedulerService`` (``run_job``), and suspends the running job through it before it
+stops the runner; with plain ``jobs.run`` the engine's suspend is reachable only through
+the SIGINT/SIGTERM handlers of the main thread.  When the wait runs out, ``stop`` returns False and
 the thread (a daemon) dies with the process: the store then holds the job as a
 killed scheduler leaves it (``running``, its scheduler gone), and
 ``orch job resume JOB`` finishes it without repeating finished tasks.
