@@ -313,6 +313,36 @@ def test_exec_goes_through_the_agents_the_server_holds(server: Server, spawned: 
     assert server.client.delete(f"/jobs/{job}").status_code == 200
 
 
+def test_fifty_concurrent_submissions_all_complete_correctly(server: Server, spawned: list[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    span = 20_000
+    ranges = [(i * span, (i + 1) * span) for i in range(50)]
+    token = server.token
+
+    def submit(bounds: tuple[int, int]) -> str:
+        with httpx.Client(base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {token}"}) as c:
+            answer = c.post("/jobs", json={"work": "primes:count_primes", "input": f"{bounds[0]}:{bounds[1]}"})
+            assert answer.status_code == 201, answer.text
+            return str(answer.json()["job"])
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        ids = list(pool.map(submit, ranges))
+    assert len(set(ids)) == 50
+    wait_until(lambda: all(server.get(f"/jobs/{j}").json()["state"] not in ("queued", "running") for j in ids),
+               240, "all 50 jobs ended")
+    sieve = bytearray([1]) * (50 * span)
+    sieve[:2] = b"\0\0"
+    for i in range(2, int((50 * span) ** 0.5) + 1):
+        if sieve[i]:
+            sieve[i * i::i] = bytearray(len(range(i * i, 50 * span, i)))
+    for job, (low, high) in zip(ids, ranges, strict=True):
+        assert server.get(f"/jobs/{job}").json()["state"] == "done", job
+        counts = [int(x) for x in server.get(f"/jobs/{job}/result").content.split()]
+        assert sum(counts) == sum(sieve[low:high]), (job, low, high)
+        assert server.client.delete(f"/jobs/{job}").status_code == 200
+
+
 def test_metrics_parse(server: Server, spawned: list[str]) -> None:
     server.get("/info")
     assert httpx.get(f"{server.url}/info").status_code == 401
