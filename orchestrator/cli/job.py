@@ -74,8 +74,33 @@ def run(
             if as_json:
                 print_json({"job": ref.id, "state": "queued"})
             return
-        outcome = _run_with_progress(ws, store, ref.id, quiet=as_json)
+        from orchestrator.server import client
+
+        if client.running(ws) is not None:  # the server holds the scheduler: it runs the job, we watch
+            outcome = _follow_in_server(store, ref.id, quiet=as_json)
+        else:
+            outcome = _run_with_progress(ws, store, ref.id, quiet=as_json)
     _finish(ref.id, outcome, as_json)
+
+
+def _follow_in_server(store: Any, job_id: str, *, quiet: bool) -> Outcome:
+    """Watch a job that the running `orch serve` runs, until it ends."""
+    from orchestrator.scheduler.engine import Outcome
+    from orchestrator.state import JobState
+
+    started = time.monotonic()
+    if not quiet:
+        err_console.print(f"job {job_id}: run by the workspace's `orch serve`", markup=False)
+    last = ""
+    while True:
+        info = jobs.status(store, job_id)
+        if info["state"] not in ("queued", "running"):
+            return Outcome(JobState(info["state"]), info["reason"], info["counters"], time.monotonic() - started)
+        line = f"{info['state']}: {info['written']} tasks written"
+        if not quiet and line != last and time.monotonic() - started > 1:
+            err_console.print(line, markup=False)
+            last = line
+        time.sleep(0.2)
 
 
 @app.command("resume")

@@ -343,6 +343,18 @@ def test_fifty_concurrent_submissions_all_complete_correctly(server: Server, spa
         assert server.client.delete(f"/jobs/{job}").status_code == 200
 
 
+def test_orch_job_run_hands_its_job_to_the_running_server(server: Server, spawned: list[str]) -> None:
+    ran = server.orch("job", "run", "primes:count_primes", "--input", "0:100000", "--json")
+    assert ran.returncode == 0, ran.stderr
+    outcome = json.loads(ran.stdout)
+    assert outcome["state"] == "done", outcome
+    events = server.get("/events", params={"job": outcome["job"]}).json()
+    assert "job.done" in [e["kind"] for e in events]
+    counts = [int(x) for x in server.orch("job", "result", outcome["job"]).stdout.split()]
+    assert sum(counts) == primes_below(100_000)
+    assert server.client.delete(f"/jobs/{outcome['job']}").status_code == 200
+
+
 def test_metrics_parse(server: Server, spawned: list[str]) -> None:
     server.get("/info")
     assert httpx.get(f"{server.url}/info").status_code == 401
