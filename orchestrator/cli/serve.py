@@ -29,6 +29,8 @@ def serve(
                                       "workspace CA's certificate.")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port (default: one from the workspace id, 10000-19999; "
                                              "0: any free port).")] = None,
+    health_grace: Annotated[float, typer.Option(min=0.1, help="Seconds a ready node's agent may be silent "
+                                                "before the node is marked lost (and replaced).")] = 10.0,
 ) -> None:
     """Serve the REST API, /metrics and the job runner in the foreground (Ctrl-C stops)."""
     ws = workspace(ctx)
@@ -37,7 +39,7 @@ def serve(
         err_console.print(f"orch serve: {endpoint.url} (pid {endpoint.pid}); token in "
                           f"{ws.relative(ws.runtime_dir / 'api-token')}; Ctrl-C stops", markup=False)
 
-    server.serve(ws, host=host, port=port, on_ready=ready)
+    server.serve(ws, host=host, port=port, on_ready=ready, health_grace=health_grace)
     err_console.print("orch serve: stopped", markup=False)
 
 

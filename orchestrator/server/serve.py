@@ -109,13 +109,17 @@ def _log_to_stderr() -> None:
 
 
 def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
-          on_ready: Callable[[Endpoint], None] | None = None, log_level: str = "warning") -> Endpoint:
+          on_ready: Callable[[Endpoint], None] | None = None, log_level: str = "warning",
+          health_grace: float | None = None) -> Endpoint:
     """Serve the API of ``ws`` in the foreground until SIGINT/SIGTERM; returns the
-    endpoint it served on.  ``on_ready`` hears the endpoint once the socket listens."""
+    endpoint it served on.  ``on_ready`` hears the endpoint once the socket listens.
+    ``health_grace``: seconds a node's agent may be silent before the node is lost."""
     from orchestrator.server.app import create_app
     from orchestrator.server.auth import api_token
 
     resolve(host, 0 if port is None else port)  # bad input fails before the first write
+    if health_grace is not None and not health_grace > 0:
+        raise InputError(f"--health-grace {health_grace}: must be more than 0 seconds")
     ws.ensure_runtime()
     with Store.open(ws.state_db) as store:
         workspace_id = store.workspace_id
@@ -145,7 +149,8 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
 
     from orchestrator.scheduler.service import SchedulerService
 
-    app = create_app(ws, token=token, on_shutdown=remove_serve_file, service=SchedulerService(ws))
+    app = create_app(ws, token=token, on_shutdown=remove_serve_file, service=SchedulerService(ws),
+                     health_grace=health_grace)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", **ssl_files)  # type: ignore[arg-type]
     server = _Server(config)
     try:
