@@ -13,7 +13,7 @@ import typer
 from typer.exceptions import TyperException
 
 from orchestrator import __version__
-from orchestrator.cli import family, fleet, inventory, job, provider, release, serve, workspace_cmds
+from orchestrator.cli import autoscale, family, fleet, inventory, job, provider, release, serve, workspace_cmds
 from orchestrator.cli.common import CliState, err_console
 from orchestrator.errors import OrchError
 
@@ -35,6 +35,7 @@ fleet.register(app)
 inventory.register(app)
 job.register(app)
 serve.register(app)
+autoscale.register(app)
 
 
 def _version(value: bool) -> None:

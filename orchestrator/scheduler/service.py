@@ -204,6 +204,29 @@ class SchedulerService:
         now = time.monotonic()
         return {node: now - heard for node, heard in self._engine.connected().items()}
 
+    def work(self) -> dict[str, Any]:
+        """What the engine holds now, for the autoscaler: ``{"job", "family", "waiting",
+        "busy"}``: the running job and its family (None: any), an estimate of its tasks
+        waiting (not cut yet, or to be retried), and node id -> whether its agent has the
+        job's work loaded."""
+        if self._engine is None:
+            return {"job": None, "family": None, "waiting": 0.0, "busy": {}}
+        return self._call(self._work(), 10)  # type: ignore[no-any-return]
+
+    async def _work(self) -> dict[str, Any]:
+        assert self._engine is not None
+        engine, job = self._engine, self._engine.job
+        busy = {node: agent.loaded for node, agent in engine.agents.items() if not agent.lost}
+        if job is None:
+            return {"job": None, "family": None, "waiting": 0.0, "busy": busy}
+        waiting = float(len(job.retry))
+        done, total = job.module.progress()
+        if not job.exhausted and total and done and job.generated:
+            waiting += (total - done) / (done / job.generated)  # at the sizes cut so far
+        elif not job.exhausted and not total:
+            waiting += 1.0  # an input of unknown length: something waits
+        return {"job": job.id, "family": job.spec.family, "waiting": waiting, "busy": busy}
+
     def exec(self, nodes: Sequence[NodeRecord], command: str, *, timeout: float | None = None,
              max_output: int = 1 << 20) -> dict[str, dict[str, Any]]:
         """Run ``command`` through the agents of those ``nodes`` that are connected, in

@@ -42,6 +42,8 @@ from orchestrator.info import event_dict, workspace_info
 from orchestrator.scheduler.runner import JobRunner
 from orchestrator.scheduler.service import SchedulerService
 from orchestrator.server.auth import api_token, bearer_ok
+from orchestrator.server.autoscaler import Autoscaler
+from orchestrator.server.health import DEFAULT_GRACE, HealthMonitor
 from orchestrator.server.metrics import CONTENT_TYPE_LATEST, Metrics
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
@@ -132,23 +134,34 @@ def _route_path(app: FastAPI, scope: MutableMapping[str, Any]) -> str:
 
 def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | None = None,
                on_shutdown: Callable[[], None] | None = None, stop_timeout: float = 10.0,
-               service: SchedulerService | None = None) -> FastAPI:
+               service: SchedulerService | None = None, health_grace: float | None = None) -> FastAPI:
     """The API of workspace ``ws``; the runner (made when not given) starts and stops
     with the app's lifespan; ``on_shutdown`` runs last (``serve`` removes serve.json).
     With ``service`` (what ``orch serve`` passes), jobs run on its long-lived engine,
-    a shutdown suspends the running job, and exec goes through connected agents."""
+    a shutdown suspends the running job, and exec goes through connected agents, and a
+    ``HealthMonitor`` marks nodes lost whose agents are silent past ``health_grace``."""
     token = token or api_token(ws)
     runner = runner or JobRunner(ws, run_job=service.run_job if service is not None else None)
+    health = None if service is None else HealthMonitor(ws, service, grace=health_grace or DEFAULT_GRACE)
+    scaler = None if service is None else Autoscaler(ws, service)
     metrics = Metrics(ws)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if service is not None:
             await asyncio.to_thread(service.start)
+        if health is not None:
+            health.start()
+        if scaler is not None:
+            scaler.start()
         runner.start()
         try:
             yield
         finally:
+            if scaler is not None:
+                await asyncio.to_thread(scaler.stop)
+            if health is not None:
+                await asyncio.to_thread(health.stop)
             if service is not None:
                 service.suspend("the server stopped; `orch job resume JOB` or the next `orch serve` goes on")
             if not await asyncio.to_thread(runner.stop, stop_timeout):
