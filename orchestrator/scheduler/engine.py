@@ -728,6 +728,24 @@ class Engine:
         if self._done is not None:
             self._done.set()
 
+    async def keepalive(self) -> None:
+        """Between jobs (a server's engine), heartbeat the connected agents, which give up a
+        silent scheduler after three intervals, and lose the agents that went silent."""
+        heartbeat = self._heartbeat()
+        beat = P.message(P.HEARTBEAT)
+        while True:
+            await asyncio.sleep(heartbeat)
+            if self.job is not None:
+                continue  # the job's _tick beats
+            now = time.monotonic()
+            for agent in list(self.agents.values()):
+                if agent.lost:
+                    continue
+                if now - agent.last_heard > 3 * heartbeat:
+                    self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
+                else:
+                    agent.send(beat)
+
     async def _tick(self, job: JobRun) -> None:
         heartbeat = job.spec.heartbeat_seconds
         last_beat = last_commit = time.monotonic()

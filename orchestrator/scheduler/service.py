@@ -109,7 +109,13 @@ class SchedulerService:
             try:
                 await self._listen(self._live_nodes(store), always=("127.0.0.1",))
                 self._ready.set()
-                await self._stopping.wait()
+                keepalive = asyncio.create_task(self._engine.keepalive())
+                try:
+                    await self._stopping.wait()
+                finally:
+                    keepalive.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await keepalive
             finally:
                 await self._engine.close()
                 self._engine = None

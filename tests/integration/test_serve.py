@@ -299,6 +299,13 @@ def test_exec_goes_through_the_agents_the_server_holds(server: Server, spawned: 
     job = server.post("/jobs", {"work": "primes:count_primes", "input": "0:100000"}).json()["job"]
     wait_until(lambda: server.get(f"/jobs/{job}").json()["state"] == "done", 60, "the job done")
     wait_until(lambda: set(server.get("/agents").json()) == set(spawned), 30, "every agent connected")
+    time.sleep(4)  # between jobs the server heartbeats its agents: none gives it up (they would after 3 s)
+    assert set(server.get("/agents").json()) == set(spawned)
+    from orchestrator.state import Store
+
+    with Store.open(server.ws.state_db) as store:
+        logs = [Path(store.get_node(n).extra["node_dir"]) / "home" / "orch" / "agent" / "agent.log" for n in spawned]
+    assert not [p for p in logs if "nothing from the scheduler" in p.read_text()], "an agent gave the server up"
     # The command's parent is the agent (through SSH it would be sshd's shell).
     parent = "tr '\\0' ' ' < /proc/$PPID/cmdline"
     answers = server.post("/nodes/exec", {"family": "workers", "command": parent}).json()
