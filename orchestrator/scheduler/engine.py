@@ -732,19 +732,21 @@ class Engine:
         """Between jobs (a server's engine), heartbeat the connected agents, which give up a
         silent scheduler after three intervals, and lose the agents that went silent."""
         heartbeat = self._heartbeat()
-        beat = P.message(P.HEARTBEAT)
         while True:
             await asyncio.sleep(heartbeat)
-            if self.job is not None:
-                continue  # the job's _tick beats
-            now = time.monotonic()
-            for agent in list(self.agents.values()):
-                if agent.lost:
-                    continue
-                if now - agent.last_heard > 3 * heartbeat:
-                    self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
-                else:
-                    agent.send(beat)
+            if self.job is None:  # else the job's _tick beats
+                self._beat(time.monotonic(), heartbeat)
+
+    def _beat(self, now: float, heartbeat: float) -> None:
+        """Heartbeat every live agent; lose those silent for three intervals."""
+        beat = P.message(P.HEARTBEAT)
+        for agent in list(self.agents.values()):
+            if agent.lost:
+                continue
+            if now - agent.last_heard > 3 * heartbeat:
+                self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
+            else:
+                agent.send(beat)
 
     async def _tick(self, job: JobRun) -> None:
         heartbeat = job.spec.heartbeat_seconds
@@ -757,14 +759,7 @@ class Engine:
                 self._commit(job)
             if now - last_beat >= heartbeat:
                 last_beat = now
-                beat = P.message(P.HEARTBEAT)
-                for agent in list(self.agents.values()):
-                    if agent.lost:
-                        continue
-                    if now - agent.last_heard > 3 * heartbeat:
-                        self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
-                    else:
-                        agent.send(beat)
+                self._beat(now, heartbeat)
             usable = [a for a in self.agents.values() if not a.lost and not a.excluded]
             if usable:
                 self._no_agents_since = None

@@ -66,7 +66,9 @@ def test_a_large_job_scales_the_family_to_its_maximum_and_idle_nodes_go(tmp_path
                 time.sleep(0.2)
             status = client.get(f"/jobs/{job}").json()
             assert status["state"] == "done", status
-            assert most == 4, (most, [(e["kind"], e["reason"]) for e in client.get("/events", params={"limit": 10000}).json() if e["kind"].startswith("autoscale")], log.read_text()[-3000:])
+            scaled = [(e["kind"], e["reason"]) for e in client.get("/events", params={"limit": 10000}).json()
+                      if e["kind"].startswith("autoscale")]
+            assert most == 4, (most, scaled, log.read_text()[-3000:])
             deadline = time.monotonic() + 60  # idle 3 s, cooldown 1 s: back to the minimum
             while live() > 1 and time.monotonic() < deadline:
                 time.sleep(0.2)

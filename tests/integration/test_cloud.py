@@ -16,18 +16,10 @@ from orchestrator.state import JobState, NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO
 from tests.integration.conftest import processes_of
+from tests.integration.test_serve import primes_below
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 PRIMES_BELOW_200000 = 17984
-
-
-def primes_below(n: int) -> int:
-    sieve = bytearray([1]) * n
-    sieve[:2] = b"\0\0"
-    for i in range(2, int(n ** 0.5) + 1):
-        if sieve[i]:
-            sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
-    return sum(sieve)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ import pytest
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO
+from tests.integration.conftest import processes_of
 from tests.integration.test_serve import ORCH, Server, primes_below, start_server, stop_server, wait_until
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -30,42 +31,12 @@ GRACE = 2.0
 N = 20_000_000
 
 
-def node_pids(provider_node_id: str, node_dir: Path) -> list[int]:
-    """Live pids of a local node: ORCH_NODE_ID=<id> in the environment or its
-    sshd_config on the command line, and all their descendants."""
-    marker = f"ORCH_NODE_ID={provider_node_id}".encode()
-    config = str(node_dir / "sshd_config").encode()
-    found: set[int] = set()
-    parents: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat[stat.rfind(")") + 2:].split()[:2]
-        if state in "ZX":
-            continue
-        parents[int(proc.name)] = int(ppid)
-        if marker in environ or config in cmdline:
-            found.add(int(proc.name))
-    grew = True
-    while grew:
-        more = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= more
-        grew = bool(more)
-    return sorted(found)
-
-
 def kill_node(provider_node_id: str, node_dir: Path) -> list[int]:
     """SIGKILL every process of the node until none is left; the pids killed."""
     killed: set[int] = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        pids = node_pids(provider_node_id, node_dir)
+        pids = processes_of(provider_node_id, node_dir)
         if not pids:
             return sorted(killed)
         for pid in pids:
@@ -75,7 +46,7 @@ def kill_node(provider_node_id: str, node_dir: Path) -> list[int]:
             except ProcessLookupError:
                 pass
         time.sleep(0.05)
-    left = node_pids(provider_node_id, node_dir)
+    left = processes_of(provider_node_id, node_dir)
     raise AssertionError(f"processes of node {provider_node_id} survive SIGKILL: {left}")
 
 
@@ -102,7 +73,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         with Store.open(ws.state_db) as store:
             nodes = store.list_nodes()
         root = ws.runtime_dir / "drivers" / "local" / "local"
-        left = {n.id: node_pids(n.provider_node_id, root / n.provider_node_id) for n in nodes if n.provider_node_id}
+        left = {n.id: processes_of(n.provider_node_id, root / n.provider_node_id) for n in nodes if n.provider_node_id}
         assert code == 0, f"orch serve exited {code} on SIGTERM: {log.read_text()}"
         assert "Traceback" not in log.read_text(), log.read_text()
         assert stopped.returncode == 0 or "name a FAMILY" in stopped.stderr, stopped.stderr
