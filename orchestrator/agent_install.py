@@ -293,7 +293,7 @@ def slots_of(ws: Workspace, node: NodeRecord) -> int:
     return family.workers_per_node or family.demands.cpus
 
 
-def ensure_agents(ws: Workspace, store: Store, nodes: Sequence[NodeRecord], pool: SSHPool | None = None, *,
+def ensure_agents(ws: Workspace, store: Store | None, nodes: Sequence[NodeRecord], pool: SSHPool | None = None, *,
                   max_parallel: int = 32, timeout: float = 120.0) -> dict[str, str]:
     """Over SSH, make each node's agent current and its supervisor run.
 

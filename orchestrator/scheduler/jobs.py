@@ -186,7 +186,11 @@ def prepared(ws: Workspace, store: Store, job_id: str) -> Iterator[PreparedRun]:
     nodes = _job_nodes(store, spec)
     module = load_work_module(spec.work_module, spec.input, spec.module_options, progress.get("position"),
                               release_source=_release_source(ws, release))
-    sink = open_sink(spec.sink, root=ws.root)
+    try:
+        sink = open_sink(spec.sink, root=ws.root)
+    except BaseException:
+        module.close()
+        raise
     try:
         next_write = sink.open(job_id, progress.get("checkpoint"))
         run_state = JobRun(job_id, spec, module, sink, _release_info(ws, release, manifest),

@@ -182,17 +182,8 @@ class SchedulerService:
             missing = [n for n in run.nodes if n.id not in engine.connected()]
             if missing:  # in a thread of the loop's pool; `ensure` pokes the idle agents
                 await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: agent_install.ensure_agents(self.ws, self._thread_store(), missing, None))
+                    None, lambda: agent_install.ensure_agents(self.ws, None, missing, None))  # facts: cached
             return await engine.run(run.state, run.tasks)
-
-    def _thread_store(self) -> Store:
-        """A store for a pool thread (``ensure_agents`` reads facts from it)."""
-        local = getattr(self, "_local", None)
-        if local is None:
-            local = self._local = threading.local()
-        if getattr(local, "store", None) is None:
-            local.store = Store.open(self.ws.state_db)
-        return local.store  # type: ignore[no-any-return]
 
     def suspend(self, reason: str) -> None:
         """End the running job as suspended (resumable), if one runs."""

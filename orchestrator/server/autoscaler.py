@@ -41,6 +41,7 @@ class Autoscaler:
         self._last_change: dict[str, float] = {}
         self._last_hold: dict[str, str] = {}
         self._busy_at: dict[str, float] = {}
+        self._config: tuple[tuple[tuple[str, int], ...], dict[str, NodeFamily]] | None = None
 
     def start(self) -> None:
         if self._thread is None:
@@ -62,8 +63,7 @@ class Autoscaler:
 
     def tick(self, store: Store) -> list[tuple[str, Decision]]:
         """One round over the families; the decisions made."""
-        cfg = fleet.load_config(self.ws, store)
-        scaled = {name: f for name, f in cfg.families.items() if f.scaling is not None}
+        scaled = self._scaled_families(store)
         if not scaled:
             return []
         work = self.service.work()
@@ -78,6 +78,17 @@ class Autoscaler:
             decisions.append((name, decision))
             self._act(store, family, decision, idle)
         return decisions
+
+    def _scaled_families(self, store: Store) -> dict[str, NodeFamily]:
+        """The families with ``scaling:`` rules, parsed again only when a config file
+        changed (a tick runs every second; the YAML rarely changes)."""
+        files = [self.ws.settings_file, *sorted(self.ws.families_dir.glob("*.yaml")),
+                 *sorted(self.ws.providers_dir.glob("*.yaml"))]
+        signature = tuple((str(f), f.stat().st_mtime_ns) for f in files if f.exists())
+        if self._config is None or self._config[0] != signature:
+            cfg = fleet.load_config(self.ws, store)
+            self._config = (signature, {n: f for n, f in cfg.families.items() if f.scaling is not None})
+        return self._config[1]
 
     def _decide(self, store: Store, family: NodeFamily, work: dict[str, Any], queued: list[Any], now: float
                 ) -> tuple[Decision, list[str]]:
