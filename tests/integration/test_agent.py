@@ -828,6 +828,13 @@ def test_exec_reports_exit_stdout_and_stderr(ws: Workspace, peer: AgentPeer, mak
     assert bad["exit"] is None and bad["reason"].startswith("bad EXEC: command")
     run_command(session, "c5", "true", timeout=0)
     assert exec_done(session, "c5").body["reason"].startswith("bad EXEC: timeout 0")
+    # as over SSH: no signal ignored or blocked (a pipe's writer dies quietly of SIGPIPE),
+    # and the command leads a session (and process group) of its own
+    run_command(session, "c6", "yes | head -n 1; grep -E '^Sig(Ign|Blk)' /proc/self/status; "
+                               "awk '{print ($1 == $6) ? \"leader\" : \"member\"}' /proc/$$/stat")
+    piped = exec_done(session, "c6").body
+    assert (piped["exit"], piped["stderr"]) == (0, "")
+    assert piped["stdout"] == "y\nSigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\nleader\n"
     assert "exec 'c1' `echo out; echo err >&2; exit 3`: exit 3 after" in home.log_text()
     assert not session.closed.is_set()
 
