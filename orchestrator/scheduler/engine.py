@@ -660,23 +660,37 @@ class Engine:
         """Node id -> when (time.monotonic) its connected agent was last heard from."""
         return {node: agent.last_heard for node, agent in self.agents.items() if not agent.lost}
 
-    async def exec(self, node: str, exec_id: int, command: str, timeout: float, max_output: int,
-                   wait: float) -> dict[str, Any]:
-        """Run ``command`` through ``node``'s agent: its EXEC_DONE, or ``{exit: None,
-        reason}`` when the agent is not connected, is lost meanwhile, or does not answer
-        within ``wait`` seconds."""
-        agent = self.agents.get(node)
-        if agent is None or agent.lost:
-            return {"exit": None, "reason": f"the agent of node {node} is not connected"}
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._execs[exec_id] = (agent, future)
-        try:
+    async def exec(self, requests: dict[str, int], command: str, timeout: float, max_output: int,
+                   wait: float) -> dict[str, dict[str, Any]]:
+        """Run ``command`` through the agents of ``requests`` (node -> exec id) at once:
+        node -> its EXEC_DONE, or ``{exit: None, reason}`` when the agent is not
+        connected, is lost meanwhile, or does not answer within ``wait`` seconds (one
+        deadline for all)."""
+        answers: dict[str, dict[str, Any]] = {}
+        futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        loop = asyncio.get_running_loop()
+        for node, exec_id in requests.items():
+            agent = self.agents.get(node)
+            if agent is None or agent.lost:
+                answers[node] = {"exit": None, "reason": f"the agent of node {node} is not connected"}
+                continue
+            futures[node] = future = loop.create_future()
+            self._execs[exec_id] = (agent, future)
             agent.send(P.control(P.EXEC, id=exec_id, command=command, timeout=timeout, max_output=max_output))
-            return await asyncio.wait_for(future, wait)
-        except TimeoutError:
-            return {"exit": None, "reason": f"no answer from the agent of {agent.name} within {wait:g} s"}
+        try:
+            if futures:
+                await asyncio.wait(futures.values(), timeout=wait)
         finally:
-            self._execs.pop(exec_id, None)
+            for exec_id in requests.values():
+                self._execs.pop(exec_id, None)
+        for node, future in futures.items():
+            if future.done():
+                answers[node] = future.result()
+            else:
+                future.cancel()
+                name = self.agents[node].name if node in self.agents else node
+                answers[node] = {"exit": None, "reason": f"no answer from the agent of {name} within {wait:g} s"}
+        return answers
 
     # -- running a job --------------------------------------------------------------------------
 

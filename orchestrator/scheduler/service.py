@@ -241,11 +241,9 @@ class SchedulerService:
         assert self._engine is not None
         engine = self._engine
         connected = engine.connected()
-        chosen = [n for n in node_ids if n in connected]
-        answers = await asyncio.gather(*[
-            engine.exec(node, next(self._exec_ids), command, timeout, max_output, timeout + EXEC_GRACE)
-            for node in chosen])
-        return {node: _exec_json(answer) for node, answer in zip(chosen, answers, strict=True)}
+        requests = {node: next(self._exec_ids) for node in node_ids if node in connected}
+        answers = await engine.exec(requests, command, timeout, max_output, timeout + EXEC_GRACE)
+        return {node: _exec_json(answers[node]) for node in requests}
 
 
 def _exec_json(answer: dict[str, Any]) -> dict[str, Any]:
