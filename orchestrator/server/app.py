@@ -9,15 +9,16 @@ Errors: an ``OrchError`` becomes one line ``{"error": ..., "hint": ...}`` with
 other bad input), 502 (a provider or a node failed); FastAPI's own 422 for a body or
 parameter of the wrong shape.  Bad input never gets a 5xx.
 
-Each request opens its own store (SQLite connections are per thread; FastAPI runs the
-plain ``def`` routes in a thread pool), and queued jobs run in a ``JobRunner`` thread.
+Each request has a store of its own while it runs, lent by a ``StorePool`` (FastAPI
+runs the plain ``def`` routes in a thread pool; a store is used by one thread at a
+time), and queued jobs run in a ``JobRunner`` thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,7 +27,9 @@ from fastapi import Body, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import Headers
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator import __version__
 from orchestrator.errors import (
@@ -45,7 +48,7 @@ from orchestrator.server.auth import api_token, bearer_ok
 from orchestrator.server.autoscaler import Autoscaler
 from orchestrator.server.health import DEFAULT_GRACE, HealthMonitor
 from orchestrator.server.metrics import CONTENT_TYPE_LATEST, Metrics
-from orchestrator.state import NodeRecord, NodeState, Store
+from orchestrator.state import NodeRecord, NodeState, Store, StorePool
 from orchestrator.workspace import Workspace
 
 log = logging.getLogger("orch.serve")
@@ -107,11 +110,10 @@ class JobRequest(_Body):
 
 
 def _store(request: Request) -> Iterator[Store]:
-    """The request's own store (closed after the response)."""
-    ws: Workspace = request.app.state.ws
-    ws.ensure_runtime()
-    with Store.open(ws.state_db) as opened:
-        yield opened
+    """A store of the request's own until the response (lent by the app's pool)."""
+    stores: StorePool = request.app.state.stores
+    with stores.store() as lent:
+        yield lent
 
 
 StoreDep = Annotated[Store, Depends(_store)]
@@ -168,31 +170,19 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
                 log.warning("job %s still runs; `orch job resume %s` finishes it", runner.current, runner.current)
             if service is not None:
                 await asyncio.to_thread(service.stop)
+            app.state.stores.close()
             if on_shutdown is not None:
                 on_shutdown()
 
     app = FastAPI(title="orch", version=__version__, lifespan=lifespan,
                   description="The control plane of an orch workspace: fleet, jobs, key-value, events, metrics.")
     app.state.ws = ws
+    app.state.stores = StorePool(ws.state_db)
     app.state.runner = runner
     app.state.service = service
     app.state.metrics = metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        response: Response
-        if request.url.path not in OPEN_PATHS and not bearer_ok(request.headers.get("authorization"), token):
-            response = _error(401, "missing or wrong API token",
-                              "send `Authorization: Bearer <token>`; the token is in .orch/api-token")
-            response.headers["WWW-Authenticate"] = "Bearer"
-        else:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # a bug: still one JSON line, and logged
-                log.exception("%s %s failed", request.method, request.url.path)
-                response = _error(500, f"internal error: {type(exc).__name__}: {exc}", "a bug in orch; see the log")
-        metrics.count_request(request.method, _route_path(app, request.scope), response.status_code)
-        return response
+    app.add_middleware(_Guard, token=token, metrics=metrics, routes=app)
 
     @app.exception_handler(OrchError)
     async def orch_error(_: Request, exc: OrchError) -> JSONResponse:
@@ -200,6 +190,44 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
 
     _routes(app, ws, runner, metrics, service)
     return app
+
+
+class _Guard:
+    """Around every request: the token check (401 without it), one JSON line for a bug
+    (500, logged), and the request counted in ``/metrics``.  Plain ASGI: starlette's
+    ``BaseHTTPMiddleware`` costs a task group and two memory streams a request."""
+
+    def __init__(self, app: ASGIApp, *, token: str, metrics: Metrics, routes: FastAPI) -> None:
+        self.app, self.token, self.metrics, self.routes = app, token, metrics, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = int(message["status"]), True
+            await send(message)
+
+        if scope["path"] not in OPEN_PATHS and not bearer_ok(Headers(scope=scope).get("authorization"), self.token):
+            response = _error(401, "missing or wrong API token",
+                              "send `Authorization: Bearer <token>`; the token is in .orch/api-token")
+            response.headers["WWW-Authenticate"] = "Bearer"
+            await response(scope, receive, sending)
+        else:
+            try:
+                await self.app(scope, receive, sending)
+            except Exception as exc:  # a bug: still one JSON line, and logged
+                log.exception("%s %s failed", scope["method"], scope["path"])
+                if started:
+                    raise
+                await _error(500, f"internal error: {type(exc).__name__}: {exc}",
+                             "a bug in orch; see the log")(scope, receive, sending)
+        self.metrics.count_request(scope["method"], _route_path(self.routes, scope), status)
 
 
 class UnsupportedMediaType(InputError):

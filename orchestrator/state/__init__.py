@@ -15,7 +15,7 @@ from orchestrator.state.records import (
     ProviderRecord,
     ReleaseRecord,
 )
-from orchestrator.state.store import Store
+from orchestrator.state.store import Store, StorePool
 
 __all__ = [
     "MIGRATIONS",
@@ -29,5 +29,6 @@ __all__ = [
     "ProviderRecord",
     "ReleaseRecord",
     "Store",
+    "StorePool",
     "StoredWork",
 ]
