@@ -61,7 +61,7 @@ FAMILY = "workers"
 TARGET_MS = 50.0
 PARENT = "tr '\\0' ' ' < /proc/$PPID/cmdline"  # the command's parent: the agent, or sshd's shell
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole rows in a log
 
 
 @dataclass

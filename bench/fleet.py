@@ -71,7 +71,7 @@ SPAWN_TARGET_S = 2.0
 SPAWN_TARGET_NODES = 16
 EXEC_TARGET_MS = 150.0
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole rows in a log
 log = Console(stderr=True, highlight=False, style="dim")
 
 

@@ -22,6 +22,7 @@ import argparse
 import ctypes
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ NATIVE = REPO / "worker_native"
 PORT = NATIVE / "build" / "orch-port"
 FAULTS = NATIVE / "build" / "libfaults.so"
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole rows in a log
 
 
 @dataclass

@@ -52,7 +52,7 @@ from orchestrator.scheduler import jobs  # noqa: E402
 from orchestrator.state import Store  # noqa: E402
 from orchestrator.workspace import Workspace  # noqa: E402
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole rows in a log
 TARGET = 0.25
 CPU_FUNCTION = "iterated_hash"
 
