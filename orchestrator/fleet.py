@@ -7,9 +7,11 @@ Progress flows out through ``FleetEvents`` callbacks; nothing here prints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import re
 import secrets
 import threading
 import time
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from orchestrator import release_catalog
 from orchestrator.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
 from orchestrator.config import NodeFamily, ReleaseManifest, WorkspaceConfig, load_workspace_config
+from orchestrator.config.models import NAME_PATTERN
 from orchestrator.errors import (
     ConflictError,
     InputError,
@@ -29,6 +32,7 @@ from orchestrator.errors import (
     ProviderError,
     ProviderQuotaError,
 )
+from orchestrator.locks import exclusive
 from orchestrator.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
 from orchestrator.providers import sync_registrations
 from orchestrator.provision import (
@@ -167,9 +171,28 @@ def reconcile(ws: Workspace, store: Store, *, apply: bool = False, events: Fleet
         ctx.close()
 
 
+def family_lock(ws: Workspace, family_name: str, events: FleetEvents | None = None
+                ) -> contextlib.AbstractContextManager[None]:
+    """Held while a family's nodes are planned and changed (``spawn``; the autoscaler's
+    scale-down): one change at a time per family, between the threads of ``orch serve``
+    (health's replacements, the autoscaler, API calls) and any ``orch`` process."""
+    note = (events or FleetEvents()).note
+    return exclusive(ws.runtime_dir / "locks" / f"family-{family_name}.lock",
+                     on_wait=lambda holder: note(f"waiting for another change of family {family_name} ({holder})"))
+
+
 def spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None = None,
           keep_failed: bool = False, events: FleetEvents | None = None) -> SpawnReport:
-    """Make the family's ready nodes match its count and config."""
+    """Make the family's ready nodes match its count (or ``count``) and config; one
+    change of the family at a time (``family_lock``)."""
+    if not re.fullmatch(NAME_PATTERN, family_name):  # not a family (nor a safe file name)
+        raise NotFoundError(f"no node family {family_name!r}", hint="see `orch family list`")
+    with family_lock(ws, family_name, events):
+        return _spawn(ws, store, family_name, count=count, keep_failed=keep_failed, events=events)
+
+
+def _spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None, keep_failed: bool,
+           events: FleetEvents | None) -> SpawnReport:
     cfg = load_config(ws, store)
     family = cfg.families.get(family_name)
     if family is None:

@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import os
 import secrets
 import ssl
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +38,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from orchestrator.agent.protocol import SCHEDULER_NAME
 from orchestrator.errors import StateError
+from orchestrator.locks import exclusive
 from orchestrator.workspace import Workspace
 
 CA_NAME = "orch workspace CA"
 VALIDITY = dt.timedelta(days=3653)  # about ten years
 RENEW_BEFORE = dt.timedelta(days=30)
 _BACKDATE = dt.timedelta(minutes=5)  # tolerate clocks a little behind ours
-_lock = threading.Lock()  # threads of one process; the file lock covers processes
 
 
 class PKIError(StateError):
@@ -139,16 +137,8 @@ def peer_node_id(ssl_object: Any) -> str:
 # -- the CA -----------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _locked(ws: Workspace) -> Iterator[None]:
-    folder = pki_dir(ws)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with _lock, open(folder / ".lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _locked(ws: Workspace) -> contextlib.AbstractContextManager[None]:
+    return exclusive(pki_dir(ws) / ".lock")
 
 
 def _ensure_ca(ws: Workspace) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

@@ -35,7 +35,8 @@ def known_drivers() -> tuple[str, ...]:
     return OWN_DRIVERS + plugins + tuple(d for d in stock if d not in OWN_DRIVERS and d not in plugins)
 
 
-Name = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}$")]
+NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"  # providers, families, releases
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """Lower-case names of providers, families and releases: they become paths and tags."""
 
 Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")]

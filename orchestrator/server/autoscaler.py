@@ -121,10 +121,11 @@ class Autoscaler:
                 report = fleet.spawn(self.ws, store, name, count=decision.target)
                 outcome = f"{len(report.ready)} ready"
             else:
-                live = [n for n in store.list_nodes(family=name) if n.state.live]
-                surplus = len(live) - decision.target
-                chosen = [n for n in store.list_nodes(family=name) if n.id in idle[:surplus]]
-                fleet.stop(self.ws, store, chosen)
+                with fleet.family_lock(self.ws, name):  # no replacement or spawn plans meanwhile
+                    live = [n for n in store.list_nodes(family=name) if n.state.live]
+                    surplus = len(live) - decision.target
+                    chosen = [n for n in live if n.state == NodeState.READY and n.id in idle[:surplus]]
+                    fleet.stop(self.ws, store, chosen)
                 outcome = f"stopped {', '.join(n.id for n in chosen)}"
             store.record_event("autoscale.done", family=name, reason=outcome, data={"target": decision.target})
         except OrchError as exc:

@@ -13,7 +13,8 @@ agents the ``SchedulerService`` has connected (node id -> seconds since last hea
   cannot dial back, is left alone and logged once);
 - when the family says so (``scaling.replace_lost``, true without ``scaling``), the
   lost node is destroyed at its provider (or settled as stopped when the provider no
-  longer has it) and ``fleet.spawn`` brings the family back to its count
+  longer has it) and ``fleet.spawn`` brings the family back to the number of nodes it
+  had before the loss, which the autoscaler may have moved from its YAML count
   (``node.replaced``; a failed replacement is ``node.replace_failed`` and is tried
   again every ``RETRY_SECONDS``).
 
@@ -51,7 +52,7 @@ class HealthMonitor:
         self._present: dict[str, float] = {}  # node id -> when (clock) a round last saw it connected
         self._since: dict[str, float] = {}   # node id -> when the monitor first saw it ready
         self._agentless: set[str] = set()    # never connected, provider says running: logged once
-        self._pending: dict[str, float] = {}  # family -> when to try its replacement again
+        self._pending: dict[str, tuple[float, int]] = {}  # family -> when to try its replacement again, target
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -138,6 +139,7 @@ class HealthMonitor:
             current = store.get_node(node.id)
             if current.state != NodeState.READY:  # stopped or changed meanwhile
                 return False
+            target = sum(1 for n in store.list_nodes(family=node.family) if n.state.live)  # this one included
             record = store.set_node_state(node.id, NodeState.LOST, reason=reason)
             store.record_event("node.down", node=node.id, family=node.family, provider=node.provider,
                                reason=reason, data={"connected": was_connected, "provider_state": seen})
@@ -146,7 +148,7 @@ class HealthMonitor:
         log.warning("node %s is lost: %s", node.id, reason)
         if self._replace_wanted(store, node.family):
             self._retire(store, handle, record, present=seen != "its provider no longer has it")
-            self._replace(store, node.family, lost=node.id)
+            self._replace(store, node.family, target, lost=node.id)
         return True
 
     def _provider_view(self, store: Store, node: NodeRecord) -> tuple[Any, str, bool]:
@@ -201,15 +203,17 @@ class HealthMonitor:
         except Exception:
             log.exception("could not destroy lost node %s; `orch stop` retires it", record.id)
 
-    def _replace(self, store: Store, family_name: str, *, lost: str | None = None) -> None:
+    def _replace(self, store: Store, family_name: str, target: int, *, lost: str | None = None) -> None:
+        """Back to ``target`` nodes, the family's live nodes before the loss (not its
+        YAML ``count``: the autoscaler or ``orch spawn --count`` may have changed it)."""
         from orchestrator import fleet
 
         before = {n.id for n in store.list_nodes(family=family_name, states=[NodeState.READY])}
         try:
-            report = fleet.spawn(self.ws, store, family_name)
+            report = fleet.spawn(self.ws, store, family_name, count=target)
         except Exception as exc:
             log.exception("replacing the lost nodes of %s failed", family_name)
-            self._pending[family_name] = self.clock() + RETRY_SECONDS
+            self._pending[family_name] = (self.clock() + RETRY_SECONDS, target)
             store.record_event("node.replace_failed", node=lost, family=family_name,
                                reason=f"{type(exc).__name__}: {exc}")
             return
@@ -217,7 +221,7 @@ class HealthMonitor:
         if report.ok:
             self._pending.pop(family_name, None)
         else:
-            self._pending[family_name] = self.clock() + RETRY_SECONDS
+            self._pending[family_name] = (self.clock() + RETRY_SECONDS, target)
         failures = "; ".join(str(f) for f in report.failures)
         store.record_event("node.replaced" if new else "node.replace_failed", node=lost, family=family_name,
                            reason=(f"replaced by {', '.join(new)}" if new else "no new node")
@@ -228,6 +232,6 @@ class HealthMonitor:
 
     def _retry(self, store: Store) -> None:
         now = self.clock()
-        for family_name, when in list(self._pending.items()):
+        for family_name, (when, target) in list(self._pending.items()):
             if now >= when and not self._stopping.is_set():
-                self._replace(store, family_name)
+                self._replace(store, family_name, target)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -25,6 +28,7 @@ from libcloud.compute.base import NodeAuthSSHKey
 from orchestrator import fleet
 from orchestrator.config import load_provider
 from orchestrator.drivers.local import LocalNodeDriver
+from orchestrator.errors import NotFoundError
 from orchestrator.providers import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
@@ -151,6 +155,35 @@ def test_spawn_is_idempotent_grows_and_rolls_out_a_new_release(fleet_ws: Workspa
     shrunk = json.loads(orch("spawn", "workers", "--count", "1", "--json").out)
     assert len(shrunk["removed"]) == 2 and len(shrunk["ready"]) == 1
     assert_store_agrees_with_provider(fleet_ws)
+
+
+def test_two_spawns_of_one_family_at_once_make_its_count_not_twice_it(fleet_ws: Workspace) -> None:
+    """Health's replacement, the autoscaler, the API and `orch spawn` may all spawn one
+    family at the same moment: each plans and creates under the family's lock."""
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(2))
+    notes: list[str] = []
+    gate = threading.Barrier(2)
+
+    def spawn_once() -> fleet.SpawnReport:
+        with Store.open(fleet_ws.state_db) as store:
+            gate.wait(timeout=10)
+            return fleet.spawn(fleet_ws, store, "workers", events=fleet.FleetEvents(note=notes.append))
+
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda _: spawn_once(), range(2)))
+    assert sorted(len(r.created) for r in reports) == [0, 2], [r.created for r in reports]
+    assert all(r.ok and sorted(r.ready) == sorted(reports[0].ready) for r in reports)
+    assert len(provider_nodes(fleet_ws)) == 2
+    # the holder's pid, or "unknown" when the waiter looked before the holder wrote it
+    assert notes and re.fullmatch(rf"waiting for another change of family workers \((pid {os.getpid()}|unknown)\)",
+                                  notes[0]), notes
+    assert_store_agrees_with_provider(fleet_ws)
+
+
+def test_spawn_of_a_name_that_is_no_family_makes_no_file(fleet_ws: Workspace) -> None:
+    with Store.open(fleet_ws.state_db) as store, pytest.raises(NotFoundError, match="no node family"):
+        fleet.spawn(fleet_ws, store, "../../escape")
+    assert not list(fleet_ws.root.parent.rglob("*escape*"))
 
 
 def test_a_changed_host_key_is_refused_naming_the_node(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:

@@ -1,9 +1,9 @@
-"""Node health in ``orch serve`` for real: a server with ``--health-grace 2`` and two
-local nodes runs a long job through the API; one node is SIGKILLed mid-job (its sshd,
-agent supervisor, agent and ports: every process carrying its ORCH_NODE_ID, and their
-descendants).  The server must mark it lost (``node.down``), destroy it, spawn a
-replacement so the family has two ready nodes again, and the job must still finish
-with the right result.  Teardown stops the server and every node whether the test
+"""Node health in ``orch serve`` for real: a server with ``--health-grace 2`` and three
+local nodes (the YAML says two) runs a long job through the API; one node is SIGKILLed
+mid-job (its sshd, agent supervisor, agent and ports: every process carrying its
+ORCH_NODE_ID, and their descendants).  The server must mark it lost (``node.down``),
+destroy it, spawn a replacement so the family has three ready nodes again (stopping
+none), and the job must still finish with the right result.  Teardown stops the server and every node whether the test
 passed or not, and checks that no process of any node is left.
 """
 
@@ -87,17 +87,18 @@ def ready_nodes(ws: Workspace) -> dict[str, Any]:
 
 def test_a_killed_node_is_lost_replaced_and_its_job_still_finishes(server: Server) -> None:
     ws = server.ws
-    spawned = server.post("/nodes/spawn", {"family": "workers"})
+    # three nodes where the YAML says two: the replacement restores three, not the YAML's count
+    spawned = server.post("/nodes/spawn", {"family": "workers", "count": 3})
     assert spawned.status_code == 200 and spawned.json()["ok"], spawned.text
     first = set(spawned.json()["ready"])
-    assert len(first) == 2
+    assert len(first) == 3
     submitted = server.post("/jobs", {"work": "primes:count_primes", "input": f"0:{N}",
                                       "target_task_seconds": 0.05})
     assert submitted.status_code == 201, submitted.text
     job = submitted.json()["job"]
-    wait_until(lambda: set(server.get("/agents").json()) == first, 60, "both agents connected")
+    wait_until(lambda: set(server.get("/agents").json()) == first, 60, "the three agents connected")
     wait_until(lambda: server.get(f"/jobs/{job}").json()["counters"].get("done", 0) >= 10, 60, "tasks done")
-    time.sleep(1.5)  # the health monitor looks every second: let it see both agents connected
+    time.sleep(1.5)  # the health monitor looks every second: let it see the agents connected
     status = server.get(f"/jobs/{job}").json()
     assert status["state"] == "running", status
 
@@ -118,10 +119,12 @@ def test_a_killed_node_is_lost_replaced_and_its_job_still_finishes(server: Serve
         assert len(down) == 1 and "silent" in down[0].reason and down[0].data["connected"], down
         assert store.get_node(victim.id).state in (NodeState.LOST, NodeState.STOPPING, NodeState.STOPPED)
 
-    wait_until(lambda: len(ready_nodes(ws)) == 2 and victim.id not in ready_nodes(ws), 120,
+    wait_until(lambda: len(ready_nodes(ws)) == 3 and victim.id not in ready_nodes(ws), 120,
                "a replacement node ready")
     now = set(ready_nodes(ws))
     assert len(now - first) == 1 and (first - {victim.id}) <= now, (first, now)
+    with Store.open(ws.state_db) as store:  # nothing else was stopped on the way
+        assert {n.id for n in store.list_nodes(states=[NodeState.STOPPED])} == {victim.id}
     with Store.open(ws.state_db) as store:
         replaced = store.events(kind="node.replaced")
         assert replaced and replaced[-1].node == victim.id and (now - first).pop() in replaced[-1].reason, replaced
