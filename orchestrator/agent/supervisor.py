@@ -13,7 +13,10 @@ child in a process group of its own, and starts it again 0.5 s after it dies (5 
 it keeps dying within seconds of starting).  ``ensure`` becomes the supervisor by
 forking too (its command line then says ``ensure``): one Python start-up per node.
 When the child dies, whatever is left of its group (the ports of a SIGKILLed agent) is
-killed.  SIGTERM ends the child, then the supervisor.  The child watches its parent, so
+killed, and so are the commands it was running (EXEC): the supervisor is a child
+subreaper, so the agent's orphans become its children, and each orphaned ``/bin/sh -c``
+session leader (an EXEC's shell) has its process group killed.  It reaps every child
+it adopts.  SIGTERM ends the child, then the supervisor.  The child watches its parent, so
 a SIGKILLed supervisor leaves no agent behind either.
 """
 
@@ -38,6 +41,7 @@ ENSURE_LOCK = ".ensure.lock"  # held by ``ensure`` while it looks and starts
 RESTART_DELAY = 0.5
 CRASH_LOOP = (5, 10.0, 5.0)  # this many restarts within this many seconds: wait this long
 STOP_GRACE = 5.0
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 def package_dir() -> str:
@@ -149,6 +153,8 @@ def supervise(config_path: str) -> int:
     signal.signal(getattr(signal, POKE), on_poke)
     _write(os.path.join(folder, CODE_FILE), code_digest(config_path) + "\n")
     _write(pid_file, f"{os.getpid()}\n")
+    if not _become_subreaper():
+        log("cannot become a child subreaper: a SIGKILLed agent's commands would outlive it")
     log(f"supervisor started (pid {os.getpid()})")
     starts: list[float] = []  # the latest few starts
     try:
@@ -158,9 +164,10 @@ def supervise(config_path: str) -> int:
             starts = [*starts[1 - CRASH_LOOP[0]:], time.monotonic()]
             if state["stop"]:  # SIGTERM came while we started it
                 os.kill(pid, signal.SIGTERM)
-            _, status = os.waitpid(pid, 0)
+            status = _wait_for(pid)
             state["child"] = None
             _kill_group(pid)
+            _kill_orphaned_execs(log)
             if state["stop"]:
                 break
             delay = RESTART_DELAY
@@ -175,6 +182,7 @@ def supervise(config_path: str) -> int:
         if child is not None:
             _end(child)
             _kill_group(child)
+        _kill_orphaned_execs(log)
         with contextlib.suppress(OSError, ValueError, IndexError):
             if int(_text(pid_file).split()[0]) == os.getpid():
                 os.unlink(pid_file)
@@ -237,6 +245,58 @@ def _child(body: Callable[[], int]) -> NoReturn:
 def _kill_group(pgid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _become_subreaper() -> bool:
+    """Orphans of our descendants become our children (not init's)."""
+    try:
+        import ctypes  # here: only the supervisor pays for it
+
+        return int(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _wait_for(pid: int) -> int:
+    """Wait until child ``pid`` ends (its wait status), reaping the orphans we adopted
+    (a detached command's processes, once they end) on the way."""
+    while True:
+        reaped, status = os.waitpid(-1, 0)
+        if reaped == pid:
+            return status
+
+
+def _kill_orphaned_execs(log: Log) -> None:
+    """SIGKILL the process group of each EXEC shell the agent left running (our adopted
+    children that lead a session as ``/bin/sh -c``), and reap what ends at once.  What
+    an earlier command left running on purpose (``nohup daemon &``, whose shell has
+    ended) leads no session and stays, as it would after SSH."""
+    me, killed = os.getpid(), set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid, ppid, session = int(name), int(fields[1]), int(fields[3])
+        if ppid == me and session == pid and _cmdline(pid).startswith(b"/bin/sh\0-c\0"):
+            _kill_group(pid)
+            killed.add(pid)
+    if killed:
+        log(f"killed {len(killed)} command(s) the agent left running")
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # the killed shells (their members: the next _wait_for)
+        try:
+            reaped, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        killed.discard(reaped)
+        if not killed:
+            return
+        if not reaped:
+            time.sleep(0.02)
 
 
 def _end(pid: int) -> None:

@@ -622,12 +622,25 @@ def test_the_supervisor_survives_a_killed_agent_and_leaves_nothing_on_sigterm(
     agent_pid = first.hello["pid"]
     wait_until(lambda: len(port_pids(agent_pid)) == 1, what="the port")
     (hung,) = port_pids(agent_pid)
+    # a command left running on purpose by an earlier one, and a command still running
+    kept, running = unique_sleep(), unique_sleep()
+    run_command(first, "daemon", f"nohup sleep {kept} >/dev/null 2>&1 &")
+    assert exec_done(first, "daemon").body["exit"] == 0
+    run_command(first, "long", f"sleep {running} & sleep {running}; wait", timeout=120)
+    wait_until(lambda: len(commands_with(f"sleep\0{running}")) == 2 and len(commands_with(kept)) == 1, 5,
+               "the commands")
+    (daemon,) = commands_with(kept)
     killed_at = time.monotonic()
     os.kill(agent_pid, signal.SIGKILL)
     second = session_of(peer, home, 1, timeout=10)
     assert second.hello["pid"] not in (agent_pid, supervisor.pid)
     assert 0.5 <= time.monotonic() - killed_at < 5
     assert not alive(hung), "the killed agent's port outlived it"
+    wait_until(lambda: commands_with(running) == [], 5, "the killed agent's running command gone")
+    assert "killed 1 command(s) the agent left running" in home.log_text()
+    assert commands_with(kept) == [daemon]  # as after SSH: what was detached stays
+    os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{daemon}").exists(), 5, "the detached command reaped (no zombie)")
     assert "starting it again in 0.5 s" in home.log_text()
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(10) == 0
