@@ -106,10 +106,19 @@ def _follow_in_server(store: Any, job_id: str, *, quiet: bool) -> Outcome:
 @app.command("resume")
 def resume(ctx: typer.Context, job: Annotated[str, typer.Argument(help="The job id.")], as_json: JsonFlag = False
            ) -> None:
-    """Run a queued, suspended, failed or orphaned job on to its end (finished tasks are kept)."""
+    """Run a queued, suspended, failed or orphaned job on to its end (finished tasks are
+    kept); while `orch serve` runs, it queues the job there again and follows it."""
     ws = workspace(ctx)
+    from orchestrator.server import client
+
+    endpoint = client.running(ws)
     with open_store(ws) as store:
-        outcome = _run_with_progress(ws, store, job, quiet=as_json)
+        if endpoint is not None:  # the server holds the scheduler's port: it runs the job, we watch
+            store.get_job(job)  # an unknown job: the usual one-line error
+            client.call(ws, endpoint, "POST", f"/jobs/{job}/resume")
+            outcome = _follow_in_server(store, job, quiet=as_json)
+        else:
+            outcome = _run_with_progress(ws, store, job, quiet=as_json)
     _finish(job, outcome, as_json)
 
 

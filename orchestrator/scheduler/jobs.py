@@ -95,6 +95,18 @@ def list_jobs(store: Store) -> list[JobRecord]:
     return store.list_jobs()
 
 
+def requeue(store: Store, job_id: str, reason: str) -> JobRecord:
+    """Queue a suspended, failed or orphaned (running, its scheduler gone) job again, for
+    the runner of ``orch serve``; its progress is kept, so finished tasks are not run
+    again.  A job already queued, or running in a live scheduler, is left as it is."""
+    job = store.get_job(job_id)
+    if job.state == JobState.DONE:
+        raise ConflictError(f"job {job_id} is already done", hint=f"see `orch job result {job_id}`")
+    if job.state == JobState.QUEUED or scheduler_alive(job, store.job_progress(job_id)) is not None:
+        return job
+    return store.set_job_state(job_id, JobState.QUEUED, reason=reason)
+
+
 def scheduler_alive(job: JobRecord, progress: dict[str, Any]) -> int | None:
     """The pid of the scheduler running ``job`` on this machine, if it is alive."""
     owner = progress.get("scheduler") or {}

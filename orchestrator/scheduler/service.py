@@ -42,6 +42,9 @@ EXEC_GRACE = 10.0
 """Seconds past a command's own timeout to wait for the agent's answer."""
 
 
+SERVER_STOPPED = "the server stopped; the next `orch serve` (or `orch job resume JOB`) goes on"
+"""The reason of a job a stopping server suspends: the next server queues it again."""
+
 class SchedulerService:
     """A long-lived engine in a thread: start(), run_job() per job, exec(), stop()."""
 
@@ -81,7 +84,7 @@ class SchedulerService:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
-        self.suspend("the server stopped; `orch job resume JOB` or the next `orch serve` goes on")
+        self.suspend(SERVER_STOPPED)
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._stopping.set)
         thread.join(timeout)

@@ -43,12 +43,12 @@ from orchestrator.errors import (
 )
 from orchestrator.info import event_dict, workspace_info
 from orchestrator.scheduler.runner import JobRunner
-from orchestrator.scheduler.service import SchedulerService
+from orchestrator.scheduler.service import SERVER_STOPPED, SchedulerService
 from orchestrator.server.auth import api_token, bearer_ok
 from orchestrator.server.autoscaler import Autoscaler
 from orchestrator.server.health import DEFAULT_GRACE, HealthMonitor
 from orchestrator.server.metrics import CONTENT_TYPE_LATEST, Metrics
-from orchestrator.state import NodeRecord, NodeState, Store, StorePool
+from orchestrator.state import JobState, NodeRecord, NodeState, Store, StorePool
 from orchestrator.workspace import Workspace
 
 log = logging.getLogger("orch.serve")
@@ -156,6 +156,8 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
             health.start()
         if scaler is not None:
             scaler.start()
+        if service is not None:
+            await asyncio.to_thread(_requeue_suspended, app.state.stores)
         runner.start()
         try:
             yield
@@ -165,7 +167,7 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
             if health is not None:
                 await asyncio.to_thread(health.stop)
             if service is not None:
-                service.suspend("the server stopped; `orch job resume JOB` or the next `orch serve` goes on")
+                service.suspend(SERVER_STOPPED)
             if not await asyncio.to_thread(runner.stop, stop_timeout):
                 log.warning("job %s still runs; `orch job resume %s` finishes it", runner.current, runner.current)
             if service is not None:
@@ -190,6 +192,17 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
 
     _routes(app, ws, runner, metrics, service)
     return app
+
+
+def _requeue_suspended(stores: StorePool) -> None:
+    """Queue again the jobs an earlier server suspended as it stopped (SERVER_STOPPED)."""
+    from orchestrator.scheduler import jobs
+
+    with stores.store() as store:
+        for job in store.list_jobs(states=[JobState.SUSPENDED]):
+            if job.reason == SERVER_STOPPED:
+                jobs.requeue(store, job.id, reason="queued again: suspended when the server stopped")
+                log.info("job %s: queued again (suspended when the last server stopped)", job.id)
 
 
 class _Guard:
@@ -402,6 +415,16 @@ def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics,
 
         body = b"".join(r.payload for r in jobs.result(ws, db, job_id) if r.ok)
         return Response(body, media_type="application/octet-stream")
+
+    @app.post("/jobs/{job_id}/resume", tags=["jobs"], dependencies=secured)
+    def job_resume(job_id: str, db: StoreDep) -> dict[str, Any]:
+        """Queue a suspended, failed or orphaned job again (finished tasks are kept; as
+        `orch job resume` while this server runs); one queued or running is left be."""
+        from orchestrator.scheduler import jobs
+
+        job = jobs.requeue(db, job_id, reason="queued again by `orch job resume`")
+        runner.wake()
+        return {"job": job.id, "state": job.state.value}
 
     @app.delete("/jobs/{job_id}", tags=["jobs"], dependencies=secured)
     def job_delete(job_id: str, db: StoreDep) -> dict[str, Any]:

@@ -26,12 +26,14 @@ from orchestrator.state.records import JobRecord, JobState, row_to_job
 
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.SUSPENDED, JobState.FAILED}),
-    JobState.RUNNING: frozenset({JobState.DONE, JobState.SUSPENDED, JobState.FAILED}),
-    JobState.SUSPENDED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.SUSPENDED, JobState.FAILED, JobState.QUEUED}),
+    JobState.SUSPENDED: frozenset({JobState.RUNNING, JobState.FAILED, JobState.QUEUED}),
     JobState.DONE: frozenset(),
-    JobState.FAILED: frozenset({JobState.RUNNING}),
+    JobState.FAILED: frozenset({JobState.RUNNING, JobState.QUEUED}),
 }
-"""Legal job state changes; ``resume`` takes a suspended (or failed) job back to running."""
+"""Legal job state changes; ``resume`` takes a suspended (or failed) job back to running,
+``requeue`` back to queued for a server's runner (a running one only once its scheduler
+is gone)."""
 
 
 class JobStore:

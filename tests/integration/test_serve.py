@@ -510,6 +510,66 @@ def test_sigterm_suspends_the_running_job_and_resume_finishes_it(tmp_path: Path)
         orch("stop", "--all")
 
 
+def test_resume_hands_the_job_to_a_running_server_and_a_restarted_server_goes_on(tmp_path: Path) -> None:
+    ws = Workspace.init(tmp_path / "handoff")
+    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
+                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
+    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 2\n")
+    (ws.families_dir / "workers.yaml").write_text(
+        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
+
+    def orch(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ORCH, *args], cwd=ws.root, capture_output=True, text=True, timeout=300)
+
+    assert orch("release", "upload", str(ws.releases_src_dir / "primes")).returncode == 0
+    servers: list[subprocess.Popen[str]] = []
+
+    def serve() -> httpx.Client:
+        proc, info, _ = start_server(ws, "--port", "0")
+        servers.append(proc)
+        return httpx.Client(base_url=info["url"], timeout=60, headers={
+            "Authorization": f"Bearer {(ws.runtime_dir / 'api-token').read_text().strip()}"})
+
+    def state(client: httpx.Client, job: str) -> dict[str, Any]:
+        return client.get(f"/jobs/{job}").json()  # type: ignore[no-any-return]
+
+    try:
+        with serve() as client:
+            # no node yet: the server's runner fails the job, saying why
+            first = client.post("/jobs", json={"work": "primes:count_primes", "input": "0:2000000"}).json()["job"]
+            wait_until(lambda: state(client, first)["state"] == "failed", 30, "the job failed")
+            assert "no ready nodes" in state(client, first)["reason"]
+            assert orch("spawn", "workers").returncode == 0
+            # the server holds the scheduler's port: `orch job resume` queues the job there and follows it
+            resumed = orch("job", "resume", first)
+            assert resumed.returncode == 0, resumed.stderr
+            assert f"job {first}: run by the workspace's `orch serve`" in resumed.stderr
+            assert sum(int(x) for x in client.get(f"/jobs/{first}/result").content.split()) == primes_below(2_000_000)
+            reasons = [e["reason"] for e in client.get("/events", params={"job": first}).json()]
+            assert "queued again by `orch job resume`" in reasons, reasons
+            # a server stopping mid-job suspends it ...
+            second = client.post("/jobs", json={"work": "primes:count_primes", "input": "0:20000000",
+                                                "target_task_seconds": 0.05}).json()["job"]
+            wait_until(lambda: state(client, second)["written"] >= 1, 60, "output of the second job")
+        assert stop_server(servers[-1]) == 0
+        suspended = json.loads(orch("job", "status", second, "--json").stdout)
+        assert suspended["state"] == "suspended" and "server stopped" in suspended["reason"], suspended
+        # ... and the next server queues it again and finishes it, nobody asking
+        with serve() as client:
+            wait_until(lambda: state(client, second)["state"] not in ("suspended", "queued", "running"), 120,
+                       "the second job ends under the new server")
+            assert state(client, second)["state"] == "done", state(client, second)
+            counts = [int(x) for x in client.get(f"/jobs/{second}/result").content.split()]
+            assert sum(counts) == primes_below(20_000_000)
+            assert len(counts) == state(client, second)["written"]
+            reasons = [e["reason"] for e in client.get("/events", params={"job": second}).json()]
+            assert "queued again: suspended when the server stopped" in reasons, reasons
+    finally:
+        for proc in servers:
+            stop_server(proc)
+        orch("stop", "--all")
+
+
 # -- the pieces, in process ----------------------------------------------------------------------
 
 
