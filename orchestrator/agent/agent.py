@@ -676,6 +676,7 @@ class Agent:
         self.ports: dict[int, Port] = {}
         self.writer: asyncio.StreamWriter | None = None
         self.heartbeat = cfg.heartbeat
+        self.retimed = asyncio.Event()  # set when the scheduler changes the heartbeat
         self.last_heard = 0.0
         self.stop_event = asyncio.Event()
         self.poked = asyncio.Event()  # POKE: a scheduler has just started; dial now
@@ -788,6 +789,7 @@ class Agent:
             self.heartbeat = float(welcome.get("heartbeat") or self.cfg.heartbeat)
             if self.heartbeat <= 0:
                 self.heartbeat = self.cfg.heartbeat
+            self.retimed.clear()
             welcomed = True
             self.log(f"connected to the scheduler at {host}:{port} (session {welcome.get('session')}, "
                      f"heartbeat {self.heartbeat:g} s)")
@@ -859,7 +861,10 @@ class Agent:
                 else:
                     port.send_tasks(data)
             elif kind == HEARTBEAT:
-                pass
+                if body not in (b"", b"{}"):  # {heartbeat: s}: the scheduler changed the interval (a job's own)
+                    beat = protocol.parse_control(kind, body)
+                    if "heartbeat" in beat:
+                        self._retime(beat["heartbeat"])
             elif kind in (LOAD, UNLOAD, RELEASE):
                 control.put_nowait((kind, body))
             elif kind == EXEC:
@@ -870,19 +875,29 @@ class Agent:
             else:
                 self.log(f"ignoring an unexpected {KIND_NAMES[kind]} from the scheduler")
 
+    def _retime(self, heartbeat: object) -> None:
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, (int, float)) or not 0 < heartbeat < 3600:
+            raise ProtocolError(f"HEARTBEAT: heartbeat {heartbeat!r} is not a positive number of seconds")
+        if heartbeat != self.heartbeat:
+            self.log(f"heartbeat {self.heartbeat:g} s -> {heartbeat:g} s")
+            self.heartbeat = float(heartbeat)
+            self.retimed.set()
+
     async def _heartbeats(self) -> None:
         loop = asyncio.get_running_loop()
-        next_beat = loop.time()
+        last_beat = float("-inf")
         while True:
             now = loop.time()
             silent = now - self.last_heard
             if silent > LOST_AFTER * self.heartbeat:
                 raise SessionEnded(f"nothing from the scheduler for {silent:.1f} s (heartbeat {self.heartbeat:g} s)")
-            if now >= next_beat:
+            if now >= last_beat + self.heartbeat:
                 self.send(protocol.control(HEARTBEAT))
-                next_beat = now + self.heartbeat
-            wake = min(next_beat, self.last_heard + LOST_AFTER * self.heartbeat + 0.01)
-            await asyncio.sleep(max(0.005, wake - loop.time()))
+                last_beat = now
+            wake = min(last_beat + self.heartbeat, self.last_heard + LOST_AFTER * self.heartbeat + 0.01)
+            self.retimed.clear()  # a new interval wakes us: a shorter one may be due at once
+            with contextlib.suppress(*TIMEOUTS):
+                await asyncio.wait_for(self.retimed.wait(), max(0.005, wake - loop.time()))
 
     async def _control(self, queue: asyncio.Queue[tuple[int, bytes]]) -> None:
         while True:

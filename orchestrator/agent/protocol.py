@@ -41,6 +41,8 @@ The conversation:
       PORT_DIED {port, seq|null, reason}    ->
       PORT_READY {port}                     ->
       HEARTBEAT {}                          <-> HEARTBEAT {} (every ``heartbeat`` seconds)
+                                            <- HEARTBEAT {heartbeat} (from now on, this
+                                                     interval: a job's own, or back)
                                             <- EXEC {id, command, timeout, max_output}
       EXEC_DONE {id, exit, stdout, stderr,  ->
                  truncated, seconds, reason}

@@ -98,6 +98,8 @@ class Agent:
     sizer: Sizer | None = None
     ports: dict[int, Port] = field(default_factory=dict)
     last_heard: float = field(default_factory=time.monotonic)
+    heartbeat: float = 1.0
+    """The interval the agent was told (WELCOME, or a HEARTBEAT that changed it)."""
     lost: bool = False
     loaded: bool = False
     release_sent: bool = False
@@ -313,7 +315,8 @@ class Engine:
         agent = Agent(node=node, name=str(hello.get("name") or node), family=family,
                       slots=max(1, int(hello.get("slots") or 1)), writer=writer)
         self.agents[node] = agent
-        agent.send(P.control(P.WELCOME, session=f"{node}-{time.time_ns()}", heartbeat=self._heartbeat()))
+        agent.heartbeat = self._heartbeat()
+        agent.send(P.control(P.WELCOME, session=f"{node}-{time.time_ns()}", heartbeat=agent.heartbeat))
         self.on_event("agent.joined", {"node": node, "slots": agent.slots})
         if self.job is not None:
             self._offer(agent)
@@ -724,6 +727,9 @@ class Engine:
                 agent.loaded = False
                 agent.ports = {}
             self.job = None
+            # back to the interval between jobs at once: an agent told a job's shorter one
+            # would give us up before the keepalive's next beat
+            self._beat(time.monotonic(), self._heartbeat())
         seconds = time.monotonic() - job.started
         if job.failure:
             state, reason = JobState.FAILED, job.failure
@@ -752,13 +758,18 @@ class Engine:
                 self._beat(time.monotonic(), heartbeat)
 
     def _beat(self, now: float, heartbeat: float) -> None:
-        """Heartbeat every live agent; lose those silent for three intervals."""
+        """Heartbeat every live agent; lose those silent for three of its intervals.  An
+        agent told another interval (welcomed between jobs, beating every second, and now
+        a job with its own ``heartbeat_seconds``, or the other way) is told this one."""
         beat = P.message(P.HEARTBEAT)
         for agent in list(self.agents.values()):
             if agent.lost:
                 continue
-            if now - agent.last_heard > 3 * heartbeat:
+            if now - agent.last_heard > 3 * max(heartbeat, agent.heartbeat):
                 self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
+            elif agent.heartbeat != heartbeat:
+                agent.heartbeat = heartbeat
+                agent.send(P.control(P.HEARTBEAT, heartbeat=heartbeat))
             else:
                 agent.send(beat)
 

@@ -35,6 +35,7 @@ from orchestrator import agent_install, fleet, pki, release_catalog
 from orchestrator.agent import agent as agent_module
 from orchestrator.agent.frames import encode_task
 from orchestrator.agent.protocol import (
+    ERROR,
     EXEC,
     EXEC_DONE,
     HEARTBEAT,
@@ -286,6 +287,15 @@ def test_handshake_hello_and_heartbeats(ws: Workspace, peer: AgentPeer, make_hom
     second = session.expect(HEARTBEAT)
     assert 0.3 < second.at - first.at < 1.0
     assert "connected to the scheduler" in home.log_text()
+    # the scheduler may change the interval (a job's own): the agent beats at the new one
+    session.control(HEARTBEAT, heartbeat=1.5)
+    wait_until(lambda: "heartbeat 0.5 s -> 1.5 s" in home.log_text(), 5, "the new interval")
+    third = session.expect(HEARTBEAT, where=lambda m: m.at > second.at + 0.5)
+    fourth = session.expect(HEARTBEAT, where=lambda m: m.at > third.at)
+    assert 1.2 < fourth.at - third.at < 2.5
+    session.control(HEARTBEAT, heartbeat="soon")  # not a number of seconds: refused, the session ends
+    refused = session.expect(ERROR)
+    assert refused.body["reason"] == "HEARTBEAT: heartbeat 'soon' is not a positive number of seconds"
 
 
 def test_refused_without_a_certificate_or_with_another_workspaces(ws: Workspace, tmp_path: Path,

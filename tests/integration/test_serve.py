@@ -320,6 +320,38 @@ def test_exec_goes_through_the_agents_the_server_holds(server: Server, spawned: 
     assert server.client.delete(f"/jobs/{job}").status_code == 200
 
 
+def test_a_job_with_its_own_heartbeat_retimes_the_connected_agents_and_back(server: Server,
+                                                                           spawned: list[str]) -> None:
+    """Agents wait between jobs beating every second; a job that wants 0.2 s (three
+    silent intervals, 0.6 s, lose a node), with tasks of 0.8 s (nothing but heartbeats
+    while one runs), tells them so and keeps them all, and the interval goes back to a
+    second after it."""
+    from orchestrator.scheduler import jobs
+    from orchestrator.state import Store
+
+    warm = server.post("/jobs", {"work": "primes:count_primes", "input": "0:1000"}).json()["job"]
+    wait_until(lambda: server.get(f"/jobs/{warm}").json()["state"] == "done", 60, "the warm-up job done")
+    wait_until(lambda: set(server.get("/agents").json()) == set(spawned), 30, "every agent connected")
+    with Store.open(server.ws.state_db) as store:
+        job = jobs.submit(server.ws, store, "primes:count_primes", input="0:40000000", target_task_seconds=0.8,
+                          heartbeat_seconds=0.2).id
+        logs = [Path(store.get_node(n).extra["node_dir"]) / "home" / "orch" / "agent" / "agent.log" for n in spawned]
+    wait_until(lambda: server.get(f"/jobs/{job}").json()["state"] not in ("queued", "running"), 120, "the job ends")
+    status = server.get(f"/jobs/{job}").json()
+    assert status["state"] == "done", status
+    assert status["counters"].get("nodes_lost", 0) == 0 and set(status["nodes"]) == set(spawned), status
+    assert sum(int(x) for x in server.get(f"/jobs/{job}/result").content.split()) == primes_below(40_000_000)
+    wait_until(lambda: all("heartbeat 0.2 s -> 1 s" in p.read_text() for p in logs), 10, "back to a second")
+    time.sleep(2)  # and they stay, beating every second
+    assert not [p for p in logs if "nothing from the scheduler" in p.read_text()], [p.read_text()[-800:] for p in logs]
+    for path in logs:
+        text = path.read_text()
+        assert text.index("heartbeat 1 s -> 0.2 s") < text.rindex("heartbeat 0.2 s -> 1 s"), text[-2000:]
+    assert set(server.get("/agents").json()) == set(spawned)
+    for done in (warm, job):
+        assert server.client.delete(f"/jobs/{done}").status_code == 200
+
+
 def test_fifty_concurrent_submissions_all_complete_correctly(server: Server, spawned: list[str]) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
