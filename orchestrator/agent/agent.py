@@ -30,33 +30,33 @@ builds and ports are subprocesses).  Per connection (see ``protocol.py``):
   session of its own, reading its stdout and stderr through pipes the loop watches
   (capped, the rest dropped); past its timeout, or when the connection ends, its whole
   process group is SIGKILLed.  EXEC_DONE answers it.
+
+This module is the connection and the agent's state; the pieces it drives are
+``releases.py`` (installed releases, safe unpacking), ``ports.py`` (``Port``: one
+``orch-port`` process) and ``commands.py`` (``run_exec``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import hashlib
-import io
 import os
 import random
-import re
-import shutil
 import signal
 import ssl
-import stat
-import subprocess
 import tarfile
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from . import frames, protocol
+from . import protocol
+from .commands import run_exec
 from .config import PARENT_ENV, POKE, Config, ConfigError, Log
-from .frames import HEADER_LEN, RESULT_HEADER, RESULT_MAGIC, TASK_HEADER, TASK_MAGIC
+from .errors import TIMEOUTS
+from .errors import describe as _describe
+from .frames import HEADER_LEN, TASK_HEADER
 from .launch import build_port
+from .ports import READ_CHUNK, Port
 from .protocol import (
     ERROR,
     EXEC,
@@ -68,599 +68,23 @@ from .protocol import (
     LOAD_FAILED,
     LOADED,
     PORT_DIED,
-    PORT_READY,
     PROTOCOL_VERSION,
     RELEASE,
-    RESULTS,
     SCHEDULER_NAME,
     TASKS,
     UNLOAD,
     WELCOME,
     ProtocolError,
 )
+from .releases import SHA256, SHA_FILE, installed_releases, is_installed, release_folder, unpack_release
 
-SHA_FILE = ".orch-sha256"
-READ_CHUNK = 1 << 20
 LOST_AFTER = 3  # heartbeat intervals of silence
-LOAD_GRACE = 0.5  # longest wait for a new port to show it loaded its library
-QUICK_DEATH = 1.0  # a port that dies this soon after starting, with no task, is restarted
-RESTART_CAP = 5.0  # ... after 0.1 s, doubling up to this
 CONNECT_TIMEOUT = 10.0
 BUILD_TIMEOUT = 900.0
-LOAD_EXITS = (frames.EXIT_ABI_MISMATCH, frames.EXIT_NO_FUNCTION, frames.EXIT_NO_LIBRARY)
-STDERR_LINES_PER_WINDOW = 20  # per port, logged per 10 s; the rest is counted
-_RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-TIMEOUTS = (asyncio.TimeoutError, TimeoutError)  # one class from Python 3.11, two before
 
 
 class SessionEnded(Exception):
     """The connection with the scheduler is over (the message says why)."""
-
-
-# -- releases -----------------------------------------------------------------------------
-
-
-def installed_releases(folder: Path) -> list[dict[str, str]]:
-    """The release folders with a finished build: [{release, sha256}]."""
-    found = []
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            sha = (entry / SHA_FILE).read_text().strip()
-        except OSError:
-            continue
-        if _SHA256.match(sha):
-            found.append({"release": entry.name, "sha256": sha})
-    return found
-
-
-def release_folder(releases: Path, name: Any) -> Path:
-    if not isinstance(name, str) or not _RELEASE_NAME.match(name) or name.endswith(".new"):
-        raise ValueError(f"{name!r} is not a release folder name")
-    return releases / name
-
-
-def is_installed(folder: Path, sha256: str) -> bool:
-    try:
-        return (folder / SHA_FILE).read_text().strip() == sha256
-    except OSError:
-        return False
-
-
-def unpack_release(tarball: bytes | memoryview, sha256: str, dest: Path) -> None:
-    """Check ``tarball`` against ``sha256`` and unpack it into ``dest`` (replacing it),
-    stripping the top folder as ``tar --strip-components=1`` does.  Refuses members
-    that are absolute, climb out with ``..``, link out of ``dest``, or are devices."""
-    data = bytes(tarball)
-    found = hashlib.sha256(data).hexdigest()
-    if found != sha256:
-        raise ValueError(f"tarball sha256 is {found}, not {sha256}")
-    staging = dest.with_name(dest.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            members = [m for m in (_stripped(m) for m in tar.getmembers()) if m is not None]
-            root = os.path.realpath(staging)
-            for member in members:
-                _check_member(member, root)
-                if hasattr(tarfile, "data_filter"):
-                    tar.extract(member, staging, filter="data")
-                else:  # Python < 3.11.4: the checks above are the filter
-                    tar.extract(member, staging, set_attrs=not member.issym())
-                    _check_landed(staging / member.name, root)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(staging, dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _stripped(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
-    parts = [p for p in member.name.split("/") if p not in ("", ".")]
-    if member.name.startswith("/"):
-        raise ValueError(f"absolute path in the tarball: {member.name!r}")
-    if len(parts) <= 1:
-        return None  # the top folder itself
-    member.name = "/".join(parts[1:])
-    if member.islnk():
-        link = [p for p in member.linkname.split("/") if p not in ("", ".")]
-        if member.linkname.startswith("/") or len(link) <= 1:
-            raise ValueError(f"hard link {member.name!r} points outside the release")
-        member.linkname = "/".join(link[1:])
-    return member
-
-
-def _check_member(member: tarfile.TarInfo, root: str) -> None:
-    name = member.name
-    if ".." in name.split("/"):
-        raise ValueError(f"path climbs out of the release: {name!r}")
-    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-        raise ValueError(f"{name!r} is not a file, folder or link")
-    target = os.path.realpath(os.path.join(root, name))
-    if target != root and not target.startswith(root + os.sep):
-        raise ValueError(f"{name!r} lands outside the release")
-    if member.issym():
-        if os.path.isabs(member.linkname):
-            raise ValueError(f"symlink {name!r} -> {member.linkname!r} is absolute")
-        resolved = os.path.realpath(os.path.join(root, os.path.dirname(name), member.linkname))
-        if resolved != root and not resolved.startswith(root + os.sep):
-            raise ValueError(f"symlink {name!r} -> {member.linkname!r} points outside the release")
-    if member.islnk() and ".." in member.linkname.split("/"):
-        raise ValueError(f"hard link {name!r} -> {member.linkname!r} climbs out of the release")
-    member.mode = (member.mode & 0o755) | (0o700 if member.isdir() else 0o600)
-    member.uid = member.gid = 0
-    member.uname = member.gname = ""
-
-
-def _check_landed(path: Path, root: str) -> None:
-    parent = os.path.realpath(path.parent)
-    if parent != root and not parent.startswith(root + os.sep):
-        raise ValueError(f"{path.name!r} was written outside the release")
-    with_mode = path.lstat()
-    if stat.S_ISREG(with_mode.st_mode) and with_mode.st_mode & 0o6000:
-        os.chmod(path, with_mode.st_mode & 0o755)
-
-
-# -- ports ---------------------------------------------------------------------------------
-
-
-def _wchan(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/wchan") as fh:
-            return fh.read()
-    except OSError:
-        return ""
-
-
-def _maps_hold(pid: int, library: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as fh:
-            return library in fh.read()
-    except OSError:
-        return False
-
-
-class Port:
-    """One port process and what it owes: the seqs sent to it without a result yet."""
-
-    def __init__(self, agent: Agent, index: int, work: str, library: Path, function: str,
-                 timeout: float | None) -> None:
-        self.agent, self.index, self.work = agent, index, work
-        self.library, self.function, self.timeout = library, function, timeout
-        self.proc: asyncio.subprocess.Process | None = None
-        self.pending: collections.deque[int] = collections.deque()
-        self.head_since = 0.0
-        self.loading = False
-        self.stopping = False
-        self.timed_out: int | None = None
-        self.corrupt = ""
-        self.last_stderr = ""
-        self.watcher: asyncio.Task[None] | None = None
-        self.stderr_task: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self._window = (0.0, 0, 0)  # start, lines logged, lines dropped
-        self.started_at = 0.0
-        self.quick_deaths = 0  # deaths in a row right after a start, with no task in flight
-
-    # -- life ---------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        cfg = self.agent.cfg
-        self.pending.clear()
-        self.timed_out, self.corrupt, self.last_stderr = None, "", ""
-        proc = await asyncio.create_subprocess_exec(
-            str(cfg.port_binary), str(self.library), self.function, cfg.name,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=READ_CHUNK, close_fds=True,
-        )
-        self.proc = proc
-        self.started_at = time.monotonic()
-        if self.stopping:  # stop() came while the process started: stop() waits for it
-            proc.kill()
-        self.stderr_task = asyncio.ensure_future(self._drain_stderr(proc))
-        self.watcher = asyncio.ensure_future(self._watch(proc))
-
-    async def loaded(self) -> str | None:
-        """None once the port is past loading its library (blocked reading its first
-        task), else why it ended.  Waits at most LOAD_GRACE; a port still busy then is
-        taken as loaded (a late failure becomes a PORT_DIED)."""
-        proc = self.proc
-        assert proc is not None
-        library = os.path.realpath(self.library)
-        deadline = time.monotonic() + LOAD_GRACE
-        mapped_at: float | None = None
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                break
-            if "pipe" in _wchan(proc.pid):
-                return None
-            if mapped_at is None and _maps_hold(proc.pid, library):
-                mapped_at = time.monotonic()
-            elif mapped_at is not None and time.monotonic() - mapped_at > 0.05:
-                return None
-            await asyncio.sleep(0.002)
-        if proc.returncode is None:
-            return None
-        await proc.wait()
-        await self._stderr_done()
-        if self.corrupt:
-            return f"corrupt result stream ({self.corrupt}); killed"
-        return self._exit_reason(proc.returncode)
-
-    async def stop(self) -> None:
-        """Kill the port (SIGKILL) and reap it; nothing is reported."""
-        self.stopping = True
-        self._disarm()
-        while True:
-            proc = self.proc
-            if proc is not None and proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            if proc is not None:
-                await proc.wait()
-            watcher = self.watcher
-            if watcher is not None and not watcher.done():  # nothing it would still do is wanted
-                watcher.cancel()
-                await asyncio.wait([watcher])
-            stderr = self.stderr_task
-            if stderr is not None and not stderr.done():  # ends with the process; unless a
-                await asyncio.wait([stderr], timeout=2.0)  # grandchild holds the pipe
-                stderr.cancel()
-            if self.proc is proc:  # a restart in flight made no new process meanwhile
-                return
-
-    # -- tasks in, results out --------------------------------------------------------
-
-    def send_tasks(self, data: memoryview) -> None:
-        seqs = []
-        pos, end = 0, len(data)
-        while end - pos >= HEADER_LEN:
-            magic, seq, _attempt, _size, data_len = TASK_HEADER.unpack_from(data, pos)
-            if magic != TASK_MAGIC:
-                break  # the port will refuse the frame (exit 2): PORT_DIED says so
-            seqs.append(seq)
-            pos += HEADER_LEN + data_len
-        if seqs and not self.pending:
-            self.head_since = asyncio.get_running_loop().time()
-        self.pending.extend(seqs)
-        proc = self.proc
-        if proc is not None and proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(data)
-        self._arm()
-
-    def _complete(self, buffer: bytearray) -> int:
-        """The length of the complete result frames at the start of ``buffer``; their
-        seqs are no longer owed.  A corrupt frame sets ``corrupt`` and ends the count."""
-        pos, end = 0, len(buffer)
-        pending = self.pending
-        while end - pos >= HEADER_LEN:
-            magic, seq, status, _elapsed, length = RESULT_HEADER.unpack_from(buffer, pos)
-            if magic != RESULT_MAGIC or status > frames.STATUS_FAILED or length > frames.MAX_OUTPUT:
-                self.corrupt = f"bad result header (magic {bytes(magic)!r}, status {status}, length {length})"
-                break
-            if pos + HEADER_LEN + length > end:
-                break
-            pos += HEADER_LEN + length
-            if pending and pending[0] == seq:
-                pending.popleft()
-            elif seq in pending:
-                pending.remove(seq)
-            else:
-                self.agent.log(f"port {self.index}: result for seq {seq}, which it was not sent")
-        if pos:
-            self.head_since = asyncio.get_running_loop().time()
-        return pos
-
-    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdout is not None
-        buffer = bytearray()
-        while not self.corrupt:
-            chunk = await proc.stdout.read(READ_CHUNK)
-            if not chunk:
-                break
-            buffer += chunk
-            done = self._complete(buffer)
-            if done:
-                # the temporary view is gone when port_message returns, so the del works
-                self.agent.send(protocol.port_message(RESULTS, self.index, memoryview(buffer)[:done]))
-                del buffer[:done]
-                self._arm()
-                await self.agent.drain()
-        if self.corrupt and proc.returncode is None:  # frames we cannot trust: the port goes
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-        await proc.wait()
-        if self.stopping or self.loading:
-            return
-        self._disarm()
-        await self._stderr_done()
-        if self.stopping:
-            return
-        rc = proc.returncode
-        assert rc is not None
-        seq = self.pending[0] if self.pending else None
-        if self.timed_out is not None:
-            reason = f"task {self.timed_out} ran past its timeout of {self.timeout:g} s (killed)"
-        elif self.corrupt:
-            reason = f"corrupt result stream ({self.corrupt}); killed"
-        else:
-            reason = self._exit_reason(rc)
-        self.agent.log(f"port {self.index} ({self.work}) died: {reason}; task in flight: {seq}")
-        self.agent.send(protocol.control(PORT_DIED, port=self.index, seq=seq, reason=reason))
-        if rc in LOAD_EXITS:
-            self.agent.log(f"port {self.index} cannot load its library; not restarting it")
-            self.agent.forget_port(self)
-            return
-        if seq is None and time.monotonic() - self.started_at < QUICK_DEATH:
-            self.quick_deaths += 1  # dying with nothing to do: restart ever more slowly
-            await asyncio.sleep(min(RESTART_CAP, 0.1 * 2 ** min(self.quick_deaths - 1, 8)))
-        else:
-            self.quick_deaths = 0
-        if self.stopping:
-            return
-        try:
-            await self.start()
-        except OSError as exc:
-            self.agent.log(f"port {self.index}: cannot start again: {exc}")
-            self.agent.forget_port(self)
-            return
-        self.agent.send(protocol.control(PORT_READY, port=self.index))
-
-    def _exit_reason(self, rc: int) -> str:
-        reason = frames.describe_exit(rc)
-        if rc > 0 and self.last_stderr:
-            reason += f": {self.last_stderr}"
-        return reason
-
-    # -- stderr ---------------------------------------------------------------------------
-
-    async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        partial = b""
-        while True:
-            chunk = await proc.stderr.read(65536)
-            if not chunk:
-                break
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()
-            if len(partial) > 4096:
-                lines.append(partial)
-                partial = b""
-            for line in lines:
-                self._stderr_line(line)
-        if partial:
-            self._stderr_line(partial)
-        start, logged, dropped = self._window
-        if dropped:
-            self.agent.log(f"port {self.index} stderr: ... {dropped} more line(s) not logged")
-            self._window = (start, logged, 0)
-
-    def _stderr_line(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip()[:500]
-        if not text:
-            return
-        self.last_stderr = text
-        now = time.monotonic()
-        start, logged, dropped = self._window
-        if now - start > 10.0:
-            if dropped:
-                self.agent.log(f"port {self.index} stderr: ... {dropped} more line(s) not logged")
-            start, logged, dropped = now, 0, 0
-        if logged < STDERR_LINES_PER_WINDOW:
-            self.agent.log(f"port {self.index} stderr: {text}")
-            logged += 1
-        else:
-            dropped += 1
-        self._window = (start, logged, dropped)
-
-    async def _stderr_done(self) -> None:
-        task = self.stderr_task
-        if task is not None and not task.done():
-            with contextlib.suppress(*TIMEOUTS):  # a grandchild may hold stderr open: stop waiting
-                await asyncio.wait_for(asyncio.shield(task), 1.0)
-
-    # -- task timeout ---------------------------------------------------------------------
-
-    def _arm(self) -> None:
-        if self.timeout and self.pending and self.timer is None and not self.stopping:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_at(self.head_since + self.timeout, self._check_timeout)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _check_timeout(self) -> None:
-        self.timer = None
-        proc = self.proc
-        if not self.pending or self.stopping or proc is None or proc.returncode is not None or not self.timeout:
-            return
-        loop = asyncio.get_running_loop()
-        due = self.head_since + self.timeout
-        if loop.time() < due:
-            self.timer = loop.call_at(due, self._check_timeout)
-            return
-        self.timed_out = self.pending[0]
-        self.agent.log(f"port {self.index}: task {self.timed_out} ran past {self.timeout:g} s; killing the port")
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-
-
-# -- remote commands (EXEC) -----------------------------------------------------------------
-
-
-class _Capture:
-    """One pipe read by the loop until EOF (or ``close``): at most ``cap`` bytes kept."""
-
-    def __init__(self, fd: int, cap: int) -> None:
-        self.fd, self.cap = fd, cap
-        self.data = bytearray()
-        self.dropped = 0
-        self.loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[None] = self.loop.create_future()
-        os.set_blocking(fd, False)
-        self.loop.add_reader(fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            chunk = os.read(self.fd, 65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:
-            self.close()
-            return
-        room = self.cap - len(self.data)
-        if room > 0:
-            self.data += chunk[:room]
-        self.dropped += max(0, len(chunk) - max(room, 0))
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            self.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def text(self) -> str:
-        return self.data.decode("utf-8", "replace")
-
-
-def _killpg(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-def _exec_home() -> str:
-    return os.environ.get("HOME") or os.path.expanduser("~")
-
-
-def _exec_limits(msg: dict[str, Any]) -> tuple[str, float, int]:
-    """(command, timeout, max_output) of an EXEC; raises ValueError."""
-    command = msg.get("command")
-    if not isinstance(command, str) or not command:
-        raise ValueError("command must be a non-empty string")
-    timeout = msg.get("timeout")
-    timeout = protocol.EXEC_TIMEOUT if timeout is None else timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < 1e9:
-        raise ValueError(f"timeout {timeout!r} is not a positive number of seconds")
-    cap = msg.get("max_output")
-    cap = protocol.EXEC_MAX_OUTPUT if cap is None else cap
-    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= protocol.EXEC_OUTPUT_CAP:
-        raise ValueError(f"max_output {cap!r} is not a byte count from 0 to {protocol.EXEC_OUTPUT_CAP}")
-    return command, float(timeout), cap
-
-
-class _Reaper:
-    """A child's exit as a future: its ``returncode`` (negative for a signal) once reaped.
-
-    The child's pidfd wakes the loop when it ends (no thread, no SIGCHLD handler); a
-    kernel without pidfds (before 5.3) leaves a thread blocked in ``wait``."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.loop = asyncio.get_running_loop()
-        self.done: asyncio.Future[int] = self.loop.create_future()
-        self.fd = -1
-        try:
-            self.fd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            waited = self.loop.run_in_executor(None, proc.wait)
-            waited.add_done_callback(lambda f: self._settle(f.result()))
-        else:
-            self.loop.add_reader(self.fd, self._readable)
-
-    def _readable(self) -> None:
-        status = self.proc.poll()
-        if status is not None:
-            self.loop.remove_reader(self.fd)
-            os.close(self.fd)
-            self.fd = -1
-            self._settle(status)
-
-    def _settle(self, status: int) -> None:
-        if not self.done.done():
-            self.done.set_result(status)
-
-
-def _spawn_shell(command: str, home: str, stdout: int, stderr: int) -> subprocess.Popen[bytes]:
-    """``/bin/sh -c command`` in ``home``, in a session (and process group) of its own,
-    stdin /dev/null, signals as a login shell has them.  A plain Popen (vfork and exec)
-    reaped by ``_Reaper`` costs the agent a fifth of an asyncio subprocess, whose
-    transport, protocol and child-watcher thread make 32 execs CPU-bound on two cores.
-    Raises OSError."""
-    return subprocess.Popen(["/bin/sh", "-c", command], cwd=home, stdin=subprocess.DEVNULL, stdout=stdout,
-                            stderr=stderr, start_new_session=True, close_fds=True)
-
-
-async def run_exec(msg: dict[str, Any]) -> dict[str, Any]:
-    """Run one EXEC; the EXEC_DONE fields but ``id``.  Cancelled, it SIGKILLs the
-    command's process group (and reaps the shell) before it ends."""
-    started = time.monotonic()
-
-    def done(status: int | None, reason: str, out: _Capture | None = None,
-             err: _Capture | None = None) -> dict[str, Any]:
-        return {"exit": status, "stdout": out.text() if out else "", "stderr": err.text() if err else "",
-                "truncated": bool((out and out.dropped) or (err and err.dropped)),
-                "seconds": round(time.monotonic() - started, 3), "reason": reason}
-
-    try:
-        command, timeout, cap = _exec_limits(msg)
-    except ValueError as exc:
-        return done(None, f"bad EXEC: {exc}")
-    home = _exec_home()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        proc = _spawn_shell(command, home, out_w, err_w)
-    except OSError as exc:
-        os.close(out_r)
-        os.close(err_r)
-        return done(None, f"cannot start /bin/sh in {home}: {_describe(exc)}")
-    finally:
-        os.close(out_w)
-        os.close(err_w)
-    shell = _Reaper(proc)
-    pid = proc.pid
-    out, err = _Capture(out_r, cap), _Capture(err_r, cap)
-    everything = asyncio.gather(shell.done, out.done, err.done)
-    try:
-        try:
-            await asyncio.wait_for(asyncio.shield(everything), timeout)
-        except TIMEOUTS:
-            _killpg(pid)
-            await shell.done
-            # the group is dead: what it wrote is still in the pipes, unless a process
-            # that left the group holds them open
-            with contextlib.suppress(*TIMEOUTS):
-                await asyncio.wait_for(asyncio.shield(everything), 0.5)
-            return done(None, f"timed out after {timeout:g} s", out, err)
-    except BaseException:  # cancelled: the connection ended
-        _killpg(pid)
-        await asyncio.shield(shell.done)
-        raise
-    finally:
-        out.close()
-        err.close()
-        everything.cancel()  # a no-op when finished; retrieves nothing
-        with contextlib.suppress(BaseException):
-            await everything
-    rc = shell.done.result()
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = "?"
-        return done(-1, f"killed by signal {-rc} ({name})", out, err)
-    return done(rc, "", out, err)
 
 
 # -- the agent ---------------------------------------------------------------------------
@@ -982,7 +406,7 @@ class Agent:
         work = self.wanting.pop(sha, "")
         try:
             folder = release_folder(self.releases, header.get("release"))
-            if not _SHA256.match(sha):
+            if not SHA256.match(sha):
                 raise ValueError(f"{sha!r} is not a sha256")
             build = header.get("build") or []
             if not isinstance(build, list) or not all(isinstance(c, str) for c in build):
@@ -1091,17 +515,6 @@ def _common_name(cert: Any) -> str:
             if key == "commonName":
                 return str(value)
     return ""
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "closed"
-    if isinstance(exc, asyncio.IncompleteReadError):
-        return "the scheduler closed the connection"
-    if isinstance(exc, TIMEOUTS):
-        return "timed out"
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) else text
 
 
 # -- entry point -----------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from orchestrator import agent_install, fleet, pki, release_catalog
-from orchestrator.agent import agent as agent_module
+from orchestrator.agent import releases as agent_releases
 from orchestrator.agent.frames import encode_task
 from orchestrator.agent.protocol import (
     ERROR,
@@ -184,7 +184,7 @@ class Home:
         folder = self.releases / FAULTS_RELEASE
         (folder / "build").mkdir(parents=True, exist_ok=True)
         shutil.copy(FAULTS, folder / "build" / "libfaults.so")
-        (folder / agent_module.SHA_FILE).write_text(FAKE_SHA + "\n")
+        (folder / agent_releases.SHA_FILE).write_text(FAKE_SHA + "\n")
 
 
 MakeHome = Callable[..., Home]
@@ -563,7 +563,7 @@ def test_release_is_installed_built_and_loaded(ws: Workspace, peer: AgentPeer, m
     session.tasks(0, tasks((0, b"0 100"), (1, b"100 1000")))
     assert [r.payload.strip() for r in session.wait_results(0, 2)] == [b"25", b"143"]
     built_folder = home.releases / folder
-    assert (built_folder / agent_module.SHA_FILE).read_text().strip() == packed.sha256
+    assert (built_folder / agent_releases.SHA_FILE).read_text().strip() == packed.sha256
     assert not (home.releases / f"{folder}.new").exists()
     session.close()
     assert session_of(peer, home, 1).hello["releases"] == [{"release": folder, "sha256": packed.sha256}]
@@ -598,7 +598,7 @@ def test_unpacking_refuses_what_could_escape(members: list[tuple[str, bytes | st
     dest = tmp_path / "releases" / "r-1"
     dest.parent.mkdir()
     with pytest.raises(ValueError, match=error):
-        agent_module.unpack_release(data, hashlib.sha256(data).hexdigest(), dest)
+        agent_releases.unpack_release(data, hashlib.sha256(data).hexdigest(), dest)
     assert list(dest.parent.iterdir()) == [] and not (tmp_path / "evil").exists()
 
 
@@ -606,11 +606,11 @@ def test_unpacking_strips_the_top_folder(tmp_path: Path) -> None:
     data = _tarball([("top/", None), ("top/a.c", b"int x;"), ("top/sub/", None), ("top/sub/b", b"b"),
                      ("top/link", "sub/b")])
     dest = tmp_path / "r-1"
-    agent_module.unpack_release(data, hashlib.sha256(data).hexdigest(), dest)
+    agent_releases.unpack_release(data, hashlib.sha256(data).hexdigest(), dest)
     assert (dest / "a.c").read_bytes() == b"int x;" and (dest / "sub" / "b").read_bytes() == b"b"
     assert os.readlink(dest / "link") == "sub/b"
     with pytest.raises(ValueError, match="sha256"):
-        agent_module.unpack_release(data, "0" * 64, dest)
+        agent_releases.unpack_release(data, "0" * 64, dest)
     assert (dest / "a.c").exists()  # a refused tarball leaves the installed release alone
 
 

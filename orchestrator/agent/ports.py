@@ -1,0 +1,312 @@
+"""Ports on the node: one ``orch-port`` process per index, fed TASKS on its stdin,
+read in large chunks on its stdout (result frames relayed as RESULTS), restarted when
+it dies (PORT_DIED naming the task in flight, then PORT_READY), SIGKILLed past a
+task's timeout.  See the agent's docstring for the whole story."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import frames, protocol
+from .errors import TIMEOUTS
+from .frames import HEADER_LEN, RESULT_HEADER, RESULT_MAGIC, TASK_HEADER, TASK_MAGIC
+from .protocol import PORT_DIED, PORT_READY, RESULTS
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+READ_CHUNK = 1 << 20
+LOAD_GRACE = 0.5  # longest wait for a new port to show it loaded its library
+QUICK_DEATH = 1.0  # a port that dies this soon after starting, with no task, is restarted
+RESTART_CAP = 5.0  # ... after 0.1 s, doubling up to this
+LOAD_EXITS = (frames.EXIT_ABI_MISMATCH, frames.EXIT_NO_FUNCTION, frames.EXIT_NO_LIBRARY)
+STDERR_LINES_PER_WINDOW = 20  # per port, logged per 10 s; the rest is counted
+
+
+def _wchan(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/wchan") as fh:
+            return fh.read()
+    except OSError:
+        return ""
+
+
+def _maps_hold(pid: int, library: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as fh:
+            return library in fh.read()
+    except OSError:
+        return False
+
+
+class Port:
+    """One port process and what it owes: the seqs sent to it without a result yet."""
+
+    def __init__(self, agent: Agent, index: int, work: str, library: Path, function: str,
+                 timeout: float | None) -> None:
+        self.agent, self.index, self.work = agent, index, work
+        self.library, self.function, self.timeout = library, function, timeout
+        self.proc: asyncio.subprocess.Process | None = None
+        self.pending: collections.deque[int] = collections.deque()
+        self.head_since = 0.0
+        self.loading = False
+        self.stopping = False
+        self.timed_out: int | None = None
+        self.corrupt = ""
+        self.last_stderr = ""
+        self.watcher: asyncio.Task[None] | None = None
+        self.stderr_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._window = (0.0, 0, 0)  # start, lines logged, lines dropped
+        self.started_at = 0.0
+        self.quick_deaths = 0  # deaths in a row right after a start, with no task in flight
+
+    # -- life ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cfg = self.agent.cfg
+        self.pending.clear()
+        self.timed_out, self.corrupt, self.last_stderr = None, "", ""
+        proc = await asyncio.create_subprocess_exec(
+            str(cfg.port_binary), str(self.library), self.function, cfg.name,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            limit=READ_CHUNK, close_fds=True,
+        )
+        self.proc = proc
+        self.started_at = time.monotonic()
+        if self.stopping:  # stop() came while the process started: stop() waits for it
+            proc.kill()
+        self.stderr_task = asyncio.ensure_future(self._drain_stderr(proc))
+        self.watcher = asyncio.ensure_future(self._watch(proc))
+
+    async def loaded(self) -> str | None:
+        """None once the port is past loading its library (blocked reading its first
+        task), else why it ended.  Waits at most LOAD_GRACE; a port still busy then is
+        taken as loaded (a late failure becomes a PORT_DIED)."""
+        proc = self.proc
+        assert proc is not None
+        library = os.path.realpath(self.library)
+        deadline = time.monotonic() + LOAD_GRACE
+        mapped_at: float | None = None
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                break
+            if "pipe" in _wchan(proc.pid):
+                return None
+            if mapped_at is None and _maps_hold(proc.pid, library):
+                mapped_at = time.monotonic()
+            elif mapped_at is not None and time.monotonic() - mapped_at > 0.05:
+                return None
+            await asyncio.sleep(0.002)
+        if proc.returncode is None:
+            return None
+        await proc.wait()
+        await self._stderr_done()
+        if self.corrupt:
+            return f"corrupt result stream ({self.corrupt}); killed"
+        return self._exit_reason(proc.returncode)
+
+    async def stop(self) -> None:
+        """Kill the port (SIGKILL) and reap it; nothing is reported."""
+        self.stopping = True
+        self._disarm()
+        while True:
+            proc = self.proc
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            if proc is not None:
+                await proc.wait()
+            watcher = self.watcher
+            if watcher is not None and not watcher.done():  # nothing it would still do is wanted
+                watcher.cancel()
+                await asyncio.wait([watcher])
+            stderr = self.stderr_task
+            if stderr is not None and not stderr.done():  # ends with the process; unless a
+                await asyncio.wait([stderr], timeout=2.0)  # grandchild holds the pipe
+                stderr.cancel()
+            if self.proc is proc:  # a restart in flight made no new process meanwhile
+                return
+
+    # -- tasks in, results out --------------------------------------------------------
+
+    def send_tasks(self, data: memoryview) -> None:
+        seqs = []
+        pos, end = 0, len(data)
+        while end - pos >= HEADER_LEN:
+            magic, seq, _attempt, _size, data_len = TASK_HEADER.unpack_from(data, pos)
+            if magic != TASK_MAGIC:
+                break  # the port will refuse the frame (exit 2): PORT_DIED says so
+            seqs.append(seq)
+            pos += HEADER_LEN + data_len
+        if seqs and not self.pending:
+            self.head_since = asyncio.get_running_loop().time()
+        self.pending.extend(seqs)
+        proc = self.proc
+        if proc is not None and proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
+            proc.stdin.write(data)
+        self._arm()
+
+    def _complete(self, buffer: bytearray) -> int:
+        """The length of the complete result frames at the start of ``buffer``; their
+        seqs are no longer owed.  A corrupt frame sets ``corrupt`` and ends the count."""
+        pos, end = 0, len(buffer)
+        pending = self.pending
+        while end - pos >= HEADER_LEN:
+            magic, seq, status, _elapsed, length = RESULT_HEADER.unpack_from(buffer, pos)
+            if magic != RESULT_MAGIC or status > frames.STATUS_FAILED or length > frames.MAX_OUTPUT:
+                self.corrupt = f"bad result header (magic {bytes(magic)!r}, status {status}, length {length})"
+                break
+            if pos + HEADER_LEN + length > end:
+                break
+            pos += HEADER_LEN + length
+            if pending and pending[0] == seq:
+                pending.popleft()
+            elif seq in pending:
+                pending.remove(seq)
+            else:
+                self.agent.log(f"port {self.index}: result for seq {seq}, which it was not sent")
+        if pos:
+            self.head_since = asyncio.get_running_loop().time()
+        return pos
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        buffer = bytearray()
+        while not self.corrupt:
+            chunk = await proc.stdout.read(READ_CHUNK)
+            if not chunk:
+                break
+            buffer += chunk
+            done = self._complete(buffer)
+            if done:
+                # the temporary view is gone when port_message returns, so the del works
+                self.agent.send(protocol.port_message(RESULTS, self.index, memoryview(buffer)[:done]))
+                del buffer[:done]
+                self._arm()
+                await self.agent.drain()
+        if self.corrupt and proc.returncode is None:  # frames we cannot trust: the port goes
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        if self.stopping or self.loading:
+            return
+        self._disarm()
+        await self._stderr_done()
+        if self.stopping:
+            return
+        rc = proc.returncode
+        assert rc is not None
+        seq = self.pending[0] if self.pending else None
+        if self.timed_out is not None:
+            reason = f"task {self.timed_out} ran past its timeout of {self.timeout:g} s (killed)"
+        elif self.corrupt:
+            reason = f"corrupt result stream ({self.corrupt}); killed"
+        else:
+            reason = self._exit_reason(rc)
+        self.agent.log(f"port {self.index} ({self.work}) died: {reason}; task in flight: {seq}")
+        self.agent.send(protocol.control(PORT_DIED, port=self.index, seq=seq, reason=reason))
+        if rc in LOAD_EXITS:
+            self.agent.log(f"port {self.index} cannot load its library; not restarting it")
+            self.agent.forget_port(self)
+            return
+        if seq is None and time.monotonic() - self.started_at < QUICK_DEATH:
+            self.quick_deaths += 1  # dying with nothing to do: restart ever more slowly
+            await asyncio.sleep(min(RESTART_CAP, 0.1 * 2 ** min(self.quick_deaths - 1, 8)))
+        else:
+            self.quick_deaths = 0
+        if self.stopping:
+            return
+        try:
+            await self.start()
+        except OSError as exc:
+            self.agent.log(f"port {self.index}: cannot start again: {exc}")
+            self.agent.forget_port(self)
+            return
+        self.agent.send(protocol.control(PORT_READY, port=self.index))
+
+    def _exit_reason(self, rc: int) -> str:
+        reason = frames.describe_exit(rc)
+        if rc > 0 and self.last_stderr:
+            reason += f": {self.last_stderr}"
+        return reason
+
+    # -- stderr ---------------------------------------------------------------------------
+
+    async def _drain_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        partial = b""
+        while True:
+            chunk = await proc.stderr.read(65536)
+            if not chunk:
+                break
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            if len(partial) > 4096:
+                lines.append(partial)
+                partial = b""
+            for line in lines:
+                self._stderr_line(line)
+        if partial:
+            self._stderr_line(partial)
+        start, logged, dropped = self._window
+        if dropped:
+            self.agent.log(f"port {self.index} stderr: ... {dropped} more line(s) not logged")
+            self._window = (start, logged, 0)
+
+    def _stderr_line(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip()[:500]
+        if not text:
+            return
+        self.last_stderr = text
+        now = time.monotonic()
+        start, logged, dropped = self._window
+        if now - start > 10.0:
+            if dropped:
+                self.agent.log(f"port {self.index} stderr: ... {dropped} more line(s) not logged")
+            start, logged, dropped = now, 0, 0
+        if logged < STDERR_LINES_PER_WINDOW:
+            self.agent.log(f"port {self.index} stderr: {text}")
+            logged += 1
+        else:
+            dropped += 1
+        self._window = (start, logged, dropped)
+
+    async def _stderr_done(self) -> None:
+        task = self.stderr_task
+        if task is not None and not task.done():
+            with contextlib.suppress(*TIMEOUTS):  # a grandchild may hold stderr open: stop waiting
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
+
+    # -- task timeout ---------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self.timeout and self.pending and self.timer is None and not self.stopping:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_at(self.head_since + self.timeout, self._check_timeout)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        proc = self.proc
+        if not self.pending or self.stopping or proc is None or proc.returncode is not None or not self.timeout:
+            return
+        loop = asyncio.get_running_loop()
+        due = self.head_since + self.timeout
+        if loop.time() < due:
+            self.timer = loop.call_at(due, self._check_timeout)
+            return
+        self.timed_out = self.pending[0]
+        self.agent.log(f"port {self.index}: task {self.timed_out} ran past {self.timeout:g} s; killing the port")
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
