@@ -5,10 +5,8 @@ once its nodes are idle, and the events explain every step."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,26 +14,19 @@ import httpx
 import pytest
 
 from orchestrator.state import Store
-from orchestrator.workspace import Workspace
-from tests.conftest import REPO
-from tests.integration.test_serve import primes_below, start_server, stop_server
+from tests.integration.serving import orch as run_orch
+from tests.integration.serving import primes_below, primes_workspace, start_server, stop_server
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
-ORCH = [sys.executable, "-m", "orchestrator"]
 N = 40_000_000
 
 
 def test_a_large_job_scales_the_family_to_its_maximum_and_idle_nodes_go(tmp_path: Path) -> None:
-    ws = Workspace.init(tmp_path / "ws")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 8\n")
-    (ws.families_dir / "workers.yaml").write_text(
-        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n"
-        "scaling: {min: 1, max: 4, queued_tasks_per_node: 4, idle_seconds: 3, cooldown_seconds: 1}\n")
+    ws = primes_workspace(tmp_path / "ws", family_extra="scaling: {min: 1, max: 4, queued_tasks_per_node: 4, "
+                                                          "idle_seconds: 3, cooldown_seconds: 1}\n")
 
     def orch(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*ORCH, *args], cwd=ws.root, capture_output=True, text=True, timeout=300)
+        return run_orch(ws, *args)
 
     def live() -> int:
         with Store.open(ws.state_db) as store:
@@ -45,7 +36,6 @@ def test_a_large_job_scales_the_family_to_its_maximum_and_idle_nodes_go(tmp_path
         with Store.open(ws.state_db) as store:
             return sum(1 for n in store.list_nodes(family="workers") if n.state.value == "ready")
 
-    assert orch("release", "upload", str(ws.releases_src_dir / "primes")).returncode == 0
     proc = None
     try:
         proc, info, log = start_server(ws, "--port", "0")

@@ -4,7 +4,6 @@ run a job in-process, check its output against a direct computation, look at
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,8 @@ from orchestrator.cloud import Cloud, KVTransaction, job_scope
 from orchestrator.errors import NotFoundError
 from orchestrator.state import JobState, NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
 from tests.integration.conftest import processes_of
-from tests.integration.test_serve import primes_below
+from tests.integration.serving import primes_below, primes_workspace
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 PRIMES_BELOW_200000 = 17984
@@ -24,13 +22,7 @@ PRIMES_BELOW_200000 = 17984
 
 @pytest.fixture
 def workspace(tmp_path: Path) -> Workspace:
-    ws = Workspace.init(tmp_path / "ws")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 4\n")
-    (ws.families_dir / "workers.yaml").write_text(
-        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
-    return ws
+    return primes_workspace(tmp_path / "ws", max_nodes=4, upload=False)
 
 
 def test_nodes_and_a_job_through_the_cloud_api(workspace: Workspace) -> None:

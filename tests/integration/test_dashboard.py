@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from orchestrator import fleet
-from orchestrator.release_catalog import upload_release
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.integration.serving import primes_workspace, serving
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
@@ -35,12 +31,6 @@ pytestmark = [
 ]
 ORCH = [sys.executable, "-m", "orchestrator"]
 PRIMES_BELOW_300000 = 25997
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -55,47 +45,12 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[Workspace, str, str]]:
-    """A workspace with two ready local nodes and `orch serve` on a free port: (ws, url, token)."""
-    ws = Workspace.init(tmp_path / "ws")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 4\n")
-    (ws.families_dir / "workers.yaml").write_text("release: primes\ncount: 2\nplacement:\n  providers: [local]\n")
-    port = _free_port()
-    server: subprocess.Popen[bytes] | None = None
-    with Store.open(ws.state_db) as store:
-        try:
-            upload_release(ws, store, ws.releases_src_dir / "primes")
-            assert len(fleet.spawn(ws, store, "workers").ready) == 2
-            server = subprocess.Popen([*ORCH, "serve", "--port", str(port)], cwd=ws.root,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            url = f"http://127.0.0.1:{port}"
-            wait_for("orch serve answers /healthz", lambda: _healthy(url, server), 30)
-            token = (ws.root / ".orch" / "api-token").read_text().strip()
-            yield ws, url, token
-        finally:
-            if server is not None and server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-                try:
-                    server.wait(15)
-                except subprocess.TimeoutExpired:
-                    server.kill()
-                    server.wait()
-            if server is not None and server.stderr is not None:
-                server.stderr.close()
-            live = fleet.select_nodes(store, all_nodes=True)
-            if live:
-                fleet.stop(ws, store, live)
-
-
-def _healthy(url: str, server: subprocess.Popen[bytes]) -> bool:
-    if server.poll() is not None:
-        err = server.stderr.read().decode() if server.stderr else ""
-        raise AssertionError(f"orch serve exited {server.returncode}: {err}")
-    try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+    """A workspace with two ready local nodes and `orch serve`: (ws, url, token)."""
+    ws = primes_workspace(tmp_path / "ws", count=2, max_nodes=4)
+    with serving(ws) as server:
+        spawned = server.post("/nodes/spawn", {"family": "workers"})
+        assert spawned.status_code == 200 and spawned.json()["ok"], spawned.text
+        yield ws, server.url, server.token
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ passed or not, and checks that no process of any node is left.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,9 +20,8 @@ import pytest
 
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
 from tests.integration.conftest import processes_of
-from tests.integration.test_serve import ORCH, Server, primes_below, start_server, stop_server, wait_until
+from tests.integration.serving import Server, primes_below, primes_workspace, serving, wait_until
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 GRACE = 2.0
@@ -52,31 +49,15 @@ def kill_node(provider_node_id: str, node_dir: Path) -> list[int]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    ws = Workspace.init(tmp_path / "ws")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 8\n")
-    (ws.families_dir / "workers.yaml").write_text(
-        "release: primes\ncount: 2\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
-    uploaded = subprocess.run([*ORCH, "release", "upload", str(ws.releases_src_dir / "primes")], cwd=ws.root,
-                              capture_output=True, text=True, timeout=60)
-    assert uploaded.returncode == 0, uploaded.stderr
-    proc, info, log = start_server(ws, "--port", "0", "--health-grace", str(GRACE))
-    srv = Server(ws, proc, info, log)
+    ws = primes_workspace(tmp_path / "ws", count=2)
     try:
-        yield srv
+        with serving(ws, "--health-grace", str(GRACE)) as srv:
+            yield srv
     finally:
-        srv.client.close()
-        code = stop_server(proc)
-        stopped = subprocess.run([*ORCH, "stop", "--all"], cwd=ws.root, capture_output=True, text=True,
-                                 timeout=120)
         with Store.open(ws.state_db) as store:
             nodes = store.list_nodes()
         root = ws.runtime_dir / "drivers" / "local" / "local"
         left = {n.id: processes_of(n.provider_node_id, root / n.provider_node_id) for n in nodes if n.provider_node_id}
-        assert code == 0, f"orch serve exited {code} on SIGTERM: {log.read_text()}"
-        assert "Traceback" not in log.read_text(), log.read_text()
-        assert stopped.returncode == 0 or "name a FAMILY" in stopped.stderr, stopped.stderr
         assert not any(left.values()), f"processes left: {left}"
 
 

@@ -10,8 +10,6 @@ whether the tests passed or not.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import socket
 import ssl
@@ -27,117 +25,27 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.integration.serving import (
+    ORCH,
+    Server,
+    primes_below,
+    primes_workspace,
+    serving,
+    start_server,
+    stop_server,
+    wait_until,
+)
+from tests.integration.serving import orch as run_orch
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
-ORCH = [sys.executable, "-m", "orchestrator"]
 NODES = 2
-
-
-def primes_below(n: int) -> int:
-    sieve = bytearray([1]) * n
-    sieve[:2] = b"\0\0"
-    for i in range(2, int(n ** 0.5) + 1):
-        if sieve[i]:
-            sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
-    return sum(sieve)
-
-
-class Server:
-    """A running `orch serve` subprocess and a client for it."""
-
-    def __init__(self, ws: Workspace, proc: subprocess.Popen[str], info: dict[str, Any], log: Path) -> None:
-        self.ws = ws
-        self.proc = proc
-        self.info = info
-        self.log = log
-        self.token = (ws.runtime_dir / "api-token").read_text().strip()
-        self.client = httpx.Client(base_url=info["url"], timeout=120,
-                                   headers={"Authorization": f"Bearer {self.token}"})
-
-    @property
-    def url(self) -> str:
-        return str(self.info["url"])
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.client.get(path, **kwargs)
-
-    def post(self, path: str, body: Any) -> httpx.Response:
-        return self.client.post(path, json=body)
-
-    def orch(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*ORCH, *args], cwd=self.ws.root, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "COLUMNS": "200"})
-
-
-def wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout} s")
-
-
-def start_server(ws: Workspace, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any], Path]:
-    """Start `orch serve ARGS` and wait for its .orch/serve.json (and a live /healthz)."""
-    log = ws.root / f"serve-{time.monotonic_ns()}.log"
-    serve_json = ws.runtime_dir / "serve.json"
-    with log.open("w") as out:
-        proc = subprocess.Popen([*ORCH, "serve", *args], cwd=ws.root, stdout=out, stderr=subprocess.STDOUT,
-                                text=True)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"orch serve exited {proc.returncode}: {log.read_text()}")
-        try:
-            info = json.loads(serve_json.read_text())
-        except (OSError, ValueError):
-            time.sleep(0.05)
-            continue
-        if info.get("pid") == proc.pid:
-            return proc, info, log
-        time.sleep(0.05)
-    stop_server(proc)
-    raise AssertionError(f"orch serve wrote no serve.json in 30 s: {log.read_text()}")
-
-
-def stop_server(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> int:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            return proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return int(proc.returncode)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    root = tmp_path_factory.mktemp("serve")
-    ws = Workspace.init(root / "ws")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 8\n")
-    (ws.families_dir / "workers.yaml").write_text(
-        f"release: primes\ncount: {NODES}\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
-    uploaded = subprocess.run([*ORCH, "release", "upload", str(ws.releases_src_dir / "primes")], cwd=ws.root,
-                              capture_output=True, text=True, timeout=60)
-    assert uploaded.returncode == 0, uploaded.stderr
-    proc, info, log = start_server(ws, "--port", "0")
-    srv = Server(ws, proc, info, log)
-    try:
+    ws = primes_workspace(tmp_path_factory.mktemp("serve") / "ws", count=NODES)
+    with serving(ws) as srv:
         yield srv
-    finally:
-        srv.client.close()
-        code = stop_server(proc)
-        stopped = subprocess.run([*ORCH, "stop", "--all"], cwd=ws.root, capture_output=True, text=True,
-                                 timeout=120)
-        assert code == 0, f"orch serve exited {code} on SIGTERM: {log.read_text()}"
-        assert not (ws.runtime_dir / "serve.json").exists(), "serve.json survived a clean shutdown"
-        assert "Traceback" not in log.read_text(), log.read_text()
-        assert stopped.returncode == 0 or "name a FAMILY" in stopped.stderr, stopped.stderr
 
 
 @pytest.fixture(scope="module")
@@ -507,17 +415,11 @@ def test_not_on_loopback_it_serves_https_with_the_workspace_ca(tmp_path: Path) -
 
 
 def test_sigterm_suspends_the_running_job_and_resume_finishes_it(tmp_path: Path) -> None:
-    ws = Workspace.init(tmp_path / "suspend")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 2\n")
-    (ws.families_dir / "workers.yaml").write_text(
-        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
+    ws = primes_workspace(tmp_path / "suspend", max_nodes=2)
 
     def orch(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*ORCH, *args], cwd=ws.root, capture_output=True, text=True, timeout=300)
+        return run_orch(ws, *args)
 
-    assert orch("release", "upload", str(ws.releases_src_dir / "primes")).returncode == 0
     proc: subprocess.Popen[str] | None = None
     try:
         assert orch("spawn", "workers").returncode == 0
@@ -543,17 +445,11 @@ def test_sigterm_suspends_the_running_job_and_resume_finishes_it(tmp_path: Path)
 
 
 def test_resume_hands_the_job_to_a_running_server_and_a_restarted_server_goes_on(tmp_path: Path) -> None:
-    ws = Workspace.init(tmp_path / "handoff")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    (ws.providers_dir / "local.yaml").write_text("driver: local\nmax_nodes: 2\n")
-    (ws.families_dir / "workers.yaml").write_text(
-        "release: primes\ncount: 1\nworkers_per_node: 1\nplacement:\n  providers: [local]\n")
+    ws = primes_workspace(tmp_path / "handoff", max_nodes=2)
 
     def orch(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*ORCH, *args], cwd=ws.root, capture_output=True, text=True, timeout=300)
+        return run_orch(ws, *args)
 
-    assert orch("release", "upload", str(ws.releases_src_dir / "primes")).returncode == 0
     servers: list[subprocess.Popen[str]] = []
 
     def serve() -> httpx.Client:
