@@ -279,7 +279,7 @@ class Agent:
             if kind == TASKS:
                 index, data = protocol.parse_port(body)
                 port = self.ports.get(index)
-                if port is None:
+                if port is None or port.stopping:  # gone, or going (UNLOAD reaping it): never run
                     seq = TASK_HEADER.unpack_from(data)[1] if len(data) >= HEADER_LEN else None
                     self.send(protocol.control(PORT_DIED, port=index, seq=seq, reason=f"port {index} is not running"))
                 else:
