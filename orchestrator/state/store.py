@@ -66,8 +66,7 @@ class Store(JobStore):
         try:
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode=WAL")
+            _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as exc:
@@ -462,6 +461,22 @@ def _statements(script: str) -> Iterator[str]:
                 yield statement
     if buffer.strip():
         yield buffer.strip()
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Put the database in WAL mode (once; it sticks).  Two processes opening a new
+    database at once can find its lock taken in a way SQLite answers at once with
+    "database is locked" rather than through the busy timeout: wait and try again."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class StorePool:

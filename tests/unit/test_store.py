@@ -3,6 +3,7 @@ from __future__ import annotations
 import multiprocessing
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,3 +139,25 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
         assert len(ticks) == 600
         assert {(e.data["worker"], e.data["i"]) for e in ticks} == {(w, i) for w in range(2) for i in range(300)}
         assert s._query("PRAGMA integrity_check")[0][0] == "ok"
+
+
+def _open_and_note(path: str, start: Any, index: int) -> None:
+    start.wait()
+    with Store.open(Path(path)) as store:
+        store.record_event("note", reason=f"opened by {index}")
+
+
+def test_processes_opening_a_new_store_at_once_all_get_it(tmp_path: Path) -> None:
+    """The first opens race to create, switch to WAL and migrate the same new file."""
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        path = tmp_path / f"state-{attempt}.db"
+        start = context.Barrier(6)
+        procs = [context.Process(target=_open_and_note, args=(str(path), start, i)) for i in range(6)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        assert [p.exitcode for p in procs] == [0] * 6
+        with Store.open(path) as store:
+            assert sorted(e.reason for e in store.events(kind="note")) == [f"opened by {i}" for i in range(6)]
