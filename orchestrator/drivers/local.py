@@ -660,12 +660,13 @@ def _find_sshd(node_dir: Path) -> int | None:
     """The pid of the node's sshd, found by its command line (sshd retitles itself
     "sshd: /usr/sbin/sshd -D -e -f CONFIG ..."), or None."""
     argv = " ".join(_sshd_argv(node_dir)).encode()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ")
-                if argv in cmdline and _start_time(int(entry.name)) is not None:
-                    return int(entry.name)
+    with os.scandir("/proc") as entries:  # closed when we return from inside the loop
+        for entry in entries:
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ")
+                    if argv in cmdline and _start_time(int(entry.name)) is not None:
+                        return int(entry.name)
     return None
 
 
@@ -697,13 +698,14 @@ def _port_free(address: str, port: int) -> bool:
 def _proc_table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, start time) of every process; zombies count as gone."""
     table: dict[int, tuple[int, int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-                fields = stat[stat.rfind(")") + 2 :].split()
-                if fields[0] not in ("Z", "X"):
-                    table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    stat = Path(f"/proc/{entry.name}/stat").read_text()
+                    fields = stat[stat.rfind(")") + 2 :].split()
+                    if fields[0] not in ("Z", "X"):
+                        table[int(entry.name)] = (int(fields[1]), int(fields[19]))
     return table
 
 
