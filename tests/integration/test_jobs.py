@@ -209,6 +209,9 @@ def test_a_poison_task_fails_the_job_when_told_to(cluster: Cluster, tmp_path: Pa
     assert "task 100 failed after 2 attempts" in outcome.reason
 
 
+SIGKILL_SPAN = 40_000_000
+
+
 def wait_for_output(cluster: Cluster, job: str, records: int, proc: subprocess.Popen[str] | subprocess.Popen[bytes],
                     *, nodes: int = 1) -> None:
     """Wait until the running job has committed ``records`` output records, with
@@ -221,7 +224,10 @@ def wait_for_output(cluster: Cluster, job: str, records: int, proc: subprocess.P
         if progress.get("next_write", 0) >= records and len(running) >= nodes:
             return
         time.sleep(0.05)
-    raise AssertionError(f"job {job} did not reach {records} records on {nodes} nodes (exit {proc.poll()})")
+    with cluster.store() as store:
+        progress = store.job_progress(job)
+    raise AssertionError(f"job {job} did not reach {records} records on {nodes} nodes (exit {proc.poll()}; "
+                         f"{progress.get('next_write', 0)} written, nodes {progress.get('nodes')})")
 
 
 def _kill_during(cluster: Cluster, job: str, victims: Callable[[], list[int]]) -> list[int]:
@@ -241,6 +247,9 @@ def _kill_during(cluster: Cluster, job: str, victims: Callable[[], list[int]]) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        for stream in (proc.stdout, proc.stderr):  # communicate() did not, when something failed
+            if stream is not None and not stream.closed:
+                stream.close()
     assert proc.returncode == 0, err
     assert json.loads(out)["state"] == "done"
     return killed
@@ -248,13 +257,14 @@ def _kill_during(cluster: Cluster, job: str, victims: Callable[[], list[int]]) -
 
 @pytest.mark.parametrize("victim", ["port", "agent"])
 def test_sigkill_of_a_port_or_an_agent_mid_job_loses_nothing(cluster: Cluster, victim: str) -> None:
-    # Long enough (~8 s) that the kill lands mid-job even when the last agent dials in late.
-    job = cluster.submit("primes:list_primes", "0:24000000", target_task_seconds=0.05,
-                         module_options={"max_span": 24_000_000})
+    # Long enough (~6 s on the 2-core box; 24M, which took ~8 s once, took ~4 s lately)
+    # that the kill lands mid-job even when the last agent dials in late.
+    job = cluster.submit("primes:list_primes", f"0:{SIGKILL_SPAN}", target_task_seconds=0.05,
+                         module_options={"max_span": SIGKILL_SPAN})
     victims = cluster.agents if victim == "agent" else lambda: cluster.processes(b"orch-port")
     killed = _kill_during(cluster, job, victims)
     assert killed, "nothing to kill was found"
-    assert cluster.output(job) == "".join(f"{p}\n" for p in primes_below(24_000_000)).encode()
+    assert cluster.output(job) == "".join(f"{p}\n" for p in primes_below(SIGKILL_SPAN)).encode()
     counters = cluster.status(job)["counters"]
     with cluster.store() as store:
         events = [(e.kind, e.node, e.reason) for e in store.events(job=job)]
