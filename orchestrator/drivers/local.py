@@ -467,6 +467,10 @@ class LocalNodeDriver(NodeDriver):
             known = _survivors(known) | _node_processes(marker, config)
             if not known:
                 return
+            if not graceful:  # a machine dies at once: none of its processes sees another die first
+                for pid in known:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGSTOP)
             for pid in known:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signum)
