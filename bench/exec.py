@@ -13,7 +13,7 @@ over mutual TLS), the wall time of running ``true`` on every node:
    falls back to SSH for a node whose agent is not connected at that moment: there the
    parent is sshd's shell), back to back and after pauses of ``--idle`` to ``--idle`` +
    3 seconds without a request; the verdicts want every one.
-2. ``orchestrator.remote.exec_on(ws, nodes, "true")``: a fresh SSHPool each call (what
+2. ``orchestrator.remote.fanout.exec_on(ws, nodes, "true")``: a fresh SSHPool each call (what
    ``orch exec`` does without a server), and one SSHPool reused across calls (warm).
 3. ``ansible all -i INVENTORY -m command -a true --forks N`` on ``orch inventory``'s
    output, with an isolated config, home and ControlPath folder (host keys checked
@@ -48,9 +48,10 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import fleet, remote
-from orchestrator.release_catalog import upload_release
-from orchestrator.ssh import Result, SSHPool
+from orchestrator import fleet
+from orchestrator.deploy.releases import upload_release
+from orchestrator.remote import fanout as remote
+from orchestrator.remote.ssh import Result, SSHPool
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 

@@ -55,10 +55,10 @@ from rich.table import Table
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.inventory import ansible_inventory, write_known_hosts
-from orchestrator.providers import make_driver
-from orchestrator.remote import exec_on
-from orchestrator.ssh import SSHPool
+from orchestrator.provision.registry import make_driver
+from orchestrator.remote.fanout import exec_on
+from orchestrator.remote.inventory import ansible_inventory, write_known_hosts
+from orchestrator.remote.ssh import SSHPool
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator.config import NodeFamily
-from orchestrator.placement import FleetNode, ProviderCapabilities, SizeOffer, plan_placement
+from orchestrator.provision.placement import FleetNode, ProviderCapabilities, SizeOffer, plan_placement
 
 TARGET_MS = 100.0
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import ctypes_work  # noqa: E402  (bench/ctypes_work.py: the ABI through ctypes)
 
 from orchestrator import fleet  # noqa: E402
-from orchestrator.release_catalog import upload_release  # noqa: E402
+from orchestrator.deploy.releases import upload_release  # noqa: E402
 from orchestrator.scheduler import jobs  # noqa: E402
 from orchestrator.state import Store  # noqa: E402
 from orchestrator.workspace import Workspace  # noqa: E402

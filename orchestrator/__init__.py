@@ -8,7 +8,7 @@ from orchestrator.errors import OrchError
 from orchestrator.workspace import Workspace
 
 if TYPE_CHECKING:
-    from orchestrator.cloud import Cloud as Cloud
+    from orchestrator.sdk import Cloud as Cloud
 
 __version__ = "0.1.0"
 
@@ -19,7 +19,7 @@ def __getattr__(name: str) -> Any:
     """``orchestrator.Cloud`` (the Python cloud API), imported on first use so that
     ``import orchestrator`` stays cheap."""
     if name == "Cloud":
-        from orchestrator.cloud import Cloud
+        from orchestrator.sdk import Cloud
 
         return Cloud
     raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """A real protocol peer for tests: a scheduler stand-in that speaks
-``orchestrator.agent.protocol`` over mutual TLS (``orchestrator.pki``), on an asyncio
+``orchestrator.agent.protocol`` over mutual TLS (``orchestrator.deploy.pki``), on an asyncio
 loop of its own in a thread, driven by plain synchronous test code.
 
 >>> with AgentPeer(server_ssl_context(ws), heartbeat=0.5) as peer:      # doctest: +SKIP
@@ -23,7 +23,7 @@ from typing import Any
 from orchestrator.agent import protocol
 from orchestrator.agent.frames import PortResult, decode_results
 from orchestrator.agent.protocol import ERROR, HEARTBEAT, HELLO, KIND_NAMES, RESULTS, TASKS, WELCOME
-from orchestrator.pki import peer_node_id
+from orchestrator.deploy.pki import peer_node_id
 
 
 @dataclass

@@ -50,7 +50,7 @@ def build_port(cfg: Config, log: Log) -> str | None:
     stamp = binary + ".sha256"
     tmp = os.path.join(os.path.dirname(binary), f".{name}.{os.getpid()}.new")
     try:
-        # the same digest as orchestrator.agent_install.port_digest()
+        # the same digest as orchestrator.deploy.agent_install.port_digest()
         digest = hashlib.sha256(_read(source) + b"\0" + _read(os.path.join(os.path.dirname(source), "orch_work.h")))
         if os.path.isfile(binary) and os.path.isfile(stamp) and _read(stamp).decode().strip() == digest.hexdigest():
             return None

@@ -18,9 +18,11 @@ from orchestrator.state import NodeState, Store
 
 if TYPE_CHECKING:
     from orchestrator import fleet as engine
-    from orchestrator import remote, ssh
+    from orchestrator.remote import fanout as remote
+    from orchestrator.remote import ssh
 else:
-    engine, remote, ssh = lazy("orchestrator.fleet"), lazy("orchestrator.remote"), lazy("orchestrator.ssh")
+    engine = lazy("orchestrator.fleet")
+    remote, ssh = lazy("orchestrator.remote.fanout"), lazy("orchestrator.remote.ssh")
 
 QuietFlag = Annotated[bool, typer.Option("--quiet", "-q", help="No live progress, only the summary.")]
 

@@ -15,9 +15,9 @@ from orchestrator.state import NodeState
 
 if TYPE_CHECKING:
     from orchestrator import fleet as engine
-    from orchestrator import inventory as engine_inventory
+    from orchestrator.remote import inventory as engine_inventory
 else:
-    engine, engine_inventory = lazy("orchestrator.fleet"), lazy("orchestrator.inventory")
+    engine, engine_inventory = lazy("orchestrator.fleet"), lazy("orchestrator.remote.inventory")
 
 
 def inventory(

@@ -23,10 +23,10 @@ from orchestrator.config import known_drivers, load_provider, load_workspace_con
 from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
-    from orchestrator import providers as engine
-    from orchestrator import provision
+    from orchestrator.provision import nodes as provision
+    from orchestrator.provision import registry as engine
 else:
-    engine, provision = lazy("orchestrator.providers"), lazy("orchestrator.provision")
+    engine, provision = lazy("orchestrator.provision.registry"), lazy("orchestrator.provision.nodes")
 
 app = typer.Typer(help="Register providers (clouds, machine pools) and check them.", no_args_is_help=True)
 

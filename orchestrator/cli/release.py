@@ -20,9 +20,9 @@ from orchestrator.cli.common import (
 from orchestrator.cli.lazy import lazy
 
 if TYPE_CHECKING:
-    from orchestrator import release_catalog as catalog
+    from orchestrator.deploy import releases as catalog
 else:
-    catalog = lazy("orchestrator.release_catalog")
+    catalog = lazy("orchestrator.deploy.releases")
 
 app = typer.Typer(help="Upload and manage releases (versioned, checksummed bundles).", no_args_is_help=True)
 

@@ -15,7 +15,7 @@ import typer
 
 from orchestrator.cli.common import JsonFlag, console, err_console, open_store, print_json, print_table, workspace
 from orchestrator.cli.lazy import lazy
-from orchestrator.info import event_dict, workspace_info
+from orchestrator.state.info import event_dict, workspace_info
 
 if TYPE_CHECKING:
     from orchestrator.server import serve as server

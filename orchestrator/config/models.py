@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-# Our own libcloud drivers (orchestrator.drivers), registered with set_driver.
+# Our own libcloud drivers (orchestrator.provision.drivers), registered with set_driver.
 OWN_DRIVERS = ("local", "netns", "hosts")
 
 
@@ -28,7 +28,7 @@ def known_drivers() -> tuple[str, ...]:
     """Names accepted in a provider's ``driver`` field: ours, plugins, then libcloud's."""
     from libcloud.compute.types import Provider as LibcloudProvider  # slow to import: only here
 
-    from orchestrator.drivers import plugin_drivers
+    from orchestrator.provision.drivers import plugin_drivers
 
     stock = sorted({str(v) for k, v in vars(LibcloudProvider).items() if not k.startswith("_")})
     plugins = tuple(sorted(plugin_drivers()))

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from orchestrator.config.models import ReleaseManifest
+from orchestrator.deploy.releases import find_release, manifest_of, read_release
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
-from orchestrator.release_catalog import find_release, manifest_of, read_release
 from orchestrator.scheduler.engine import Engine, EventSink, JobRun, Outcome, ReleaseInfo, Task
 from orchestrator.scheduler.sinks import Record, Sink, check_sink_url, open_sink
 from orchestrator.scheduler.spec import JobSpec
@@ -217,7 +217,7 @@ def prepared(ws: Workspace, store: Store, job_id: str) -> Iterator[PreparedRun]:
 def run(ws: Workspace, store: Store, job_id: str, *, on_event: EventSink | None = None) -> Outcome:
     """Run (or resume) ``job_id`` on the workspace's ready nodes until it ends, with an
     engine of its own (``orch job run``; ``orch serve`` keeps one engine, see service.py)."""
-    from orchestrator import agent_install, pki
+    from orchestrator.deploy import agent_install, pki
 
     with prepared(ws, store, job_id) as run_state:
         nodes = run_state.nodes

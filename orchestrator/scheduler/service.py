@@ -101,7 +101,7 @@ class SchedulerService:
                 raise
 
     async def _serve(self) -> None:
-        from orchestrator import pki
+        from orchestrator.deploy import pki
 
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
@@ -125,7 +125,7 @@ class SchedulerService:
                 self._store = None
 
     async def _listen(self, nodes: Sequence[NodeRecord], always: Sequence[str] = ()) -> None:
-        from orchestrator import agent_install
+        from orchestrator.deploy import agent_install
 
         hosts = set(always)
         for node in nodes:
@@ -176,7 +176,7 @@ class SchedulerService:
         return self._call(self._run(job_id))  # type: ignore[no-any-return]
 
     async def _run(self, job_id: str) -> Outcome:
-        from orchestrator import agent_install
+        from orchestrator.deploy import agent_install
 
         assert self._store is not None and self._engine is not None
         engine = self._engine

@@ -41,7 +41,6 @@ from orchestrator.errors import (
     RemoteError,
     StateError,
 )
-from orchestrator.info import event_dict, workspace_info
 from orchestrator.scheduler.runner import JobRunner
 from orchestrator.scheduler.service import SERVER_STOPPED, SchedulerService
 from orchestrator.server.auth import api_token, bearer_ok
@@ -49,6 +48,7 @@ from orchestrator.server.autoscaler import Autoscaler
 from orchestrator.server.health import DEFAULT_GRACE, HealthMonitor
 from orchestrator.server.metrics import CONTENT_TYPE_LATEST, Metrics
 from orchestrator.state import JobState, NodeRecord, NodeState, Store, StorePool
+from orchestrator.state.info import event_dict, workspace_info
 from orchestrator.workspace import Workspace
 
 log = logging.getLogger("orch.serve")
@@ -301,8 +301,8 @@ def _routes(app: FastAPI, ws: Workspace, runner: JobRunner, metrics: Metrics,
     @app.get("/providers", tags=["workspace"], dependencies=secured)
     def providers(db: StoreDep) -> list[dict[str, Any]]:
         """The registered providers (credential references, never values), as `orch provider list --json`."""
-        from orchestrator import provision
         from orchestrator.config import load_workspace_config
+        from orchestrator.provision import nodes as provision
 
         cfg = load_workspace_config(ws)
         if cfg.errors and not cfg.providers:
@@ -485,7 +485,8 @@ def exec_nodes(ws: Workspace, service: SchedulerService | None, nodes: list[Node
                timeout: float | None) -> dict[str, Any]:
     """``command`` on ``nodes``: through the agents the service has connected, over SSH
     for the rest (in parallel); node id -> ``{exit, stdout, stderr}`` or ``{error}``."""
-    from orchestrator import remote, ssh
+    from orchestrator.remote import fanout as remote
+    from orchestrator.remote import ssh
 
     answers: dict[str, Any] = {}
     rest = nodes

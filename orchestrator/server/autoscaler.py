@@ -1,5 +1,5 @@
 """The autoscaler of ``orch serve``: measures each family that has ``scaling:`` rules,
-asks ``orchestrator.autoscale.decide``, and acts through the fleet.
+asks ``orchestrator.fleet.autoscale.decide``, and acts through the fleet.
 
 Every ``interval`` seconds, for each such family: the live nodes (the store), the tasks
 waiting for them (the running job's estimate from the server's scheduler, plus one per
@@ -21,9 +21,9 @@ import time
 from typing import Any
 
 from orchestrator import fleet
-from orchestrator.autoscale import Decision, Demand, decide
 from orchestrator.config.models import NodeFamily
 from orchestrator.errors import OrchError
+from orchestrator.fleet.autoscale import Decision, Demand, decide
 from orchestrator.scheduler.service import SchedulerService
 from orchestrator.state import JobState, NodeState, Store
 from orchestrator.workspace import Workspace

@@ -155,7 +155,7 @@ class HealthMonitor:
         """(provider handle or None, what the provider says, whether it runs the node)."""
         from libcloud.compute.types import NodeState as CloudState
 
-        from orchestrator.provision import ProviderHandle, find_node
+        from orchestrator.provision.nodes import ProviderHandle, find_node
 
         try:
             cfg = self._config(store)
@@ -193,7 +193,7 @@ class HealthMonitor:
     def _retire(self, store: Store, handle: Any, record: NodeRecord, *, present: bool) -> None:
         """Destroy the lost node at its provider (it is unreachable), or settle its record
         as stopped when the provider no longer has it."""
-        from orchestrator.provision import destroy_node
+        from orchestrator.provision.nodes import destroy_node
 
         try:
             if present and handle is not None:

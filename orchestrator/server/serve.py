@@ -132,7 +132,7 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
     tls = not is_loopback(host)
     ssl_files: dict[str, str] = {}
     if tls:
-        from orchestrator import pki
+        from orchestrator.deploy import pki
 
         crt, key = pki.scheduler_cert(ws)
         ssl_files = {"ssl_certfile": str(crt), "ssl_keyfile": str(key)}

@@ -407,7 +407,7 @@ class Store(JobStore):
         )
         return {r["key"]: json.loads(r["value"]) for r in rows}
 
-    # Optimistic transactions over the kv table (``orchestrator.cloud.Cloud.mutate_store``):
+    # Optimistic transactions over the kv table (``orchestrator.sdk.Cloud.mutate_store``):
     # read with ``kv_read``, then ``kv_apply`` checks in one write transaction that
     # nothing read has changed and writes everything, or writes nothing.
 

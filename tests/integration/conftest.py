@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from libcloud.compute.base import Node, NodeAuthSSHKey
 from libcloud.compute.types import NodeState
 
-from orchestrator.drivers import driver_class
-from orchestrator.drivers.local import LocalNodeDriver
-from orchestrator.ssh import SSHPool, SSHTarget
+from orchestrator.provision.drivers import driver_class
+from orchestrator.provision.drivers.local import LocalNodeDriver
+from orchestrator.remote.ssh import SSHPool, SSHTarget
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from orchestrator.release_catalog import upload_release
+from orchestrator.deploy.releases import upload_release
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import agent_install, fleet, pki, release_catalog
+from orchestrator import fleet
 from orchestrator.agent import releases as agent_releases
 from orchestrator.agent.frames import encode_task
 from orchestrator.agent.protocol import (
@@ -48,13 +48,15 @@ from orchestrator.agent.protocol import (
     UNLOAD,
     release_message,
 )
-from orchestrator.bootstrap import BootstrapPlan, NodeLog, bootstrap_node
 from orchestrator.config import load_family, load_provider
+from orchestrator.deploy import agent_install, pki
+from orchestrator.deploy import releases as release_catalog
+from orchestrator.deploy.bootstrap import BootstrapPlan, NodeLog, bootstrap_node
+from orchestrator.deploy.packing import pack_release
 from orchestrator.errors import ConfigError
-from orchestrator.providers import make_driver
-from orchestrator.releases import pack_release
-from orchestrator.remote import ssh_target
-from orchestrator.ssh import SSHPool
+from orchestrator.provision.registry import make_driver
+from orchestrator.remote.fanout import ssh_target
+from orchestrator.remote.ssh import SSHPool
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.agent_peer import AgentPeer, PeerSession, Received

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.drivers.local import SSHD
-from orchestrator.providers import make_driver
+from orchestrator.provision.drivers.local import SSHD
+from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO, Run

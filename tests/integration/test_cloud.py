@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import fleet
-from orchestrator.cloud import Cloud, KVTransaction, job_scope
 from orchestrator.errors import NotFoundError
+from orchestrator.sdk import Cloud, KVTransaction, job_scope
 from orchestrator.state import JobState, NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.integration.conftest import processes_of

@@ -29,8 +29,8 @@ from orchestrator.errors import (
     ProviderQuotaError,
     ProviderTransientError,
 )
-from orchestrator.providers import api_error_code, make_driver, map_libcloud_errors
-from orchestrator.provision import ProviderHandle, key_pair_name
+from orchestrator.provision.nodes import ProviderHandle, key_pair_name
+from orchestrator.provision.registry import api_error_code, make_driver, map_libcloud_errors
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import Run

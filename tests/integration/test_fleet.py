@@ -27,9 +27,9 @@ from libcloud.compute.base import NodeAuthSSHKey
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.drivers.local import LocalNodeDriver
 from orchestrator.errors import NotFoundError
-from orchestrator.providers import make_driver
+from orchestrator.provision.drivers.local import LocalNodeDriver
+from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.conftest import Run, file_digest

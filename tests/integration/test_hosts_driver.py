@@ -19,10 +19,10 @@ import pytest
 from libcloud.compute.base import Node, NodeAuthSSHKey, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState
 
-from orchestrator.drivers import driver_class
-from orchestrator.drivers.hosts import CapacityError, HostsDriverError, HostsNodeDriver
-from orchestrator.drivers.local import SSHD, QuotaExceededError, _port_free
-from orchestrator.ssh import AuthenticationFailed, HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget
+from orchestrator.provision.drivers import driver_class
+from orchestrator.provision.drivers.hosts import CapacityError, HostsDriverError, HostsNodeDriver
+from orchestrator.provision.drivers.local import SSHD, QuotaExceededError, _port_free
+from orchestrator.remote.ssh import AuthenticationFailed, HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget
 
 MakeNodes = Callable[..., list[Node]]
 TargetOf = Callable[[Node], SSHTarget]
@@ -191,7 +191,7 @@ def test_concurrent_claims_from_threads_never_share_a_host(
 _RACER = """
 import json, os, sys, time
 from libcloud.compute.base import NodeAuthSSHKey
-from orchestrator.drivers.hosts import CapacityError, HostsDriverError, HostsNodeDriver
+from orchestrator.provision.drivers.hosts import CapacityError, HostsDriverError, HostsNodeDriver
 args = json.loads(sys.argv[1])
 driver = HostsNodeDriver(root=args["root"], hosts=args["hosts"], key_file=args["key_file"])
 print("ready", flush=True)

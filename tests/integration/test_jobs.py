@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from orchestrator import fleet
-from orchestrator.release_catalog import upload_release
+from orchestrator.deploy.releases import upload_release
 from orchestrator.scheduler import jobs
 from orchestrator.state import JobState, NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace

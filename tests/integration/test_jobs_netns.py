@@ -40,11 +40,12 @@ import pytest
 from libcloud.compute.base import Node
 from libcloud.compute.types import NodeState as CloudState
 
-from orchestrator import agent_install, fleet, pki
+from orchestrator import fleet
 from orchestrator.agent import protocol as P
 from orchestrator.config import load_provider
-from orchestrator.providers import make_driver
-from orchestrator.release_catalog import upload_release
+from orchestrator.deploy import agent_install, pki
+from orchestrator.deploy.releases import upload_release
+from orchestrator.provision.registry import make_driver
 from orchestrator.scheduler import jobs
 from orchestrator.scheduler.engine import Engine
 from orchestrator.state import NodeRecord, NodeState, Store

@@ -17,9 +17,9 @@ from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeAuthPassword, NodeAuthSSHKey
 from libcloud.compute.types import NodeState
 
-from orchestrator.drivers import driver_class
-from orchestrator.drivers.local import SSHD, LocalDriverError, LocalNodeDriver, QuotaExceededError
-from orchestrator.ssh import SSHSession, SSHTarget
+from orchestrator.provision.drivers import driver_class
+from orchestrator.provision.drivers.local import SSHD, LocalDriverError, LocalNodeDriver, QuotaExceededError
+from orchestrator.remote.ssh import SSHSession, SSHTarget
 
 MakeNodes = Callable[..., list[Node]]
 TargetOf = Callable[[Node], SSHTarget]

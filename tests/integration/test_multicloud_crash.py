@@ -35,8 +35,8 @@ from libcloud.compute.types import NodeState as CloudState
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.providers import make_driver
-from orchestrator.provision import node_tags
+from orchestrator.provision.nodes import node_tags
+from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.moto_ec2 import MotoServer, ec2_provider_yaml
@@ -296,7 +296,7 @@ def test_a_local_node_killed_before_its_sshd_started_is_settled(workspaces: Work
 STALLED_CREATE = """
 import os, sys, time
 from libcloud.compute.base import NodeAuthSSHKey
-from orchestrator.drivers import local
+from orchestrator.provision.drivers import local
 
 def stall(src, dst):
     print("staged", flush=True)

@@ -25,10 +25,10 @@ import pytest
 from libcloud.compute.base import Node, NodeAuthSSHKey
 from libcloud.compute.types import NodeState
 
-from orchestrator.drivers import driver_class
-from orchestrator.drivers.local import SSHD, QuotaExceededError
-from orchestrator.drivers.netns import NetnsDriverError, NetnsNodeDriver, subnet_in_use
-from orchestrator.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts
+from orchestrator.provision.drivers import driver_class
+from orchestrator.provision.drivers.local import SSHD, QuotaExceededError
+from orchestrator.provision.drivers.netns import NetnsDriverError, NetnsNodeDriver, subnet_in_use
+from orchestrator.remote.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts
 
 IP = shutil.which("ip", path="/usr/sbin:/usr/bin:/sbin:/bin")
 

@@ -1,4 +1,4 @@
-"""orchestrator.ssh against real local nodes: pinned host keys, commands, SFTP, pooling."""
+"""orchestrator.remote.ssh against real local nodes: pinned host keys, commands, SFTP, pooling."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from libcloud.compute.base import Node
 
-from orchestrator.drivers.local import SSHD, LocalNodeDriver
 from orchestrator.errors import RemoteError
-from orchestrator.ssh import (
+from orchestrator.provision.drivers.local import SSHD, LocalNodeDriver
+from orchestrator.remote.ssh import (
     AuthenticationFailed,
     CommandFailed,
     CommandTimeout,

@@ -1,4 +1,4 @@
-"""The autoscaling rules, case by case (orchestrator.autoscale.decide is pure)."""
+"""The autoscaling rules, case by case (orchestrator.fleet.autoscale.decide is pure)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from orchestrator.autoscale import Demand, decide
 from orchestrator.config.models import Scaling
+from orchestrator.fleet.autoscale import Demand, decide
 
 RULES = Scaling(min=1, max=4, queued_tasks_per_node=8, idle_seconds=30, cooldown_seconds=10)
 NEVER = math.inf

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_provider
-from orchestrator.provision import CAPABILITIES_SCOPE, ProviderHandle
+from orchestrator.provision.nodes import CAPABILITIES_SCOPE, ProviderHandle
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 from tests.conftest import Run, file_digest

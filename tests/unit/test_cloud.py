@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 import orchestrator
-from orchestrator.cloud import GLOBAL_SCOPE, Cloud, KVTransaction, MutationFailed, job_scope
+from orchestrator.deploy.releases import upload_release
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError, WorkspaceError
-from orchestrator.release_catalog import upload_release
 from orchestrator.scheduler.jobs import JobRef
+from orchestrator.sdk import GLOBAL_SCOPE, Cloud, KVTransaction, MutationFailed, job_scope
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 
@@ -373,7 +373,7 @@ def test_jobs_status_info_and_delete_without_nodes(cloud: Cloud, job: JobRef) ->
 
 def test_orchestrator_cloud_is_exported_lazily() -> None:
     assert orchestrator.Cloud is Cloud
-    code = "import sys, orchestrator; assert 'orchestrator.cloud' not in sys.modules; assert orchestrator.Cloud"
+    code = "import sys, orchestrator; assert 'orchestrator.sdk' not in sys.modules; assert orchestrator.Cloud"
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError):
         orchestrator.Nope  # noqa: B018

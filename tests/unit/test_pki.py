@@ -1,4 +1,4 @@
-"""The workspace CA (orchestrator.pki): files and modes, certificates, and real TLS
+"""The workspace CA (orchestrator.deploy.pki): files and modes, certificates, and real TLS
 handshakes over a socket pair between the contexts it makes."""
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from orchestrator import pki
 from orchestrator.agent.protocol import SCHEDULER_NAME
+from orchestrator.deploy import pki
 from orchestrator.workspace import Workspace
 
 

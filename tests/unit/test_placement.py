@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from orchestrator.config import NodeFamily
-from orchestrator.placement import (
+from orchestrator.provision.placement import (
     FleetNode,
     PlacementError,
     ProviderCapabilities,

@@ -1,4 +1,4 @@
-"""orchestrator.releases: deterministic packing, refusal of unsafe content, the store."""
+"""orchestrator.deploy.packing: deterministic packing, refusal of unsafe content, the store."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Literal
 
 import pytest
 
+from orchestrator.deploy.packing import PackedRelease, ReleaseArchive, pack_release, read_manifest_from_tarball
 from orchestrator.errors import (
     ConfigError,
     IntegrityError,
@@ -24,7 +25,6 @@ from orchestrator.errors import (
     ReleaseError,
     UnsafeReleaseError,
 )
-from orchestrator.releases import PackedRelease, ReleaseArchive, pack_release, read_manifest_from_tarball
 from tests.conftest import REPO
 
 LIMIT = 1 << 20

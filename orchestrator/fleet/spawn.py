@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from orchestrator import release_catalog
-from orchestrator.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
 from orchestrator.config import NodeFamily, ReleaseManifest, WorkspaceConfig, load_workspace_config
 from orchestrator.config.models import NAME_PATTERN
+from orchestrator.deploy import releases as release_catalog
+from orchestrator.deploy.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
 from orchestrator.errors import (
     ConflictError,
     InputError,
@@ -33,9 +33,7 @@ from orchestrator.errors import (
     ProviderQuotaError,
 )
 from orchestrator.locks import exclusive
-from orchestrator.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
-from orchestrator.providers import sync_registrations
-from orchestrator.provision import (
+from orchestrator.provision.nodes import (
     ProviderHandle,
     Recovery,
     create_node,
@@ -44,8 +42,10 @@ from orchestrator.provision import (
     recover,
     wait_running,
 )
-from orchestrator.remote import ssh_target
-from orchestrator.ssh import SSHPool, SSHTarget
+from orchestrator.provision.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
+from orchestrator.provision.registry import sync_registrations
+from orchestrator.remote.fanout import ssh_target
+from orchestrator.remote.ssh import SSHPool, SSHTarget
 from orchestrator.state import NodeRecord, NodeState, ReleaseRecord, Store
 from orchestrator.workspace import Workspace
 

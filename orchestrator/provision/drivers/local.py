@@ -69,7 +69,7 @@ from libcloud.compute.base import (
 )
 from libcloud.compute.types import NodeState
 
-from orchestrator.drivers import QuotaError
+from orchestrator.provision.drivers import QuotaError
 
 SSHD = "/usr/sbin/sshd"
 META = "meta.json"

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import InputError
-from orchestrator.remote import ssh_target
+from orchestrator.remote.fanout import ssh_target
 from orchestrator.state import NodeRecord
 from orchestrator.workspace import Workspace
 

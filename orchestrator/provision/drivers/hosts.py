@@ -54,10 +54,16 @@ from libcloud.compute.base import Node, NodeAuthPassword, NodeAuthSSHKey, NodeDr
 from libcloud.compute.types import NodeState
 from pydantic import Field, StringConstraints, ValidationError, field_validator
 
-from orchestrator import drivers
 from orchestrator.config.models import Label, StrictModel
-from orchestrator.drivers.local import QuotaExceededError, _new_id, _read_json, _write_json, folder_chain_problem
-from orchestrator.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts
+from orchestrator.provision import drivers
+from orchestrator.provision.drivers.local import (
+    QuotaExceededError,
+    _new_id,
+    _read_json,
+    _write_json,
+    folder_chain_problem,
+)
+from orchestrator.remote.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts
 
 PROBE_TIMEOUT = 0.2  # seconds for a TCP connect that decides RUNNING vs UNKNOWN
 _CLEAN_TIMEOUTS = Timeouts(connect=10.0, command=60.0)

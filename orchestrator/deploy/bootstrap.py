@@ -34,15 +34,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import agent_install
-from orchestrator.agent_install import AgentPayload
 from orchestrator.config import NodeFamily, ReleaseManifest
+from orchestrator.deploy import agent_install
+from orchestrator.deploy.agent_install import AgentPayload
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.ssh import Result, SSHPool, SSHSession, SSHTarget
+from orchestrator.remote.ssh import Result, SSHPool, SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, ReleaseRecord
 from orchestrator.workspace import Workspace
 
-HEADER = Path(__file__).resolve().parents[1] / "worker_native" / "include" / "orch_work.h"
+HEADER = Path(__file__).resolve().parents[2] / "worker_native" / "include" / "orch_work.h"
 REMOTE_ROOT = "orch"
 
 Progress = Callable[[str, str], None]

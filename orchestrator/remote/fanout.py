@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.errors import RemoteError
-from orchestrator.ssh import FanOutResult, Result, SSHPool, SSHTarget
+from orchestrator.remote.ssh import FanOutResult, Result, SSHPool, SSHTarget
 from orchestrator.state import NodeRecord
 from orchestrator.workspace import Workspace
 

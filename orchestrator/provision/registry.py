@@ -25,7 +25,6 @@ from pydantic import ValidationError
 
 from orchestrator.config import ProviderConfig, load_provider
 from orchestrator.config.models import OWN_DRIVERS
-from orchestrator.drivers import CapacityError, QuotaError, driver_class
 from orchestrator.errors import (
     ConfigError,
     ConflictError,
@@ -40,6 +39,7 @@ from orchestrator.errors import (
     ProviderTransientError,
     ProviderUnavailable,
 )
+from orchestrator.provision.drivers import CapacityError, QuotaError, driver_class
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 

@@ -40,16 +40,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator import pki
 from orchestrator.config import load_family, load_provider, load_settings
+from orchestrator.deploy import pki
 from orchestrator.errors import ConfigError, OrchError, RemoteError, StateError
-from orchestrator.remote import ssh_target
-from orchestrator.ssh import Result, SSHPool, SSHSession, SSHTarget
+from orchestrator.remote.fanout import ssh_target
+from orchestrator.remote.ssh import Result, SSHPool, SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, Store
 from orchestrator.workspace import Workspace
 
-AGENT_SOURCE = Path(__file__).resolve().parent / "agent"
-NATIVE = Path(__file__).resolve().parents[1] / "worker_native"
+AGENT_SOURCE = Path(__file__).resolve().parents[1] / "agent"
+NATIVE = Path(__file__).resolve().parents[2] / "worker_native"
 PORT_SOURCE = NATIVE / "port.c"
 HEADER = NATIVE / "include" / "orch_work.h"
 

@@ -22,8 +22,8 @@ from libcloud.compute.types import NodeState as CloudState
 
 from orchestrator.config import ProviderConfig
 from orchestrator.errors import ProviderError, ProviderTransientError
-from orchestrator.placement import NodeRequest, ProviderCapabilities, SizeOffer
-from orchestrator.providers import api_error_code, locations_by_key, make_driver, map_libcloud_errors
+from orchestrator.provision.placement import NodeRequest, ProviderCapabilities, SizeOffer
+from orchestrator.provision.registry import api_error_code, locations_by_key, make_driver, map_libcloud_errors
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 

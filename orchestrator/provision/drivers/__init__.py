@@ -24,9 +24,9 @@ class QuotaError(CapacityError):
 
 # name -> (module, class); imported only when asked for, like libcloud's own.
 OWN_DRIVERS: dict[str, tuple[str, str]] = {
-    "local": ("orchestrator.drivers.local", "LocalNodeDriver"),
-    "netns": ("orchestrator.drivers.netns", "NetnsNodeDriver"),
-    "hosts": ("orchestrator.drivers.hosts", "HostsNodeDriver"),
+    "local": ("orchestrator.provision.drivers.local", "LocalNodeDriver"),
+    "netns": ("orchestrator.provision.drivers.netns", "NetnsNodeDriver"),
+    "hosts": ("orchestrator.provision.drivers.hosts", "HostsNodeDriver"),
 }
 
 

@@ -1,6 +1,6 @@
 """The workspace's catalogue of uploaded releases: stored tarballs + store records.
 
-``orchestrator.releases`` packs and keeps tarballs by content; this module ties them
+``orchestrator.deploy.packing`` packs and keeps tarballs by content; this module ties them
 to ``name@version`` records in the state store.
 """
 
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import ReleaseManifest, load_settings
+from orchestrator.deploy.packing import ReleaseArchive, pack_release
 from orchestrator.errors import InputError, NotFoundError
-from orchestrator.releases import ReleaseArchive, pack_release
 from orchestrator.state import ReleaseRecord, Store
 from orchestrator.workspace import Workspace
 

@@ -308,10 +308,10 @@ class Cloud:
         return self.store.list_nodes(family=family, states=states)
 
     def info(self) -> dict[str, Any]:
-        """What ``orch info`` and ``GET /info`` show (``orchestrator.info.workspace_info``):
+        """What ``orch info`` and ``GET /info`` show (``orchestrator.state.info.workspace_info``):
         nodes by state (every state, zeros too), live nodes by family and provider, jobs
         by state, and totals."""
-        from orchestrator.info import workspace_info
+        from orchestrator.state.info import workspace_info
 
         return workspace_info(self.workspace, self.store)
 

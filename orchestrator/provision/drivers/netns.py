@@ -8,7 +8,7 @@ the provider's bridge), its own address on a private subnet, hostname and ``/roo
                                         └─ orch5e6f7a8b ══ eth0 10.213.0.11  node w1
 
 The node folder, and the code that writes, reads and ends it, are the local driver's
-(:mod:`orchestrator.drivers.local`: ``meta.json`` first, host key, sshd_config, home/).
+(:mod:`orchestrator.provision.drivers.local`: ``meta.json`` first, host key, sshd_config, home/).
 What this module adds:
 
 - sshd starts as ``ip netns exec NS unshare --uts --mount --propagation private sh -c
@@ -54,8 +54,8 @@ from typing import Any
 from libcloud.compute.base import Node, NodeAuthPassword, NodeAuthSSHKey, NodeDriver, NodeImage, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState
 
-from orchestrator.drivers import local
-from orchestrator.drivers.local import SSHD_NODE_STATES, LocalDriverError, LocalNodeDriver, QuotaExceededError
+from orchestrator.provision.drivers import local
+from orchestrator.provision.drivers.local import SSHD_NODE_STATES, LocalDriverError, LocalNodeDriver, QuotaExceededError
 
 _TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 _ENV = {"PATH": _TOOL_PATH, "LANG": "C.UTF-8"}
