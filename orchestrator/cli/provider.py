@@ -21,12 +21,13 @@ from orchestrator.cli.lazy import lazy
 from orchestrator.cli.workspace_cmds import existing_store
 from orchestrator.config import known_drivers, load_provider, load_workspace_config
 from orchestrator.errors import ConfigError
+from orchestrator.provision.cooldowns import active_cooldowns
 
 if TYPE_CHECKING:
-    from orchestrator.provision import nodes as provision
+    from orchestrator.provision import handle
     from orchestrator.provision import registry as engine
 else:
-    engine, provision = lazy("orchestrator.provision.registry"), lazy("orchestrator.provision.nodes")
+    engine, handle = lazy("orchestrator.provision.registry"), lazy("orchestrator.provision.handle")
 
 app = typer.Typer(help="Register providers (clouds, machine pools) and check them.", no_args_is_help=True)
 
@@ -84,7 +85,7 @@ def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         cfg.raise_first()
     configs = sorted(cfg.providers.values(), key=lambda p: (p.priority, p.name))
     with existing_store(ws) as store:
-        cooling = provision.cooldowns(store) if store else {}
+        cooling = active_cooldowns(store) if store else {}
 
     def cooling_for(name: str) -> dict[str, Any]:
         return {k.split("/", 1)[1]: v for k, v in cooling.items() if k.split("/", 1)[0] == name}
@@ -150,7 +151,7 @@ def refresh(
     ws = workspace(ctx)
     configs = [load_provider(ws, n) for n in names] if names else list(load_workspace_config(ws).providers.values())
     with open_store(ws) as store:
-        catalogues = provision.refresh_catalogues(ws, store, configs)
+        catalogues = handle.refresh_catalogues(ws, store, configs)
     if as_json:
         print_json({name: {"sizes": len(c.sizes), "locations": list(c.locations), "images": len(c.images),
                            "fetched_at": c.fetched_at} for name, c in catalogues.items()})

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from orchestrator.config.drivers import OWN_DRIVERS, known_drivers
 from orchestrator.config.load import load_model, validate_document
 from orchestrator.config.models import (
-    OWN_DRIVERS,
     SCHEMAS,
     BootstrapConfig,
     Demands,
@@ -15,7 +15,6 @@ from orchestrator.config.models import (
     Scaling,
     WorkFunction,
     WorkspaceSettings,
-    known_drivers,
 )
 from orchestrator.config.source import LineMap, YamlDocument, load_yaml, parse_yaml
 from orchestrator.config.workspace import (

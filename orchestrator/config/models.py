@@ -20,20 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-# Our own libcloud drivers (orchestrator.provision.drivers), registered with set_driver.
-OWN_DRIVERS = ("local", "netns", "hosts")
-
-
-def known_drivers() -> tuple[str, ...]:
-    """Names accepted in a provider's ``driver`` field: ours, plugins, then libcloud's."""
-    from libcloud.compute.types import Provider as LibcloudProvider  # slow to import: only here
-
-    from orchestrator.provision.drivers import plugin_drivers
-
-    stock = sorted({str(v) for k, v in vars(LibcloudProvider).items() if not k.startswith("_")})
-    plugins = tuple(sorted(plugin_drivers()))
-    return OWN_DRIVERS + plugins + tuple(d for d in stock if d not in OWN_DRIVERS and d not in plugins)
-
+from orchestrator.config.drivers import known_drivers
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"  # providers, families, releases
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]

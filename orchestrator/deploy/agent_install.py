@@ -28,7 +28,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import ipaddress
 import json
 import os
 import shlex
@@ -40,11 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.config import load_family, load_provider, load_settings
+from orchestrator.config import load_family, load_settings
 from orchestrator.deploy import pki
 from orchestrator.errors import ConfigError, OrchError, RemoteError, StateError
 from orchestrator.remote.fanout import ssh_target
-from orchestrator.remote.ssh import Result, SSHPool, SSHSession, SSHTarget
+from orchestrator.remote.pool import SSHPool
+from orchestrator.remote.ssh import Result, SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, Store
 from orchestrator.workspace import Workspace
 
@@ -70,7 +70,6 @@ _CONFIG = f'--config "$HOME/{REMOTE_AGENT}/agent.json"'
 @dataclass(frozen=True)
 class _Facts:
     workspace_id: str
-    drivers: dict[str, str]  # provider name -> driver
 
 
 _FACTS_TTL = 5.0  # seconds: a spawn's bootstraps open the store once between them
@@ -80,7 +79,7 @@ _facts_lock = threading.Lock()
 
 def _facts(ws: Workspace, store: Store | None = None) -> _Facts:
     if store is not None:
-        return _Facts(store.workspace_id, {p.name: p.driver for p in store.list_providers()})
+        return _Facts(store.workspace_id)
     try:  # keyed by the store file too: a workspace made again in the same place is another
         key = (ws.root, os.stat(ws.state_db).st_ino)
     except OSError as exc:
@@ -91,7 +90,7 @@ def _facts(ws: Workspace, store: Store | None = None) -> _Facts:
             return cached[1]
         try:
             with Store.open(ws.state_db, migrate=False) as opened:
-                facts = _Facts(opened.workspace_id, {p.name: p.driver for p in opened.list_providers()})
+                facts = _Facts(opened.workspace_id)
         except (StateError, IndexError) as exc:
             raise StateError(f"cannot read the workspace id from {ws.state_db}: {exc}") from exc
         _facts_cache[key] = (time.monotonic(), facts)
@@ -111,28 +110,22 @@ def scheduler_port(ws: Workspace, *, store: Store | None = None) -> int:
 
 
 def scheduler_endpoint(ws: Workspace, node: NodeRecord, *, store: Store | None = None) -> tuple[str, int]:
-    """(host, port) the node's agent dials: 127.0.0.1 for local nodes, the bridge's
-    address (the subnet's first host) for netns nodes, ``scheduler_address`` from
-    orch.yaml for any other provider (else ConfigError)."""
+    """(host, port) the node's agent dials: the address of this machine that the node's
+    driver recorded as its ``gateway`` (local nodes: 127.0.0.1; netns nodes: their
+    bridge), else ``scheduler_address`` from orch.yaml (else ConfigError)."""
     return _endpoint(ws, node, _facts(ws, store))
 
 
 def _endpoint(ws: Workspace, node: NodeRecord, facts: _Facts) -> tuple[str, int]:
     settings = load_settings(ws)
     port = settings.scheduler_port or default_scheduler_port(facts.workspace_id)
-    driver = facts.drivers.get(node.provider) or load_provider(ws, node.provider).driver
-    if driver == "local":
-        return "127.0.0.1", port
-    if driver == "netns":
-        subnet = node.extra.get("subnet")
-        if not subnet:
-            raise StateError(f"netns node {node.id} has no subnet recorded", hint="`orch reconcile` records it")
-        return str(ipaddress.IPv4Network(str(subnet))[1]), port
+    gateway = node.extra.get("gateway")
+    if gateway:
+        return str(gateway), port
     if settings.scheduler_address:
         return settings.scheduler_address, port
     raise ConfigError(
-        f"node {node.id} (provider {node.provider}, driver {driver}) needs an address of this machine "
-        "that it can reach",
+        f"node {node.id} (provider {node.provider}) needs an address of this machine that it can reach",
         hint=f"set scheduler_address (and scheduler_port, now {port}) in {ws.relative(ws.settings_file)}",
     )
 

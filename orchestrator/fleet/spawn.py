@@ -33,19 +33,15 @@ from orchestrator.errors import (
     ProviderQuotaError,
 )
 from orchestrator.locks import exclusive
-from orchestrator.provision.nodes import (
-    ProviderHandle,
-    Recovery,
-    create_node,
-    destroy_node,
-    mark_unavailable,
-    recover,
-    wait_running,
-)
+from orchestrator.provision.cooldowns import mark_unavailable
+from orchestrator.provision.handle import ProviderHandle
+from orchestrator.provision.nodes import create_node, destroy_node, wait_running
 from orchestrator.provision.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
+from orchestrator.provision.recovery import Recovery, recover
 from orchestrator.provision.registry import sync_registrations
 from orchestrator.remote.fanout import ssh_target
-from orchestrator.remote.ssh import SSHPool, SSHTarget
+from orchestrator.remote.pool import SSHPool
+from orchestrator.remote.ssh import SSHTarget
 from orchestrator.state import NodeRecord, NodeState, ReleaseRecord, Store
 from orchestrator.workspace import Workspace
 
@@ -311,7 +307,7 @@ class _Spawner:
                 self.ctx.events.stage(node_id, "boot")
                 wait_running(handle, record.provider_node_id or "")
                 report.created.append(node_id)
-                if not handle.config.bootstrap:  # provisioned only (machines we cannot reach)
+                if not handle.bootstraps:  # provisioned only (machines we cannot reach)
                     self.store.set_node_state(node_id, NodeState.READY, reason="created; bootstrap is off",
                                               config_hash=self.digest, ready_at=time.time())
                     self.ctx.events.stage(node_id, "ready")
@@ -348,7 +344,7 @@ class _Spawner:
                 report.failures.append(exc)
                 self._fail(node.id, str(exc), report)
                 return False
-        if not handle.config.bootstrap:
+        if not handle.bootstraps:
             if node.state == NodeState.READY:
                 self.store.set_node_state(node.id, NodeState.READY, reason="config changed; bootstrap is off",
                                           config_hash=self.digest)

@@ -56,12 +56,13 @@ from pydantic import Field, StringConstraints, ValidationError, field_validator
 
 from orchestrator.config.models import Label, StrictModel
 from orchestrator.provision import drivers
-from orchestrator.provision.drivers.local import (
+from orchestrator.provision.drivers.features import DriverFeatures
+from orchestrator.provision.drivers.nodefolders import (
     QuotaExceededError,
-    _new_id,
-    _read_json,
-    _write_json,
     folder_chain_problem,
+    new_id,
+    read_json,
+    write_json,
 )
 from orchestrator.remote.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts
 
@@ -175,6 +176,7 @@ class HostsNodeDriver(NodeDriver):
     website = "https://www.openssh.com/"
     # libcloud declares these as plain class attributes; ClassVar would clash with it.
     features = {"create_node": ["ssh_key"]}  # noqa: RUF012
+    orch_features = DriverFeatures(tags="ex_tags", ssh_key="auth", node_folders=True, fleet_key_file=True)
     NODE_STATE_MAP = {"reachable": NodeState.RUNNING, "unreachable": NodeState.UNKNOWN}  # noqa: RUF012
 
     def __init__(
@@ -251,13 +253,13 @@ class HostsNodeDriver(NodeDriver):
                 )
             host = free[0]
             claim: dict[str, Any] = {
-                "id": _new_id(host.name),
+                "id": new_id(host.name),
                 "name": name,
                 "host": host.model_dump(mode="json"),
                 "tags": dict(ex_tags or {}),
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
             }
-            _write_json(self._claim_path(host.name), claim)
+            write_json(self._claim_path(host.name), claim)
         return self._to_node(claim, "reachable" if _reachable(host) else "unreachable")
 
     def list_nodes(self) -> list[Node]:
@@ -358,7 +360,7 @@ class HostsNodeDriver(NodeDriver):
     def _read_claims(self) -> dict[str, dict[str, Any]]:
         """host name -> claim, for every claim file (hosts that left the pool too)."""
         folder = self.root / "claims"
-        claims = [_read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        claims = [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
         return {c["host"]["name"]: c for c in claims if c}
 
     def _claim_of(self, node_id: str) -> dict[str, Any] | None:
@@ -366,7 +368,7 @@ class HostsNodeDriver(NodeDriver):
 
     def _release(self, node_id: str, host_name: str) -> None:
         with self._claims_lock():
-            current = _read_json(self._claim_path(host_name))
+            current = read_json(self._claim_path(host_name))
             if current is not None and current["id"] == node_id:  # not a newer claim on the host
                 self._claim_path(host_name).unlink()
 

@@ -7,9 +7,10 @@ the provider's bridge), its own address on a private subnet, hostname and ``/roo
     host: bridge orchbr0 10.213.0.1/24 ─┬─ orch1a2b3c4d ══ eth0 10.213.0.10  node w0
                                         └─ orch5e6f7a8b ══ eth0 10.213.0.11  node w1
 
-The node folder, and the code that writes, reads and ends it, are the local driver's
-(:mod:`orchestrator.provision.drivers.local`: ``meta.json`` first, host key, sshd_config, home/).
-What this module adds:
+The node folder is the local driver's (:mod:`~orchestrator.provision.drivers.nodefolders`:
+``meta.json`` first, host key, sshd_config, home/), and so are the code that finds, spawns
+and ends a node's processes (:mod:`~orchestrator.provision.drivers.processes`) and the
+record's reading as a Node (``LocalNodeDriver.node_from_record``).  What this module adds:
 
 - sshd starts as ``ip netns exec NS unshare --uts --mount --propagation private sh -c
   'hostname ID; mount --bind HOME /root; exec sshd ...'``: one pid that becomes sshd,
@@ -32,46 +33,65 @@ What this module adds:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import fcntl
-import hashlib
 import ipaddress
-import json
 import os
 import pwd
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from libcloud.compute.base import Node, NodeAuthPassword, NodeAuthSSHKey, NodeDriver, NodeImage, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState
 
-from orchestrator.provision.drivers import local
-from orchestrator.provision.drivers.local import SSHD_NODE_STATES, LocalDriverError, LocalNodeDriver, QuotaExceededError
+from orchestrator.provision.drivers.features import DriverFeatures
+from orchestrator.provision.drivers.local import SSHD_NODE_STATES, LocalNodeDriver
+from orchestrator.provision.drivers.netplumbing import (
+    RUN_NETNS,
+    SYS_NET,
+    TOOL_ENV,
+    TOOL_PATH,
+    NetnsDriverError,
+    alias_of,
+    host_lock,
+    link_state,
+    netns_name,
+    netns_processes,
+    our_interface,
+    run_ip,
+    run_ip_batch,
+    subnet_in_use,
+    tool_path,
+    veth_name,
+)
+from orchestrator.provision.drivers.nodefolders import (
+    META,
+    QuotaExceededError,
+    new_id,
+    node_id_of,
+    read_records,
+    root_lock,
+    write_json,
+    write_node_files,
+)
+from orchestrator.provision.drivers.processes import (
+    ENV_MARKER,
+    end_processes,
+    node_processes,
+    spawn,
+    sshd_alive,
+    sshd_argv,
+    this_process,
+    wait_for_sshd,
+)
 
-_TOOL_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-_ENV = {"PATH": _TOOL_PATH, "LANG": "C.UTF-8"}
-_SYS_NET = Path("/sys/class/net")
-_RUN_NETNS = Path("/run/netns")
-# Bridges of all roots are created under one lock, so two cannot take one subnet.
-_HOST_LOCK = "/run/lock/orch-netns.lock"
 _FIRST_HOST = 10  # node addresses: .10 upward; .1 is the bridge
 _BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ - 1
 _UNSHARE = ("--uts", "--mount", "--propagation", "private")  # own hostname, own mounts
 # sh's positional parameters: no quoting of paths or ids needed.
 _NODE_INIT = 'hostname "$1" && mount --bind "$2" "$3" && shift 3 && exec "$@"'
-
-
-class NetnsDriverError(LocalDriverError):
-    """The netns driver cannot do what was asked (not root, no ``ip``, a taken bridge)."""
 
 
 class NetnsNodeDriver(NodeDriver):
@@ -81,6 +101,7 @@ class NetnsNodeDriver(NodeDriver):
     name = "Network namespace sshd nodes"
     website = "https://man7.org/linux/man-pages/man8/ip-netns.8.html"
     features = {"create_node": ["ssh_key"]}  # noqa: RUF012
+    orch_features = DriverFeatures(tags="ex_tags", ssh_key="auth", node_folders=True)
     NODE_STATE_MAP = SSHD_NODE_STATES
 
     def __init__(
@@ -100,7 +121,7 @@ class NetnsNodeDriver(NodeDriver):
             raise ValueError(f"subnet must be a private IPv4 network from /16 to /28, not {subnet}")
         if not _BRIDGE_RE.match(bridge):
             raise ValueError(f"bridge must be an interface name of 1-15 letters, digits, '_.-', not {bridge!r}")
-        # The node folders, sshd liveness and process lookup are the local driver's.
+        # The local driver checks the root, holds the host keys and reads a record as a Node.
         self._disk = LocalNodeDriver(root=root, max_nodes=max_nodes, port=port, start_timeout=start_timeout)
         self.root = self._disk.root
         self.max_nodes = max_nodes
@@ -109,7 +130,7 @@ class NetnsNodeDriver(NodeDriver):
         self.bridge = bridge
         self.ssh_port = port
         self.start_timeout = start_timeout
-        self._bridge_alias = _alias(f"bridge:{self.root}")
+        self._bridge_alias = alias_of(f"bridge:{self.root}")
         super().__init__(key or "netns", secret)  # type: ignore[no-untyped-call]
 
     # -- catalogue -------------------------------------------------------------------
@@ -150,9 +171,9 @@ class NetnsNodeDriver(NodeDriver):
         if location is not None and location.id != "netns":
             raise ValueError(f"unknown location {location.id!r}; the only location is 'netns'")
         self._require_host()
-        self._disk._prepare_root()
-        with self._disk._root_lock():
-            metas = self._disk._read_all()
+        self._disk.prepare_root()
+        with root_lock(self.root):
+            metas = read_records(self.root)
             if self.max_nodes is not None and len(metas) >= self.max_nodes:
                 raise QuotaExceededError(
                     f"quota reached: {len(metas)} of max_nodes={self.max_nodes} netns nodes exist under {self.root}",
@@ -160,7 +181,7 @@ class NetnsNodeDriver(NodeDriver):
                     driver=self,
                 )
             address = self._free_address({m["address"] for m in metas})
-            node_id = local._new_id(name)
+            node_id = new_id(name)
             node_dir = self.root / node_id
             node_dir.mkdir(mode=0o700)
             meta: dict[str, Any] = {
@@ -175,18 +196,17 @@ class NetnsNodeDriver(NodeDriver):
                 "tags": dict(ex_tags or {}),
                 "node_dir": str(node_dir),
                 "pid": None,
+                "creator": this_process(),  # a create killed half way is listed stopped at once
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
-                "netns": _netns_name(node_id),
-                "veth": _veth_name(node_id),
+                "netns": netns_name(node_id),
+                "veth": veth_name(node_id),
                 "bridge": self.bridge,
                 "subnet": str(self.subnet),
             }
-            local._write_json(node_dir / local.META, meta)
+            write_json(node_dir / META, meta)
             try:
-                meta["host_key"] = local._write_node_files(
-                    node_dir, meta, pubkey, strict_modes=self._disk._strict_modes
-                )
-                local._write_json(node_dir / local.META, meta)
+                meta["host_key"] = write_node_files(node_dir, meta, pubkey, strict_modes=self._disk.strict_modes)
+                write_json(node_dir / META, meta)
                 self._ensure_bridge()
                 self._plug(meta)
             except BaseException:
@@ -195,36 +215,36 @@ class NetnsNodeDriver(NodeDriver):
         try:
             self._start_sshd(meta)
         except BaseException:
-            with self._disk._root_lock():
+            with root_lock(self.root):
                 self._destroy(node_id)
             raise
         return self._to_node(meta)
 
     def list_nodes(self) -> list[Node]:
-        return [self._to_node(meta) for meta in self._disk._read_all()]
+        return [self._to_node(meta) for meta in read_records(self.root)]
 
     def destroy_node(self, node: Node) -> bool:
         """End the node's processes, delete its veth, namespace and folder; the bridge
         goes with the last node.  Destroying a destroyed node is a no-op."""
         self._require_host()
-        node_id = self._disk._node_id(node)
-        with self._disk._root_lock():
+        node_id = node_id_of(node)
+        with root_lock(self.root):
             self._destroy(node_id)
         return True
 
     def stop_node(self, node: Node) -> bool:
         """End every process of the node (SIGTERM, then SIGKILL); keep namespace and folder."""
         self._require_host()
-        self._kill(self._disk._node_id(node), graceful=True)
+        self._kill(node_id_of(node), graceful=True)
         return True
 
     def start_node(self, node: Node) -> bool:
         """Start a stopped node again with the same address and host key, rebuilding its
         namespace and veth if they are gone."""
         self._require_host()
-        meta = self._disk._meta(self._disk._node_id(node))
-        if not self._disk._sshd_alive(meta):
-            with self._disk._root_lock():
+        meta = self._disk.node_record(node_id_of(node))
+        if not sshd_alive(Path(meta["node_dir"]), meta.get("pid")):
+            with root_lock(self.root):
                 self._kill(meta["id"], graceful=False)
                 self._unplug(meta["id"])
                 self._ensure_bridge()
@@ -238,7 +258,7 @@ class NetnsNodeDriver(NodeDriver):
     def ex_kill_node(self, node: Node) -> bool:
         """SIGKILL everything in the node at once; keep namespace and folder (fault injection)."""
         self._require_host()
-        self._kill(self._disk._node_id(node), graceful=False)
+        self._kill(node_id_of(node), graceful=False)
         return True
 
     def ex_cut_link(self, node: Node) -> bool:
@@ -254,10 +274,10 @@ class NetnsNodeDriver(NodeDriver):
         every process dies and the namespace is deleted.  The folder stays, so the node
         lists as stopped; ``destroy_node`` or ``start_node`` settle it."""
         self._require_host()
-        node_id = self._disk._node_id(node)
-        veth = _veth_name(node_id)
-        if _our_interface(veth, _alias(f"node:{node_id}")):
-            _ip("link", "del", "dev", veth)
+        node_id = node_id_of(node)
+        veth = veth_name(node_id)
+        if our_interface(veth, alias_of(f"node:{node_id}")):
+            run_ip("link", "del", "dev", veth)
         self._kill(node_id, graceful=False)
         self._unplug(node_id)
         return True
@@ -267,12 +287,14 @@ class NetnsNodeDriver(NodeDriver):
         return self._disk.ex_host_key(node)
 
     def _to_node(self, meta: dict[str, Any]) -> Node:
-        node: Node = self._disk._to_node(meta)  # local's record, then made this driver's
-        if not (_RUN_NETNS / meta["netns"]).exists():
+        node = self._disk.node_from_record(meta)  # local's record, then made this driver's
+        if not (RUN_NETNS / meta["netns"]).exists():
             node.extra["status"] = "stopped"
         node.state = self.NODE_STATE_MAP.get(node.extra["status"], NodeState.UNKNOWN)
         node.driver, node.size, node.image = self, self._size(meta["size"]), self.list_images()[0]
-        node.extra.update({key: meta[key] for key in ("netns", "veth", "bridge", "subnet")}, link=_link(meta["veth"]))
+        node.extra.update({key: meta[key] for key in ("netns", "veth", "bridge", "subnet")},
+                          link=link_state(meta["veth"]),
+                          gateway=str(ipaddress.IPv4Network(meta["subnet"])[1]))  # the bridge: this machine
         return node
 
     def _size(self, size_id: str) -> NodeSize | None:
@@ -288,7 +310,7 @@ class NetnsNodeDriver(NodeDriver):
                 driver=self,
             )
         for tool, package in (("ip", "iproute2"), ("unshare", "util-linux"), ("hostname", "hostname")):
-            if shutil.which(tool, path=_TOOL_PATH) is None:
+            if shutil.which(tool, path=TOOL_PATH) is None:
                 raise NetnsDriverError(f"`{tool}` is missing: install {package}", driver=self)
         if not Path("/proc/self/ns/net").exists():
             raise NetnsDriverError("this kernel has no network namespaces (CONFIG_NET_NS)", driver=self)
@@ -306,9 +328,9 @@ class NetnsNodeDriver(NodeDriver):
 
     def _ensure_bridge(self) -> None:
         """Create the bridge, marked ours, when it is not there; then give it .1 and up."""
-        with _host_lock():
-            exists = (_SYS_NET / self.bridge).exists()
-            if exists and not _our_interface(self.bridge, self._bridge_alias):
+        with host_lock():
+            exists = (SYS_NET / self.bridge).exists()
+            if exists and not our_interface(self.bridge, self._bridge_alias):
                 raise NetnsDriverError(
                     f"interface {self.bridge} exists and is not the bridge of the netns nodes under "
                     f"{self.root}: give this provider another bridge= (and subnet=)",
@@ -326,35 +348,35 @@ class NetnsNodeDriver(NodeDriver):
                 # node could change the gateway's MAC under nodes that cached it: their
                 # replies then go nowhere until ARP gives up (seen: 13 s without a banner).
                 mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
-                _ip("link", "add", "name", self.bridge, "address", mac, "type", "bridge", "forward_delay", "0")
+                run_ip("link", "add", "name", self.bridge, "address", mac, "type", "bridge", "forward_delay", "0")
                 try:
-                    _ip("link", "set", "dev", self.bridge, "alias", self._bridge_alias)
+                    run_ip("link", "set", "dev", self.bridge, "alias", self._bridge_alias)
                 except BaseException:
-                    _ip("link", "del", "dev", self.bridge)
+                    run_ip("link", "del", "dev", self.bridge)
                     raise
-            _ip_batch(
+            run_ip_batch(
                 f"address replace {self.gateway}/{self.subnet.prefixlen} dev {self.bridge}",
                 f"link set dev {self.bridge} up",
             )
 
     def _remove_bridge_if_unused(self) -> None:
-        with _host_lock():
-            ports = _SYS_NET / self.bridge / "brif"
-            if _our_interface(self.bridge, self._bridge_alias) and not any(ports.iterdir()):
-                _ip("link", "del", "dev", self.bridge)
+        with host_lock():
+            ports = SYS_NET / self.bridge / "brif"
+            if our_interface(self.bridge, self._bridge_alias) and not any(ports.iterdir()):
+                run_ip("link", "del", "dev", self.bridge)
 
     def _plug(self, meta: dict[str, Any]) -> None:
         """The namespace, and a veth pair from the bridge to its ``eth0``."""
         ns, veth = meta["netns"], meta["veth"]
-        _ip_batch(
+        run_ip_batch(
             f"netns add {ns}",
             f"link add {veth} type veth peer name eth0 netns {ns}",
-            f"link set dev {veth} alias {_alias('node:' + meta['id'])}",
+            f"link set dev {veth} alias {alias_of('node:' + meta['id'])}",
             f"link set dev {veth} master {self.bridge} up",
             # The host may remember the address with a gone node's MAC: 5 s of silence.
             f"neigh flush to {meta['address']} dev {self.bridge}",
         )
-        _ip_batch(
+        run_ip_batch(
             "link set dev lo up",
             f"address add {meta['address']}/{self.subnet.prefixlen} dev eth0",
             "link set dev eth0 up",
@@ -364,20 +386,20 @@ class NetnsNodeDriver(NodeDriver):
 
     def _unplug(self, node_id: str) -> None:
         """Delete the node's veth, then its namespace: each only when there and ours."""
-        veth, ns = _veth_name(node_id), _netns_name(node_id)
-        lines = [f"link del dev {veth}"] if _our_interface(veth, _alias(f"node:{node_id}")) else []
-        if (_RUN_NETNS / ns).exists():
+        veth, ns = veth_name(node_id), netns_name(node_id)
+        lines = [f"link del dev {veth}"] if our_interface(veth, alias_of(f"node:{node_id}")) else []
+        if (RUN_NETNS / ns).exists():
             lines.append(f"netns del {ns}")
         if lines:
-            _ip_batch(*lines)
+            run_ip_batch(*lines)
 
     def _set_link(self, node: Node, state: str) -> bool:
         self._require_host()
-        node_id = self._disk._node_id(node)
-        veth = _veth_name(node_id)
-        if not _our_interface(veth, _alias(f"node:{node_id}")):
+        node_id = node_id_of(node)
+        veth = veth_name(node_id)
+        if not our_interface(veth, alias_of(f"node:{node_id}")):
             raise NetnsDriverError(f"node {node_id} has no link (veth {veth}) to set {state}", driver=self)
-        _ip("link", "set", "dev", veth, state)
+        run_ip("link", "set", "dev", veth, state)
         return True
 
     # -- processes -------------------------------------------------------------------
@@ -387,60 +409,27 @@ class NetnsNodeDriver(NodeDriver):
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation folder
         home = pwd.getpwnam(meta["ssh_user"]).pw_dir
         node_init = ["sh", "-c", _NODE_INIT, "sh", meta["id"], str(node_dir / "home"), home]
-        argv = [_tool("ip"), "netns", "exec", meta["netns"], _tool("unshare"), *_UNSHARE, *node_init]
-        argv += local._sshd_argv(node_dir)  # what sshd's title shows, as local's liveness check expects
+        argv = [tool_path("ip"), "netns", "exec", meta["netns"], tool_path("unshare"), *_UNSHARE, *node_init]
+        argv += sshd_argv(node_dir)  # what sshd's title shows, as the liveness check expects
         # Not our environment: the orch process may hold credentials.
-        with local._spawned_lock:
-            pid = os.posix_spawn(
-                argv[0],
-                argv,
-                {**_ENV, local.ENV_MARKER: meta["id"]},
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_OPEN, 1, str(node_dir / "sshd.log"), local._LOG_FLAGS, 0o600),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
-                ],
-                setsid=True,
-            )
-            local._spawned.add(pid)
+        pid = spawn(argv, {**TOOL_ENV, ENV_MARKER: meta["id"]}, node_dir / "sshd.log")
         meta["pid"] = pid  # ip, unshare and sh each exec the next: this pid becomes sshd
-        local._write_json(node_dir / local.META, meta)
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            exited = local._reap(pid)
-            if exited is not None:
-                raise NetnsDriverError(
-                    f"sshd of node {meta['id']} exited with {exited}: {local._tail(node_dir / 'sshd.log')}", driver=self
-                )
-            with contextlib.suppress(OSError), socket.create_connection((meta["address"], meta["port"]), 0.5):
-                return
-            if time.monotonic() > deadline:
-                raise NetnsDriverError(
-                    f"sshd of node {meta['id']} did not listen on {meta['address']}:{meta['port']} "
-                    f"within {self.start_timeout}s: {local._tail(node_dir / 'sshd.log')}",
-                    driver=self,
-                )
-            time.sleep(local._POLL)
+        write_json(node_dir / META, meta)
+        problem = wait_for_sshd(pid, meta["id"], meta["address"], meta["port"], node_dir / "sshd.log",
+                                timeout=self.start_timeout, connect_timeout=0.5)
+        if problem:
+            raise NetnsDriverError(problem, driver=self)
 
     def _kill(self, node_id: str, *, graceful: bool) -> None:
         """End every process of the node: those in its namespace, its sshd's tree, and all
         carrying its env marker."""
-        marker = f"{local.ENV_MARKER}={node_id}".encode()
-        config = str(self.root / node_id / "sshd_config").encode()
-        known: dict[int, int] = {}  # pid -> start time, so that a reused pid is left alone
-        for signum in ([signal.SIGTERM] if graceful else []) + [signal.SIGKILL] * 5:
-            found = local._node_processes(marker, config) | netns_processes(_netns_name(node_id))
-            known = local._survivors(known) | found
-            if not known:
-                return
-            for pid in known:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signum)
-            deadline = time.monotonic() + (local._GRACE if signum == signal.SIGTERM else 2.0)
-            while local._survivors(known) and time.monotonic() < deadline:
-                time.sleep(local._POLL)
-        if local._survivors(known):
-            raise NetnsDriverError(f"processes {sorted(known)} of node {node_id} survive SIGKILL", driver=self)
+        node_dir, netns = self.root / node_id, netns_name(node_id)
+        # Killed at once, the node's processes are stopped first, as for a local node: a
+        # machine dies whole, none of its processes sees another die and answers for it.
+        left = end_processes(lambda: node_processes(node_id, node_dir) | netns_processes(netns),
+                             graceful=graceful, stop_first=not graceful)
+        if left:
+            raise NetnsDriverError(f"processes {sorted(left)} of node {node_id} survive SIGKILL", driver=self)
 
     def _destroy(self, node_id: str) -> None:
         """Under the root lock: processes, veth, namespace, folder; the bridge if last."""
@@ -449,100 +438,6 @@ class NetnsNodeDriver(NodeDriver):
         shutil.rmtree(self.root / node_id, ignore_errors=True)
         if (self.root / node_id).exists():
             raise NetnsDriverError(f"could not remove {self.root / node_id}", driver=self)
-        if not self._disk._read_all():
+        if not read_records(self.root):
             self._remove_bridge_if_unused()
 
-
-def netns_processes(netns: str) -> dict[int, int]:
-    """pid -> start time of every process in the named network namespace (none when the
-    namespace does not exist; never the host's own)."""
-    try:
-        target = os.stat(_RUN_NETNS / netns)
-    except OSError:
-        return {}
-    key = (target.st_dev, target.st_ino)
-    if key == _ns_key(1) or key == _ns_key(os.getpid()):
-        return {}
-    return {pid: start for pid, (_, start) in local._proc_table().items() if _ns_key(pid) == key}
-
-
-def subnet_in_use(subnet: ipaddress.IPv4Network) -> str | None:
-    """What on this machine already uses addresses of ``subnet`` (an interface address
-    or a route, in any table), or None."""
-    for iface in json.loads(_ip("-json", "-4", "address", "show")):
-        for info in iface.get("addr_info", []):
-            net = ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}").network
-            if net.overlaps(subnet):
-                return f"address {info['local']}/{info['prefixlen']} on {iface['ifname']}"
-    for route in json.loads(_ip("-json", "-4", "route", "show", "table", "all")):
-        if route.get("dst", "default") != "default" and ipaddress.IPv4Network(route["dst"]).overlaps(subnet):
-            return f"route {route['dst']} via {route.get('dev', '?')}"
-    return None
-
-
-def _ns_key(pid: int) -> tuple[int, int] | None:
-    try:
-        st = os.stat(f"/proc/{pid}/ns/net")
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def _netns_name(node_id: str) -> str:
-    return f"orch-{node_id}"
-
-
-def _veth_name(node_id: str) -> str:
-    """``orch`` + 8 hex of the id's hash: 12 characters (an interface name has 15)."""
-    return "orch" + hashlib.sha256(node_id.encode()).hexdigest()[:8]
-
-
-def _alias(what: str) -> str:
-    """The ifalias that marks an interface as ours (at most 255 bytes, no spaces)."""
-    alias = f"orch-netns:{what}"
-    return alias if len(alias) <= 255 else f"orch-netns:{hashlib.sha256(what.encode()).hexdigest()}"
-
-
-def _our_interface(name: str, alias: str) -> bool:
-    try:
-        return (_SYS_NET / name / "ifalias").read_text().strip() == alias
-    except OSError:
-        return False
-
-
-def _link(veth: str) -> str:
-    """``up``, ``down`` (administratively, see ex_cut_link) or ``absent``."""
-    try:
-        flags = int((_SYS_NET / veth / "flags").read_text(), 16)
-    except OSError:
-        return "absent"
-    return "up" if flags & 0x1 else "down"
-
-
-def _ip(*args: str, stdin: str | None = None) -> str:
-    command = [_tool("ip"), *args]
-    done = subprocess.run(command, input=stdin, capture_output=True, text=True, env=_ENV, check=False)
-    if done.returncode != 0:
-        shown = " ".join(command) + (f" <<< {stdin.strip()!r}" if stdin else "")
-        raise NetnsDriverError(f"`{shown}` failed: {done.stderr.strip() or done.returncode}")
-    return done.stdout
-
-
-def _ip_batch(*lines: str, netns: str | None = None) -> None:
-    """Several ``ip`` commands in one process (``ip -batch``): it stops at the first error."""
-    _ip(*(["-n", netns] if netns else []), "-batch", "-", stdin="\n".join(lines) + "\n")
-
-
-def _tool(name: str) -> str:
-    """The absolute path of a system tool (``_require_host`` has checked it is there)."""
-    return shutil.which(name, path=_TOOL_PATH) or name
-
-
-@contextlib.contextmanager
-def _host_lock() -> Iterator[None]:
-    fd = os.open(_HOST_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
