@@ -55,7 +55,7 @@ from .config import PARENT_ENV, POKE, Config, ConfigError, Log
 from .errors import TIMEOUTS
 from .errors import describe as _describe
 from .frames import HEADER_LEN, TASK_HEADER
-from .launch import build_port
+from .portbuild import build_port
 from .ports import READ_CHUNK, Port
 from .protocol import (
     ERROR,

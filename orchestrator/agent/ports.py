@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import frames, protocol
 from .errors import TIMEOUTS
@@ -19,7 +19,20 @@ from .frames import HEADER_LEN, RESULT_HEADER, RESULT_MAGIC, TASK_HEADER, TASK_M
 from .protocol import PORT_DIED, PORT_READY, RESULTS
 
 if TYPE_CHECKING:
-    from .agent import Agent
+    from .config import Config, Log
+
+
+class PortOwner(Protocol):
+    """What a port needs of the agent that holds it (the agent is the one owner)."""
+
+    cfg: Config
+    log: Log
+
+    def send(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def forget_port(self, port: Port) -> None: ...
 
 READ_CHUNK = 1 << 20
 LOAD_GRACE = 0.5  # longest wait for a new port to show it loaded its library
@@ -48,7 +61,7 @@ def _maps_hold(pid: int, library: str) -> bool:
 class Port:
     """One port process and what it owes: the seqs sent to it without a result yet."""
 
-    def __init__(self, agent: Agent, index: int, work: str, library: Path, function: str,
+    def __init__(self, agent: PortOwner, index: int, work: str, library: Path, function: str,
                  timeout: float | None) -> None:
         self.agent, self.index, self.work = agent, index, work
         self.library, self.function, self.timeout = library, function, timeout
