@@ -75,8 +75,8 @@ from orchestrator.state import JobRecord, NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 
 if TYPE_CHECKING:
-    from orchestrator.scheduler.engine import EventSink, Outcome
     from orchestrator.scheduler.jobs import JobRef
+    from orchestrator.scheduler.run import EventSink, Outcome
 
 T = TypeVar("T")
 

@@ -28,7 +28,7 @@ from orchestrator.cli.lazy import lazy
 
 if TYPE_CHECKING:
     from orchestrator.scheduler import jobs
-    from orchestrator.scheduler.engine import Outcome
+    from orchestrator.scheduler.run import Outcome
 else:
     jobs = lazy("orchestrator.scheduler.jobs")
 
@@ -85,7 +85,7 @@ def run(
 
 def _follow_in_server(store: Any, job_id: str, *, quiet: bool) -> Outcome:
     """Watch a job that the running `orch serve` runs, until it ends."""
-    from orchestrator.scheduler.engine import Outcome
+    from orchestrator.scheduler.run import Outcome
     from orchestrator.state import JobState
 
     started = time.monotonic()

@@ -1,9 +1,10 @@
 """Schedule: the embedded work engine that runs jobs of C work across ready nodes.
 
 ``jobs`` is the API over jobs (submit, run, resume, status, result); ``engine`` is the
-asyncio scheduler (agents in, tasks out, results recorded once, output in order);
-``service`` keeps one engine alive inside ``orch serve``; ``runner`` hands it queued
-jobs; ``workmodules`` cut inputs into tasks; ``sinks`` take ordered output; ``sizing``
-adapts each node's task size.  It reaches nodes only through their agents and
+asyncio scheduler (agents in, tasks out, results recorded once, output in order) and
+``run`` what it holds while a job runs; ``service`` keeps one engine alive inside
+``orch serve``; ``runner`` hands it queued jobs; ``workmodules`` cut inputs into tasks;
+``sinks`` take ordered output; ``sizing`` adapts each node's task size; ``stored`` reads
+a job's stored work back for a resume.  It reaches nodes only through their agents and
 ``deploy.agent_install``; it never provisions.
 """

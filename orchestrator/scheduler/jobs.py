@@ -25,9 +25,11 @@ from pydantic import ValidationError
 from orchestrator.config.models import ReleaseManifest
 from orchestrator.deploy.releases import find_release, manifest_of, read_release
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
-from orchestrator.scheduler.engine import Engine, EventSink, JobRun, Outcome, ReleaseInfo, Task
+from orchestrator.scheduler.engine import Engine
+from orchestrator.scheduler.run import EventSink, JobRun, Outcome, ReleaseInfo, Task
 from orchestrator.scheduler.sinks import Record, Sink, check_sink_url, open_sink
 from orchestrator.scheduler.spec import JobSpec
+from orchestrator.scheduler.stored import stored_work
 from orchestrator.scheduler.workmodules import WorkModule, check_work_module, load_work_module
 from orchestrator.state import JobRecord, JobState, NodeRecord, NodeState, ReleaseRecord, Store
 from orchestrator.workspace import Workspace
@@ -274,7 +276,7 @@ def _job_nodes(store: Store, spec: JobSpec) -> list[NodeRecord]:
 def _restore(store: Store, job: JobRun) -> list[Task]:
     """The work the store holds past the sink's end: done tasks go to the output buffer,
     given-up ones are written as failed, pending ones run again (keeping their attempts)."""
-    work = store.stored_work(job.id, from_seq=job.next_write)
+    work = stored_work(store, job.id, from_seq=job.next_write)
     for seq, payload in work.results.items():
         job.records[seq] = Record(seq, True, payload)
         job.buffered += len(payload)

@@ -34,7 +34,8 @@ from typing import Any
 
 from orchestrator.errors import RemoteError, StateError
 from orchestrator.scheduler import jobs
-from orchestrator.scheduler.engine import Engine, EventSink, Outcome
+from orchestrator.scheduler.engine import Engine
+from orchestrator.scheduler.run import EventSink, Outcome
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.state.jobstore import StoredWork
+from orchestrator.state.jobstore import StoredBatches
 from orchestrator.state.migrations import MIGRATIONS
 from orchestrator.state.records import (
     NODE_TRANSITIONS,
@@ -30,5 +30,5 @@ __all__ = [
     "ReleaseRecord",
     "Store",
     "StorePool",
-    "StoredWork",
+    "StoredBatches",
 ]

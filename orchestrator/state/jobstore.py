@@ -20,7 +20,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.agent.frames import decode_results, decode_tasks
 from orchestrator.errors import NotFoundError, StateError
 from orchestrator.state.records import JobRecord, JobState, row_to_job
 
@@ -155,25 +154,21 @@ class JobStore:
             conn.execute("UPDATE jobs SET progress=?, updated_at=? WHERE id=?",
                          (json.dumps(progress), time.time(), job_id))
 
-    def stored_work(self, job_id: str, *, from_seq: int = 0) -> StoredWork:
-        """What a resume needs from ``from_seq`` on: the tasks made, their results, the
-        attempts of the ones that failed a try, the ones given up."""
-        work = StoredWork()
+    def stored_batches(self, job_id: str, *, from_seq: int = 0) -> StoredBatches:
+        """What a resume needs from ``from_seq`` on, as stored: the task and result
+        batches that reach that far (blobs the store never reads), the attempts of the
+        tasks that failed a try, and the ones given up."""
+        stored = StoredBatches()
         for row in self._query("SELECT frames FROM task_batches WHERE job=? AND last_seq>=? ORDER BY first_seq",
                                (job_id, from_seq)):
-            for seq, _attempt, size, data in decode_tasks(bytes(row[0])):
-                if seq >= from_seq:
-                    work.tasks[seq] = (size, data)
+            stored.task_batches.append(bytes(row[0]))
         for row in self._query("SELECT frames FROM result_batches WHERE job=? AND max_seq>=? ORDER BY id",
                                (job_id, from_seq)):
-            results, _ = decode_results(bytes(row[0]))
-            for result in results:
-                if result.seq >= from_seq:
-                    work.results.setdefault(result.seq, result.payload)
+            stored.result_batches.append(bytes(row[0]))
         for row in self._query("SELECT seq, attempts, error, failed FROM task_attempts WHERE job=? AND seq>=?",
                                (job_id, from_seq)):
-            (work.failed if row["failed"] else work.attempts)[row["seq"]] = (row["attempts"], row["error"])
-        return work
+            (stored.failed if row["failed"] else stored.attempts)[row["seq"]] = (row["attempts"], row["error"])
+        return stored
 
     def failed_tasks(self, job_id: str) -> list[tuple[int, str]]:
         """(seq, reason) of every task given up, in seq order."""
@@ -182,14 +177,11 @@ class JobStore:
 
 
 @dataclass
-class StoredWork:
-    """A job's tasks and results in the store, by seq."""
+class StoredBatches:
+    """A job's stored work from a seq on, as the scheduler wrote it: blobs of task frames
+    and of result frames, in the order they were stored, and the attempts by seq."""
 
-    tasks: dict[int, tuple[float, bytes]] = field(default_factory=dict)
-    results: dict[int, bytes] = field(default_factory=dict)
+    task_batches: list[bytes] = field(default_factory=list)
+    result_batches: list[bytes] = field(default_factory=list)
     attempts: dict[int, tuple[int, str]] = field(default_factory=dict)
     failed: dict[int, tuple[int, str]] = field(default_factory=dict)
-
-    def pending(self) -> list[int]:
-        """Seqs made but neither done nor given up."""
-        return sorted(set(self.tasks) - set(self.results) - set(self.failed))
