@@ -38,7 +38,8 @@ from orchestrator.config import NodeFamily, ReleaseManifest
 from orchestrator.deploy import agent_install
 from orchestrator.deploy.agent_install import AgentPayload
 from orchestrator.errors import ConfigError, OrchError, RemoteError
-from orchestrator.remote.ssh import Result, SSHPool, SSHSession, SSHTarget
+from orchestrator.remote.pool import SSHPool
+from orchestrator.remote.ssh import Result, SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, ReleaseRecord
 from orchestrator.workspace import Workspace
 

@@ -1,12 +1,21 @@
-"""Remote command execution across the fleet (``orch exec``): fan-out and its results."""
+"""Remote command execution across the fleet (``orch exec``, ``POST /nodes/exec``):
+which nodes a command is for (``matching``), its fan-out over SSH (``exec_on``), and the
+choice per node between a connected agent and SSH (``exec_nodes``).
+
+The agents' connections are held above this layer (the server's ``SchedulerService``);
+``exec_nodes`` reaches them only through ``AgentChannel``, so ``remote`` imports neither
+the scheduler nor the server.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from orchestrator.errors import RemoteError
-from orchestrator.remote.ssh import FanOutResult, Result, SSHPool, SSHTarget
+from orchestrator.remote.pool import FanOutResult, SSHPool
+from orchestrator.remote.ssh import Result, SSHTarget
 from orchestrator.state import NodeRecord
 from orchestrator.workspace import Workspace
 
@@ -52,3 +61,50 @@ def exec_on(ws: Workspace, nodes: Sequence[NodeRecord], command: str, *, timeout
     finally:
         if own:
             pool.close_all()
+
+
+class AgentChannel(Protocol):
+    """Commands through the nodes' agents (what ``SchedulerService`` offers)."""
+
+    def connected(self) -> Collection[str]:
+        """The ids of the nodes whose agent is connected now (only membership is asked:
+        ``SchedulerService`` answers node id -> seconds since last heard)."""
+        ...
+
+    def exec(self, nodes: Sequence[NodeRecord], command: str, *, timeout: float | None = None
+             ) -> Mapping[str, dict[str, Any]]:
+        """``command`` through the agents of ``nodes``, in parallel: node id -> ``{exit,
+        stdout, stderr}`` or ``{error}``; a node whose agent is gone is left out."""
+        ...
+
+
+def matching(nodes: Sequence[NodeRecord], *, family: str | None = None, names: Sequence[str] = ()
+             ) -> list[NodeRecord]:
+    """The nodes of ``family`` when it is given, else those named in ``names`` by id or by
+    resource-path prefix (``/provider/...``); in the order of ``nodes``, each once."""
+    if family is not None:
+        return [n for n in nodes if n.family == family]
+    return [n for n in nodes if any(name == n.id or (name.startswith("/") and n.path.startswith(name))
+                                    for name in names)]
+
+
+def exec_nodes(ws: Workspace, agents: AgentChannel | None, nodes: Sequence[NodeRecord], command: str, *,
+               timeout: float | None = None) -> dict[str, dict[str, Any]]:
+    """``command`` on ``nodes``: through ``agents`` where one is connected, over SSH for the
+    rest (in parallel); node id -> ``{exit, stdout, stderr}`` or ``{error}`` (the shape of
+    ``orch exec --json``), in the order of ``nodes``."""
+    answers: dict[str, dict[str, Any]] = {}
+    rest = list(nodes)
+    if agents is not None:
+        connected = agents.connected()
+        through = [n for n in nodes if n.id in connected]
+        rest = [n for n in nodes if n.id not in connected]
+        if through:
+            answers.update(agents.exec(through, command, timeout=timeout))
+            rest += [n for n in through if n.id not in answers]  # gone meanwhile: SSH
+    if rest:
+        outcome = exec_on(ws, rest, command, timeout=timeout)
+        answers.update({name: ({"exit": r.exited, "stdout": r.stdout, "stderr": r.stderr}
+                               if isinstance(r, Result) else {"error": str(r)})
+                        for name, r in outcome.nodes.items()})
+    return {n.id: answers[n.id] for n in nodes}

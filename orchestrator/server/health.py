@@ -155,7 +155,8 @@ class HealthMonitor:
         """(provider handle or None, what the provider says, whether it runs the node)."""
         from libcloud.compute.types import NodeState as CloudState
 
-        from orchestrator.provision.nodes import ProviderHandle, find_node
+        from orchestrator.provision.handle import ProviderHandle
+        from orchestrator.provision.nodes import find_node
 
         try:
             cfg = self._config(store)
