@@ -21,7 +21,9 @@ from libcloud.compute.types import NodeState
 
 from orchestrator.provision.drivers import driver_class
 from orchestrator.provision.drivers.hosts import CapacityError, HostsDriverError, HostsNodeDriver
-from orchestrator.provision.drivers.local import SSHD, QuotaExceededError, _port_free
+from orchestrator.provision.drivers.local import _port_free
+from orchestrator.provision.drivers.nodefolders import QuotaExceededError
+from orchestrator.provision.drivers.processes import SSHD
 from orchestrator.remote.ssh import AuthenticationFailed, HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget
 
 MakeNodes = Callable[..., list[Node]]
@@ -88,10 +90,6 @@ def claim(driver: HostsNodeDriver, fleet_key: Any, size: NodeSize | None = None,
 
 def machine_of(node: Node, machines: list[Node]) -> Node:
     return next(m for m in machines if m.public_ips == node.public_ips and m.extra["port"] == node.extra["port"])
-
-
-def test_registered_with_libcloud() -> None:
-    assert driver_class("hosts") is HostsNodeDriver
 
 
 def test_catalogue_comes_from_the_pool(machines: list[Node], claims_root: Path) -> None:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeAuthPassword, NodeAuthSSHKey
 from libcloud.compute.types import NodeState
 
-from orchestrator.provision.drivers import driver_class
-from orchestrator.provision.drivers.local import SSHD, LocalDriverError, LocalNodeDriver, QuotaExceededError
+from orchestrator.provision.drivers.local import LocalNodeDriver
+from orchestrator.provision.drivers.nodefolders import LocalDriverError, QuotaExceededError
+from orchestrator.provision.drivers.processes import SSHD
 from orchestrator.remote.ssh import SSHSession, SSHTarget
 
 MakeNodes = Callable[..., list[Node]]
@@ -29,13 +29,6 @@ pytestmark = [
     pytest.mark.sshd,
     pytest.mark.skipif(not Path(SSHD).exists(), reason=f"OpenSSH's sshd is not installed at {SSHD}"),
 ]
-
-
-def test_registered_with_libcloud() -> None:
-    cls = driver_class("local")
-    assert cls is LocalNodeDriver
-    assert cls.type == "local"
-    assert cls.features == {"create_node": ["ssh_key"]}
 
 
 def test_catalogue(driver: LocalNodeDriver) -> None:
@@ -71,14 +64,6 @@ def test_four_nodes_run_on_distinct_addresses(driver: LocalNodeDriver, make_node
         assert driver.ex_host_key(node) == node.extra["host_key"]
 
 
-def test_a_new_driver_sees_the_same_nodes(driver: LocalNodeDriver, make_nodes: MakeNodes) -> None:
-    created = make_nodes(3)
-    fresh = driver_class("local")(None, root=driver.root)  # as a new orch process after a crash would
-    assert [(n.id, n.public_ips, n.extra["host_key"], n.state) for n in fresh.list_nodes()] == [
-        (n.id, n.public_ips, n.extra["host_key"], NodeState.RUNNING) for n in created
-    ]
-
-
 def test_metadata_is_written_before_sshd_and_half_written_folders_are_skipped(
     driver: LocalNodeDriver, make_nodes: MakeNodes
 ) -> None:
@@ -93,25 +78,6 @@ def test_metadata_is_written_before_sshd_and_half_written_folders_are_skipped(
         junk.rmdir()
 
 
-def test_destroy_ends_every_process_and_removes_the_folder(
-    driver: LocalNodeDriver, make_nodes: MakeNodes, target_of: TargetOf, node_processes: ProcessesOf
-) -> None:
-    doomed, kept = make_nodes(2)
-    with SSHSession(target_of(doomed)) as session:
-        background = session.run("nohup sleep 1000 >/dev/null 2>&1 & echo $!", check=True)
-        sleeper = int(background.stdout)
-        assert sleeper in node_processes(doomed.id, doomed.extra["node_dir"])
-        assert len(node_processes(doomed.id, doomed.extra["node_dir"])) >= 3  # sshd, connection, sleep
-
-        assert driver.destroy_node(doomed) is True
-
-    assert node_processes(doomed.id, doomed.extra["node_dir"]) == []
-    assert not _alive(sleeper)
-    assert not Path(doomed.extra["node_dir"]).exists()
-    assert [n.id for n in driver.list_nodes()] == [kept.id]
-    assert driver.list_nodes()[0].state == NodeState.RUNNING
-
-
 def test_destroy_is_idempotent(driver: LocalNodeDriver, make_nodes: MakeNodes) -> None:
     [node] = make_nodes(1)
     assert driver.destroy_node(node) is True
@@ -119,22 +85,6 @@ def test_destroy_is_idempotent(driver: LocalNodeDriver, make_nodes: MakeNodes) -
     assert driver.destroy_node(Node("never-made-0000", "x", NodeState.UNKNOWN, [], [], driver)) is True
     with pytest.raises(ValueError, match="not a local node id"):
         driver.destroy_node(Node("../escape", "x", NodeState.UNKNOWN, [], [], driver))
-
-
-def test_quota_at_max_nodes(nodes_root: Path, fleet_key: Any) -> None:
-    driver = LocalNodeDriver(root=nodes_root, max_nodes=2)
-    size, image, auth = driver.list_sizes()[0], driver.list_images()[0], NodeAuthSSHKey(fleet_key.public)
-    try:
-        driver.create_node("a", size, image, auth=auth)
-        driver.create_node("b", size, image, auth=auth)
-        with pytest.raises(QuotaExceededError, match="max_nodes=2") as caught:
-            driver.create_node("c", size, image, auth=auth)
-        assert caught.value.quota == 2
-        assert isinstance(caught.value, LibcloudError)
-        assert len([d for d in driver.root.iterdir() if d.is_dir()]) == 2
-    finally:
-        for node in driver.list_nodes():
-            driver.destroy_node(node)
 
 
 def test_quota_when_no_address_is_free(nodes_root: Path, fleet_key: Any) -> None:
