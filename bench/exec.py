@@ -1,6 +1,6 @@
 """A command on every node: through the agents `orch serve` holds, over SSH, and by Ansible.
 
-    .venv/bin/python bench/exec.py [--nodes 32] [--runs 20] [--ansible-runs 3] [--cli-runs 5]
+    .venv/bin/python bench/exec.py [--nodes 32] [--runs 20] [--ansible-runs 3] [--cli-runs 5] [--quick]
 
 In one run on the same ``--nodes`` real local nodes (sshd on loopback addresses, agents
 over mutual TLS), the wall time of running ``true`` on every node:
@@ -24,16 +24,17 @@ over mutual TLS), the wall time of running ``true`` on every node:
    the start-up alone.
 
 Target (issue #6): <= 50 ms through agents (median).
+
+``--quick`` (what CI runs, tests/integration/test_benches.py): every path on 2 nodes,
+a few runs each, a short pause; the figures are not worth comparing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -44,21 +45,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import fleet
-from orchestrator.deploy.releases import upload_release
-from orchestrator.remote import fanout as remote
-from orchestrator.remote.ssh import Result, SSHPool
-from orchestrator.state import NodeRecord, NodeState, Store
-from orchestrator.workspace import Workspace
-
 REPO = Path(__file__).resolve().parents[1]
-ORCH = [sys.executable, "-m", "orchestrator"]
-ANSIBLE = Path(sys.executable).with_name("ansible")
+sys.path.insert(0, str(REPO))  # tests.helpers: the tests' workspaces, server and Ansible, shared
+
+from orchestrator import fleet  # noqa: E402
+from orchestrator.remote import fanout as remote  # noqa: E402
+from orchestrator.remote.pool import SSHPool  # noqa: E402
+from orchestrator.remote.ssh import Result  # noqa: E402
+from orchestrator.state import NodeRecord, NodeState, Store  # noqa: E402
+from orchestrator.workspace import Workspace  # noqa: E402
+from tests.helpers.ansible import ANSIBLE, ansible_env, close_control_masters  # noqa: E402
+from tests.helpers.cli import ORCH  # noqa: E402
+from tests.helpers.serving import Server, start_server, stop_server, wait_until  # noqa: E402
+from tests.helpers.workspace import primes_workspace, stop_everything  # noqa: E402
+
 FAMILY = "workers"
+QUICK = {"nodes": 2, "runs": 3, "ansible_runs": 1, "cli_runs": 1, "idle_runs": 1, "idle": 0.5}
+"""``--quick``: every path, as small as it goes."""
 TARGET_MS = 50.0
 PARENT = "tr '\\0' ' ' < /proc/$PPID/cmdline"  # the command's parent: the agent, or sshd's shell
 
@@ -74,12 +81,12 @@ class Row:
 
     @property
     def median_ms(self) -> float:
-        return statistics.median(self.seconds) * 1000
+        return statistics.median(self.seconds) * 1000 if self.seconds else float("nan")
 
     @property
     def p90_ms(self) -> float:
         if len(self.seconds) < 2:
-            return self.seconds[0] * 1000
+            return self.seconds[0] * 1000 if self.seconds else float("nan")
         return statistics.quantiles(self.seconds, n=10, method="inclusive")[8] * 1000
 
 
@@ -92,60 +99,15 @@ def timed(runs: int, call: Callable[[], None]) -> list[float]:
     return times
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    started = time.perf_counter()
-    while not check():
-        if time.perf_counter() - started > timeout:
-            raise SystemExit(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.1)
-    return time.perf_counter() - started
+# -- the server (tests/helpers/serving.py) -----------------------------------------------
 
 
-# -- the server --------------------------------------------------------------------------
-
-
-class Server:
-    """A real `orch serve --port 0` subprocess of the workspace, and one keep-alive client."""
-
-    def __init__(self, ws: Workspace, log: Path) -> None:
-        self.ws = ws
-        self.log = log
-        serve_json = ws.runtime_dir / "serve.json"
-        with log.open("w") as out:
-            self.proc = subprocess.Popen([*ORCH, "serve", "--port", "0"], cwd=ws.root, stdout=out,
-                                         stderr=subprocess.STDOUT)
-        info: dict[str, Any] = {}
-
-        def written() -> bool:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"orch serve exited {self.proc.returncode}:\n{log.read_text()}")
-            try:
-                info.update(json.loads(serve_json.read_text()))
-            except (OSError, ValueError):
-                return False
-            return info.get("pid") == self.proc.pid
-
-        wait_until(written, 30, "orch serve writing .orch/serve.json")
-        self.url = str(info["url"])
-        token = (ws.runtime_dir / "api-token").read_text().strip()
-        self.client = httpx.Client(base_url=self.url, timeout=120, headers={"Authorization": f"Bearer {token}"})
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        response = self.client.request(method, path, json=body)
-        if response.status_code >= 400:
-            raise SystemExit(f"{method} {path} answered {response.status_code}: {response.text}")
-        return response.json()
-
-    def stop(self) -> int | None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        return self.proc.returncode
+def call(server: Server, method: str, path: str, body: Any = None) -> Any:
+    """One request on the server's keep-alive client; its JSON answer (an error status ends the bench)."""
+    response = server.client.request(method, path, json=body)
+    if response.status_code >= 400:
+        raise SystemExit(f"{method} {path} answered {response.status_code}: {response.text}")
+    return response.json()
 
 
 def check_answers(answers: dict[str, Any], nodes: list[NodeRecord], what: str) -> None:
@@ -157,22 +119,22 @@ def check_answers(answers: dict[str, Any], nodes: list[NodeRecord], what: str) -
 def through_agents(args: argparse.Namespace, server: Server, nodes: list[NodeRecord]) -> tuple[Row, Row, Row, Row, Row]:
     # A small job brings every node's agent in; they stay connected to the server after it.
     started = time.perf_counter()
-    job = server.call("POST", "/jobs", {"work": "primes:count_primes", "input": "0:1000"})["job"]
+    job = call(server, "POST", "/jobs", {"work": "primes:count_primes", "input": "0:1000"})["job"]
 
     def finished() -> bool:
-        state = server.call("GET", f"/jobs/{job}")
+        state = call(server, "GET", f"/jobs/{job}")
         if state["state"] in ("failed", "suspended"):
             raise SystemExit(f"the warm-up job {job} ended {state['state']}: {state['reason']}")
         return state["state"] == "done"
 
     wait_until(finished, 300, f"the warm-up job {job} done")
     ids = {n.id for n in nodes}
-    wait_until(lambda: ids <= set(server.call("GET", "/agents")), 180, f"all {len(ids)} agents connected")
+    wait_until(lambda: ids <= set(call(server, "GET", "/agents")), 180, f"all {len(ids)} agents connected")
     console.print(f"warm-up job done and all {len(ids)} agents connected in {time.perf_counter() - started:.2f} s",
                   markup=False)
 
     def exec_once() -> None:
-        check_answers(server.call("POST", "/nodes/exec", {"family": FAMILY, "command": "true"}), nodes,
+        check_answers(call(server, "POST", "/nodes/exec", {"family": FAMILY, "command": "true"}), nodes,
                       "POST /nodes/exec")
 
     exec_once()  # warm: the route, the client's connection
@@ -185,7 +147,7 @@ def through_agents(args: argparse.Namespace, server: Server, nodes: list[NodeRec
     errors: list[str] = []
 
     def parent_once(strict: bool = True) -> None:
-        answers = server.call("POST", "/nodes/exec", {"family": FAMILY, "command": PARENT})
+        answers = call(server, "POST", "/nodes/exec", {"family": FAMILY, "command": PARENT})
         if strict:
             check_answers(answers, nodes, "the parent check")
         errors.extend(f"{name}: {a.get('error') or a}" for name, a in answers.items() if a.get("exit") != 0)
@@ -258,24 +220,12 @@ def over_ssh(args: argparse.Namespace, ws: Workspace, nodes: list[NodeRecord]) -
 
 class Ansible:
     """The real ``ansible`` with a config, home, temp and ControlPath folders of its own,
-    host keys checked against the inventory's pinned known_hosts (as tests/integration/
-    test_ansible.py runs it)."""
+    host keys checked against the inventory's pinned known_hosts (tests/helpers/ansible.py,
+    as tests/integration/test_ansible.py runs it)."""
 
     def __init__(self, home: Path) -> None:
         self.home = home
-        for name in ("home", "local-tmp", "remote-tmp"):
-            (home / name).mkdir(parents=True)
-        config = home / "ansible.cfg"
-        config.write_text("[defaults]\nhost_key_checking = True\nretry_files_enabled = False\n")
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-        self.env.update(
-            ANSIBLE_CONFIG=str(config),
-            ANSIBLE_HOME=str(home / "home"),
-            ANSIBLE_LOCAL_TEMP=str(home / "local-tmp"),
-            ANSIBLE_REMOTE_TEMP=str(home / "remote-tmp"),
-            ANSIBLE_HOST_KEY_CHECKING="True",
-            ANSIBLE_NOCOLOR="1",
-        )
+        self.env = ansible_env(home)
         self.control_dirs: list[Path] = []
 
     def control_dir(self) -> Path:
@@ -296,9 +246,7 @@ class Ansible:
 
     def close(self, control_dir: Path) -> None:
         """Close the ControlPersist masters left in ``control_dir``."""
-        for socket_path in control_dir.iterdir():
-            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "orch-node"],
-                           capture_output=True, timeout=10, check=False)
+        close_control_masters(control_dir)
 
     def close_all(self) -> None:
         for path in self.control_dirs:
@@ -308,7 +256,7 @@ class Ansible:
 def by_ansible(args: argparse.Namespace, ws: Workspace, folder: Path, nodes: list[NodeRecord]) -> list[Row]:
     if not ANSIBLE.exists() or shutil.which("ssh") is None:
         console.print(f"ansible: {ANSIBLE} or ssh missing (pip install -e .[dev]); left out", markup=False)
-        return []
+        return [Row("ansible all -m command -a true", [], escape("not installed (pip install -e .[dev]) or no ssh"))]
     inventory = folder / "inventory.yml"
     written = subprocess.run([*ORCH, "inventory", "--family", FAMILY, "--output", str(inventory)], cwd=ws.root,
                              capture_output=True, text=True, timeout=60, check=False)
@@ -347,20 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli-runs", type=int, default=5, help="timed runs of `orch exec` as a subprocess")
     parser.add_argument("--idle-runs", type=int, default=8, help="timed runs of exec after a pause")
     parser.add_argument("--idle", type=float, default=4.0, help="the shortest pause before an idle run (s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="every path, as small as it goes (CI): " + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)  # flags given explicitly still win
     args = parser.parse_args(argv)
-    if not (REPO / "releases" / "primes" / "build" / "libprimes.so").exists():
-        raise SystemExit("build the sample release first: make -C releases/primes")
 
     folder = Path(tempfile.mkdtemp(prefix="orch-bench-exec-"))
-    ws = Workspace.init(folder / "ws")
-    (ws.providers_dir / "local.yaml").write_text(f"driver: local\nmax_nodes: {args.nodes}\n")
-    (ws.families_dir / f"{FAMILY}.yaml").write_text(
-        f"release: primes\ncount: {args.nodes}\nplacement:\n  providers: [local]\n")
+    # The nodes build the release from its source: nothing to build here.
+    ws = primes_workspace(folder / "ws", count=args.nodes, max_nodes=args.nodes, workers_per_node=None)
     store = Store.open(ws.state_db)
     server: Server | None = None
     rows: list[Row] = []
     try:
-        upload_release(ws, store, REPO / "releases" / "primes")
         started = time.perf_counter()
         report = fleet.spawn(ws, store, FAMILY)
         if len(report.ready) != args.nodes:
@@ -369,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"{args.nodes} local nodes ready in {time.perf_counter() - started:.2f} s", markup=False)
         nodes = fleet.select_nodes(store, family=FAMILY, states=[NodeState.READY])
 
-        server = Server(ws, folder / "serve.log")
+        server = Server(ws, *start_server(ws, "--port", "0"))
         console.print(f"orch serve at {server.url} (pid {server.proc.pid})", markup=False)
         api, parents, idle, cli, bare = through_agents(args, server, nodes)
         rows += [api, parents, idle]
@@ -378,14 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         rows += [cli, bare]
     finally:
         if server is not None:
-            code = server.stop()
+            server.client.close()
+            code = stop_server(server.proc)
             if code != 0:
-                console.print(f"orch serve exited {code} on SIGTERM:\n{(folder / 'serve.log').read_text()[-3000:]}",
+                console.print(f"orch serve exited {code} on SIGTERM:\n{server.log.read_text()[-3000:]}",
                               markup=False)
-        live = fleet.select_nodes(store, all_nodes=True)
-        if live:
-            fleet.stop(ws, store, live)
         store.close()
+        stop_everything(ws)
         shutil.rmtree(folder, ignore_errors=True)
 
     table = Table(title=f"`true` on {args.nodes} local nodes, wall time per fan-out", title_justify="left")
@@ -393,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="left" if column in ("path", "note") else "right")
     base = rows[0].median_ms
     for row in rows:
+        if not row.seconds:
+            table.add_row(row.what, "0", "-", "-", "-", row.note)
+            continue
         table.add_row(row.what, str(len(row.seconds)), f"{row.median_ms:.1f}", f"{row.p90_ms:.1f}",
                       f"{row.median_ms / base:.1f}", row.note)
     console.print(table)

@@ -1,6 +1,6 @@
 """Side by side: how fast a local fleet comes up, and how fast a command runs across it.
 
-    .venv/bin/python bench/fleet.py [--sizes 1,4,16] [--repeat 20]
+    .venv/bin/python bench/fleet.py [--sizes 1,4,16] [--repeat 20] [--quick]
 
 Everything happens in a temporary workspace (local provider, the sample ``primes``
 release) that is removed at the end; every node is stopped and every ssh
@@ -20,6 +20,9 @@ Tables:
    and ``ansible all -m command -a true -f 16`` (cold and warm ControlPersist, with and
    without pipelining).  Target: orch in-process with a warm pool <= 150 ms and faster
    than both peers at their best.
+
+``--quick`` (what CI runs, tests/integration/test_benches.py): every table with fleets of
+1 and 2 nodes and a run or two of each; the figures are not worth comparing.
 """
 
 from __future__ import annotations
@@ -51,22 +54,26 @@ import paramiko
 import yaml
 from fabric import Config, Connection, ThreadingGroup
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from orchestrator import fleet
-from orchestrator.config import load_provider
-from orchestrator.provision.registry import make_driver
-from orchestrator.remote.fanout import exec_on
-from orchestrator.remote.inventory import ansible_inventory, write_known_hosts
-from orchestrator.remote.ssh import SSHPool
-from orchestrator.state import NodeRecord, NodeState, Store
-from orchestrator.workspace import Workspace
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests.helpers: the tests' workspace and Ansible set-up, shared
+
+from orchestrator import fleet  # noqa: E402
+from orchestrator.remote.fanout import exec_on  # noqa: E402
+from orchestrator.remote.inventory import ansible_inventory, write_known_hosts  # noqa: E402
+from orchestrator.remote.pool import SSHPool  # noqa: E402
+from orchestrator.state import NodeRecord, NodeState, Store  # noqa: E402
+from orchestrator.workspace import Workspace  # noqa: E402
+from tests.helpers.ansible import ANSIBLE, ansible_env, close_control_masters  # noqa: E402
+from tests.helpers.workspace import sample_workspace, stop_everything  # noqa: E402
+
 BIN = Path(sys.executable).parent
 ORCH = BIN / "orch"
-ANSIBLE = BIN / "ansible"
 FAMILY = "workers"
+QUICK = {"sizes": "1,2", "repeat": 2, "spawn_repeat": 1, "ansible_repeat": 1, "exec_nodes": 2}
+"""``--quick``: every table, as small as it goes."""
 SPAWN_TARGET_S = 2.0
 SPAWN_TARGET_NODES = 16
 EXEC_TARGET_MS = 150.0
@@ -142,11 +149,7 @@ class BenchWorkspace:
 
     def __init__(self) -> None:
         self.tmp = Path(tempfile.mkdtemp(prefix="orch-bench-"))
-        self.ws = Workspace.init(self.tmp / "ws")
-        shutil.copytree(REPO / "releases" / "primes", self.ws.releases_src_dir / "primes",
-                        ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-        shutil.copy(REPO / "providers" / "local.yaml", self.ws.providers_dir / "local.yaml")
-        shutil.copy(REPO / "node_families" / "workers.yaml", self.ws.families_dir / "workers.yaml")
+        self.ws: Workspace = sample_workspace(self.tmp / "ws")
         self.store = Store.open(self.ws.state_db)
         self.control_dirs: list[Path] = []  # ansible's ssh ControlPath folders
         self.closers: list[Callable[[], None]] = []
@@ -166,11 +169,7 @@ class BenchWorkspace:
 
     def close_control_masters(self) -> None:
         for folder in self.control_dirs:
-            if not folder.is_dir():
-                continue
-            for sock in folder.iterdir():
-                subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={sock}", "orch-node"],
-                               capture_output=True, timeout=10, check=False)
+            close_control_masters(folder)
 
     def cleanup(self) -> None:
         problems: list[str] = []
@@ -178,7 +177,7 @@ class BenchWorkspace:
             *(("close connections", c) for c in self.closers),
             ("close ansible's ssh masters", self.close_control_masters),
             ("stop nodes", self.stop_all),
-            ("stop what the store missed", self._destroy_leftovers),
+            ("stop what the store missed", lambda: stop_everything(self.ws)),
             ("close the store", self.store.close),
         ]
         for what, step in steps:
@@ -189,14 +188,6 @@ class BenchWorkspace:
         shutil.rmtree(self.tmp, ignore_errors=True)
         for problem in problems:
             log.print(f"cleanup: {problem}", style="bold red")
-
-    def _destroy_leftovers(self) -> None:
-        driver = make_driver(self.ws, load_provider(self.ws, "local"))
-        for node in driver.list_nodes():
-            driver.destroy_node(node)
-        left = driver.list_nodes()
-        if left:
-            raise RuntimeError(f"nodes still running: {[n.id for n in left]}")
 
 
 @contextlib.contextmanager
@@ -440,24 +431,11 @@ def fabric_run(group: ThreadingGroup) -> None:
     group.run("true", hide=True, in_stream=False)  # raises GroupException if any node fails
 
 
-def ansible_env(bw: BenchWorkspace, folder: Path, *, pipelining: bool) -> dict[str, str]:
-    for name in ("home", "local-tmp", "remote-tmp", "cp"):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-    config = folder / "ansible.cfg"
-    config.write_text("[defaults]\nhost_key_checking = True\nretry_files_enabled = False\n")
+def bench_ansible_env(bw: BenchWorkspace, folder: Path, *, pipelining: bool) -> dict[str, str]:
+    """ansible with folders of its own under ``folder`` (tests/helpers/ansible.py); its
+    ssh masters are closed by the cleanup."""
     bw.control_dirs.append(folder / "cp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-    env.update(
-        ANSIBLE_CONFIG=str(config),
-        ANSIBLE_HOME=str(folder / "home"),
-        ANSIBLE_LOCAL_TEMP=str(folder / "local-tmp"),
-        ANSIBLE_REMOTE_TEMP=str(folder / "remote-tmp"),  # ~ would be ~root: the real home
-        ANSIBLE_SSH_CONTROL_PATH_DIR=str(folder / "cp"),
-        ANSIBLE_HOST_KEY_CHECKING="True",
-        ANSIBLE_PIPELINING=str(pipelining),
-        ANSIBLE_NOCOLOR="1",
-    )
-    return env
+    return ansible_env(folder, ANSIBLE_PIPELINING=str(pipelining))
 
 
 def exec_times(bw: BenchWorkspace, nodes_wanted: int, repeat: int, ansible_repeat: int) -> list[Samples]:
@@ -506,11 +484,11 @@ def exec_times(bw: BenchWorkspace, nodes_wanted: int, repeat: int, ansible_repea
         argv: list[str | Path] = [ANSIBLE, "all", "-i", inventory, "-m", "command", "-a", "true", "-f", str(len(nodes))]
         # Two rows, not four: each ansible run takes seconds.  Cold as it comes; warm at its
         # best (ControlPersist masters open, pipelining: one ssh exchange per host).
-        cold_env = ansible_env(bw, bw.tmp / "ansible-cold", pipelining=False)
+        cold_env = bench_ansible_env(bw, bw.tmp / "ansible-cold", pipelining=False)
         results.append(measure(
             "ansible -m command, cold", ansible_repeat, functools.partial(run_checked, argv, env=cold_env),
             after=bw.close_control_masters, note="defaults; no ssh masters before the run"))
-        warm_env = ansible_env(bw, bw.tmp / "ansible-warm", pipelining=True)
+        warm_env = bench_ansible_env(bw, bw.tmp / "ansible-warm", pipelining=True)
         run_checked(argv, env=warm_env)  # opens the ControlPersist masters
         results.append(measure(
             "ansible -m command, warm + pipelining", ansible_repeat,
@@ -519,6 +497,7 @@ def exec_times(bw: BenchWorkspace, nodes_wanted: int, repeat: int, ansible_repea
         bw.close_control_masters()
     else:
         log.print(f"ansible is not installed at {ANSIBLE}: skipped (pip install -e .[dev])", style="yellow")
+        results.append(Samples("ansible -m command", note=escape("not installed (pip install -e .[dev]): left out")))
 
     runs = f"{repeat} runs" + (f" ({ansible_repeat} for ansible)" if ansible_repeat != repeat else "")
     table = Table(title=f"2. `true` on {len(nodes)} nodes: wall time over {runs} (ms)",
@@ -526,6 +505,9 @@ def exec_times(bw: BenchWorkspace, nodes_wanted: int, repeat: int, ansible_repea
     for column in ("method", "median", "p90", "min", "how"):
         table.add_column(column, justify="left" if column in ("method", "how") else "right")
     for s in results:
+        if not s.values:
+            table.add_row(s.label, "-", "-", "-", s.note)
+            continue
         table.add_row(s.label, ms(s.median), ms(s.p90), ms(min(s.values)), s.note)
     console.print(table)
     return results
@@ -535,7 +517,7 @@ def verdict(results: Sequence[Samples], startup_s: float, nodes: int) -> None:
     by = {s.label: s for s in results}
     orch = by["orch in-process, warm SSHPool"]
     fabric = [s for s in results if s.label.startswith("fabric")]
-    ansible = [s for s in results if s.label.startswith("ansible")]
+    ansible = [s for s in results if s.label.startswith("ansible") and s.values]
     best = [min(peer, key=lambda s: s.median) for peer in (fabric, ansible) if peer]
     fast_enough = orch.median * 1000 <= EXEC_TARGET_MS
     faster = all(orch.median < b.median for b in best)
@@ -562,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ansible-repeat", type=int, default=None,
                         help="runs per ansible measurement, seconds each (default: --repeat)")
     parser.add_argument("--exec-nodes", type=int, default=16, help="fleet size for the exec table (default 16)")
+    parser.add_argument("--quick", action="store_true", help="every table, as small as it goes (CI): "
+                        + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)  # flags given explicitly still win
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if not sizes or min(sizes) < 1 or args.repeat < 1 or args.spawn_repeat < 1:

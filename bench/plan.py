@@ -1,8 +1,9 @@
-"""Time to plan N nodes over many providers: `python bench/plan.py [--nodes 10000]`.
+"""Time to plan N nodes over many providers: `python bench/plan.py [--nodes 10000] [--quick]`.
 
 Builds 50 providers x 200 sizes (3 locations each, mixed labels, quotas and prices),
 then times `plan_placement` for every policy, best of --repeat runs, and prints a
-table with the target (<= 100 ms for 10,000 nodes).
+table with the target (<= 100 ms for 10,000 nodes).  ``--quick`` (what CI runs,
+tests/integration/test_benches.py): every policy on a small plan, once.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+import sys
 import time
 
 from rich.console import Console
@@ -19,6 +21,8 @@ from orchestrator.config import NodeFamily
 from orchestrator.provision.placement import FleetNode, ProviderCapabilities, SizeOffer, plan_placement
 
 TARGET_MS = 100.0
+QUICK = {"nodes": 500, "providers": 10, "sizes": 20, "repeat": 1}
+"""``--quick``: every policy, as small as it goes."""
 
 
 def make_providers(n_providers: int, n_sizes: int, seed: int = 1) -> list[ProviderCapabilities]:
@@ -38,13 +42,17 @@ def make_providers(n_providers: int, n_sizes: int, seed: int = 1) -> list[Provid
     return providers
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--providers", type=int, default=50)
     parser.add_argument("--sizes", type=int, default=200)
     parser.add_argument("--repeat", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="every policy, as small as it goes (CI): "
+                        + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)  # flags given explicitly still win
+    args = parser.parse_args(argv)
     providers = make_providers(args.providers, args.sizes)
     fleet = [FleetNode(f"n{i}", "other", f"p{i % args.providers:02d}", f"r{i % args.providers}-a")
              for i in range(1000)]

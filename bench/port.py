@@ -1,6 +1,6 @@
 """Side by side: what one task costs through the port runner, and through ctypes in Python.
 
-    .venv/bin/python bench/port.py [--tasks 200000] [--repeat 3]
+    .venv/bin/python bench/port.py [--tasks 200000] [--repeat 3] [--quick]
 
 Builds worker_native (``make -s -C worker_native``) and runs the ``noop`` and ``echo``
 functions of the test library ``build/libfaults.so``:
@@ -13,7 +13,8 @@ functions of the test library ``build/libfaults.so``:
   with the task and output structures built once, and with a task built per call.
 - the frame codec (orchestrator.agent.frames): encode one task, decode one result.
 
-Best of ``--repeat`` runs; µs/task = wall seconds / tasks x 1e6.
+Best of ``--repeat`` runs; µs/task = wall seconds / tasks x 1e6.  ``--quick`` (what CI
+runs, tests/integration/test_benches.py): every row on a few thousand tasks, once.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ from ctypes_work import FAIL, WRITE, OrchOutput, OrchTask  # bench/ is on sys.pa
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.agent.frames import RESULT_HEADER, RESULT_MAGIC, decode_results, encode_task
-
 REPO = Path(__file__).resolve().parents[1]
-NATIVE = REPO / "worker_native"
-PORT = NATIVE / "build" / "orch-port"
-FAULTS = NATIVE / "build" / "libfaults.so"
+sys.path.insert(0, str(REPO))  # tests.helpers: the tests' build of worker_native, shared
+
+from orchestrator.agent.frames import RESULT_HEADER, RESULT_MAGIC, decode_results, encode_task  # noqa: E402
+from tests.helpers.native import FAULTS, PORT, build_native  # noqa: E402
+
+QUICK = {"tasks": 20_000, "repeat": 1}
+"""``--quick``: every row, as small as it goes."""
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # whole rows in a log
 
@@ -119,14 +122,18 @@ def codec(n: int, repeat: int) -> tuple[float, float]:
     return best_of(repeat, encode), best_of(repeat, decode)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="every row, as small as it goes (CI): "
+                        + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)  # flags given explicitly still win
+    args = parser.parse_args(argv)
     n, repeat = args.tasks, args.repeat
 
-    subprocess.run(["make", "-s", "-C", str(NATIVE)], check=True)
+    build_native()
     noop_frames = b"".join(encode_task(seq, 1, 1.0, b"") for seq in range(n))
     echo_frames = b"".join(encode_task(seq, 1, 1.0, bytes(64)) for seq in range(n))
 
@@ -151,7 +158,8 @@ def main() -> None:
     table.add_column("tasks/s", justify="right")
     table.add_column("what is timed")
     for row in rows:
-        table.add_row(row.path, f"{row.us_per_task:.3f}", f"{row.tasks / row.seconds:,.0f}", row.note)
+        rate = f"{row.tasks / row.seconds:,.0f}" if row.seconds else "-"  # CPU times tick at 10 ms
+        table.add_row(row.path, f"{row.us_per_task:.3f}", rate, row.note)
     console.print(table)
 
 

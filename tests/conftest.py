@@ -1,26 +1,19 @@
-"""Fixtures shared by every test layer."""
+"""Fixtures shared by every test layer (helpers live in tests/helpers)."""
 
 from __future__ import annotations
 
-import hashlib
-import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.app import main
-from orchestrator.workspace import Workspace
+pytest.register_assert_rewrite("tests.helpers")  # before they are imported: helpers' asserts explain themselves
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
+from orchestrator.cli.app import main  # noqa: E402
+from orchestrator.workspace import Workspace  # noqa: E402
+from tests.helpers import postgres  # noqa: E402
+from tests.helpers.cli import Run  # noqa: E402
+from tests.helpers.workspace import add_primes_source  # noqa: E402
 
 
 @pytest.fixture
@@ -44,10 +37,26 @@ def orch(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) ->
 def ws(tmp_path: Path) -> Workspace:
     """A fresh workspace with the sample release source copied in."""
     workspace = Workspace.init(tmp_path / "ws")
-    shutil.copytree(REPO / "releases" / "primes", workspace.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
+    add_primes_source(workspace)
     return workspace
 
 
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+# -- PostgreSQL (tests/helpers/postgres.py) ---------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    """The machine's cluster with a login role of this session's; skips, saying why,
+    when not root or PostgreSQL is not installed."""
+    reason = postgres.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with postgres.cluster_with_role() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: postgres.PostgresServer) -> Iterator[str]:
+    """A new database owned by that role, as a ``postgresql://`` URL; dropped afterwards."""
+    with postgres.throwaway_database(postgres_server) as url:
+        yield url

@@ -2,96 +2,46 @@
 
 Every node a test makes lives under a root that the ``driver`` fixture owns; its
 teardown destroys every node found there, checks that no process of theirs survived,
-and removes the root, whether the test passed or not.  Helpers reach the tests as
-fixtures (``node_processes``, ``new_key_pair``): test modules do not import conftest.
+and removes the root, whether the test passed or not.  Test modules do not import
+conftest: helpers are in tests/helpers (some reach the tests as fixtures too:
+``node_processes``, ``new_key_pair``).
+
+The EC2 fixtures (at the end) run the EC2 API on a local moto server: every test gets its
+own ``moto_server`` on a free port, stopped by its pid in teardown whatever the outcome.
+Providers reach it through ``tests.helpers.moto_ec2.MotoEC2NodeDriver`` (libcloud's
+stock EC2 driver plus moto's differences), registered as ``ec2moto`` through
+``ORCH_DRIVER_PLUGINS`` in the environment, so that ``orch`` subprocesses find it too.
+moto's instances have fake addresses: nothing here connects to them, as the adapter
+declares (its ``orch_features`` say its nodes are not bootstrapped).  Workspaces keep their default ed25519 fleet
+key: orch imports it as a key pair of its own (``orch-<workspace>-<digest>``).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from libcloud.compute.base import Node, NodeAuthSSHKey
-from libcloud.compute.types import NodeState
 
 from orchestrator.provision.drivers import driver_class
 from orchestrator.provision.drivers.local import LocalNodeDriver
-from orchestrator.remote.ssh import SSHPool, SSHTarget
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass(frozen=True)
-class KeyPair:
-    private: Path
-    public: str
-
-
-def make_key_pair(folder: Path, name: str = "fleet_key") -> KeyPair:
-    """An ed25519 key pair, the private half in OpenSSH format (0600) under ``folder``."""
-    key = ed25519.Ed25519PrivateKey.generate()
-    private = folder / name
-    private.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
-    )
-    private.chmod(0o600)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return KeyPair(private, public.decode())
-
-
-def processes_of(node_id: object, node_dir: str | Path) -> list[int]:
-    """Live (non-zombie) pids that belong to a node, found independently of the driver:
-    ORCH_NODE_ID=<id> in their environment, its sshd_config in their command line, and
-    the descendants of those (sshd's connection processes carry neither)."""
-    marker = f"ORCH_NODE_ID={node_id}".encode()
-    config = str(Path(node_dir) / "sshd_config").encode()
-    found: set[int] = set()
-    parents: dict[int, int] = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            stat = (proc / "stat").read_text()
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        state, ppid = stat[stat.rfind(")") + 2 :].split()[:2]
-        if state in "ZX":
-            continue
-        parents[int(proc.name)] = int(ppid)
-        if marker in environ or config in cmdline:
-            found.add(int(proc.name))
-    grew = True
-    while grew:
-        more = {pid for pid, ppid in parents.items() if ppid in found} - found
-        found |= more
-        grew = bool(more)
-    return sorted(found)
+from orchestrator.remote.pool import SSHPool
+from orchestrator.remote.ssh import SSHTarget
+from tests.helpers.ec2_faults import FaultProxy
+from tests.helpers.keys import KeyPair, make_key_pair
+from tests.helpers.local_nodes import MakeNodes, TargetOf, destroy_all
+from tests.helpers.moto_ec2 import FAKE_CREDENTIALS, PLUGIN, Instances, MotoServer, ec2_client, start_moto
+from tests.helpers.processes import processes_of
+from tests.helpers.workspace import REPO
 
 
 @pytest.fixture
 def nodes_root(tmp_path: Path) -> Path:
     """A folder for nodes: pytest's tmp_path (under the sticky /tmp) is accepted."""
     return tmp_path / "nodes"
-
-
-def destroy_all(driver: LocalNodeDriver) -> None:
-    """Destroy every node under the driver's root and prove nothing of them is left."""
-    survivors = {}
-    for node in driver.list_nodes():
-        driver.destroy_node(node)
-        survivors[node.id] = processes_of(node.id, node.extra["node_dir"])
-    half_written = [d.name for d in driver.root.iterdir() if d.is_dir()] if driver.root.is_dir() else []
-    for name in half_written:
-        driver.destroy_node(Node(name, name, NodeState.UNKNOWN, [], [], driver))
-    assert not any(survivors.values()), f"processes survived destroy_node: {survivors}"
-    assert not half_written, f"node folders without metadata were left behind: {half_written}"
 
 
 @pytest.fixture
@@ -120,11 +70,8 @@ def new_key_pair(tmp_path: Path) -> Callable[[str], KeyPair]:
 
 @pytest.fixture
 def node_processes() -> Callable[[object, str | Path], list[int]]:
-    """``node_processes(node_id, node_dir)``: see :func:`processes_of`."""
+    """``node_processes(node_id, node_dir)``: see :func:`tests.helpers.processes.processes_of`."""
     return processes_of
-
-
-MakeNodes = Callable[..., list[Node]]
 
 
 @pytest.fixture
@@ -141,9 +88,6 @@ def make_nodes(driver: LocalNodeDriver, fleet_key: KeyPair) -> MakeNodes:
     return make
 
 
-TargetOf = Callable[[Node], SSHTarget]
-
-
 @pytest.fixture
 def target_of(fleet_key: KeyPair) -> TargetOf:
     return lambda node: SSHTarget.from_node(node, fleet_key.private)
@@ -153,3 +97,66 @@ def target_of(fleet_key: KeyPair) -> TargetOf:
 def pool() -> Iterator[SSHPool]:
     with SSHPool() as p:
         yield p
+
+
+# -- EC2 on a local moto server ------------------------------------------------------------
+
+
+@pytest.fixture
+def ec2_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The environment EC2 tests run orch in (in-process, and inherited by subprocesses):
+    the ``ec2moto`` plugin, the repository on PYTHONPATH, fake AWS credentials."""
+    monkeypatch.setenv("ORCH_DRIVER_PLUGINS", PLUGIN)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    for key, value in FAKE_CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    return dict(os.environ)
+
+
+@pytest.fixture
+def moto_server(tmp_path: Path, ec2_env: dict[str, str]) -> Iterator[MotoServer]:
+    """A fresh moto server on a free port; stopped (by pid) afterwards."""
+    server = start_moto(folder=tmp_path / "moto")
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert server.process.poll() is not None, "moto_server survived its stop"
+
+
+@pytest.fixture
+def fault_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
+    """A fault-injecting EC2 proxy in front of ``moto_server`` (no faults until told)."""
+    proxy = FaultProxy(moto_server.port).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def ec2(moto_server: MotoServer) -> Any:
+    """A boto3 EC2 client for ``moto_server``: what the instances really look like."""
+    return ec2_client(moto_server)
+
+
+@pytest.fixture
+def ec2_instances(ec2: Any) -> Instances:
+    """``ec2_instances(workspace_id=None, states=())``: moto's instances as boto3 describes
+    them (optionally only those with our workspace tag, in these states), each with its
+    tags as a dict under ``"TagMap"``."""
+
+    def find(*, workspace_id: str | None = None, states: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        filters = []
+        if workspace_id is not None:
+            filters.append({"Name": "tag:orch-workspace", "Values": [workspace_id]})
+        if states:
+            filters.append({"Name": "instance-state-name", "Values": list(states)})
+        found = []
+        for reservation in ec2.describe_instances(Filters=filters)["Reservations"]:
+            for instance in reservation["Instances"]:
+                found.append({**instance, "TagMap": {t["Key"]: t["Value"] for t in instance.get("Tags", [])}})
+        return found
+
+    return find

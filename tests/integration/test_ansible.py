@@ -10,10 +10,8 @@ connection would skip the host key check that the negative tests are about).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,14 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from orchestrator import fleet
-from orchestrator.config import load_provider
-from orchestrator.provision.drivers.local import SSHD
-from orchestrator.provision.registry import make_driver
+from orchestrator.provision.drivers.processes import SSHD
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO, Run
+from tests.helpers.ansible import ANSIBLE, ansible_env, close_control_masters
+from tests.helpers.cli import Run
+from tests.helpers.workspace import sample_workspace, stop_everything
 
-ANSIBLE = Path(sys.executable).with_name("ansible")
 NODES = 4
 
 pytestmark = [
@@ -45,33 +42,17 @@ Orch = Callable[..., Run]
 AnsibleRun = Callable[..., dict[str, dict[str, Any]]]
 
 
-def _stop_everything(ws: Workspace) -> None:
-    if ws.state_db.exists():
-        with Store.open(ws.state_db) as store:
-            live = fleet.select_nodes(store, all_nodes=True)
-            if live:
-                fleet.stop(ws, store, live)
-    driver = make_driver(ws, load_provider(ws, "local"))
-    for node in driver.list_nodes():  # belt and braces: whatever the store missed
-        driver.destroy_node(node)
-    assert driver.list_nodes() == []
-
-
 @pytest.fixture(scope="module")
 def fleet_ws(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     """A workspace with four ready local nodes of family ``workers``."""
-    ws = Workspace.init(tmp_path_factory.mktemp("ansible") / "ws")
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    shutil.copy(REPO / "providers" / "local.yaml", ws.providers_dir / "local.yaml")
-    shutil.copy(REPO / "node_families" / "workers.yaml", ws.families_dir / "workers.yaml")
+    ws = sample_workspace(tmp_path_factory.mktemp("ansible") / "ws")
     try:
         with Store.open(ws.state_db) as store:
             report = fleet.spawn(ws, store, "workers", count=NODES)
         assert report.ok, [str(f) for f in report.failures]
         yield ws
     finally:
-        _stop_everything(ws)
+        stop_everything(ws)
 
 
 def ready_nodes(ws: Workspace) -> list[NodeRecord]:
@@ -116,26 +97,15 @@ def run_ansible(tmp_path: Path) -> Iterator[AnsibleRun]:
 
     Its ControlPersist masters are closed afterwards."""
     home = tmp_path / "ansible"
-    folders = {name: home / name for name in ("home", "local-tmp", "remote-tmp", "cp", "callbacks")}
-    for folder in folders.values():
-        folder.mkdir(parents=True)
-    (folders["callbacks"] / "orch_results.py").write_text(RESULTS_CALLBACK)
-    config = home / "ansible.cfg"
-    config.write_text("[defaults]\nhost_key_checking = True\nretry_files_enabled = False\n")
+    callbacks = home / "callbacks"
+    callbacks.mkdir(parents=True)
+    (callbacks / "orch_results.py").write_text(RESULTS_CALLBACK)
     results_file = home / "results.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
-    env.update(
-        ANSIBLE_CONFIG=str(config),
-        ANSIBLE_HOME=str(folders["home"]),
-        ANSIBLE_LOCAL_TEMP=str(folders["local-tmp"]),
-        # Ansible expands ~ as ~user (the passwd home: the real one for local nodes), not $HOME.
-        ANSIBLE_REMOTE_TEMP=str(folders["remote-tmp"]),
-        ANSIBLE_SSH_CONTROL_PATH_DIR=str(folders["cp"]),
-        ANSIBLE_HOST_KEY_CHECKING="True",
-        ANSIBLE_CALLBACK_PLUGINS=str(folders["callbacks"]),
+    env = ansible_env(
+        home,
+        ANSIBLE_CALLBACK_PLUGINS=str(callbacks),
         ANSIBLE_STDOUT_CALLBACK="orch_results",
         ANSIBLE_LOAD_CALLBACK_PLUGINS="1",
-        ANSIBLE_NOCOLOR="1",
         ORCH_ANSIBLE_RESULTS=str(results_file),
     )
 
@@ -151,9 +121,7 @@ def run_ansible(tmp_path: Path) -> Iterator[AnsibleRun]:
     try:
         yield run
     finally:
-        for socket_path in folders["cp"].iterdir():
-            subprocess.run(["ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "orch-node"],
-                           capture_output=True, timeout=10, check=False)
+        close_control_masters(home / "cp")
 
 
 def write_inventory(orch: Orch, ws: Workspace, path: Path, *args: str) -> dict[str, Any]:

@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from orchestrator.state import Store
-from tests.integration.serving import orch as run_orch
-from tests.integration.serving import primes_below, primes_workspace, start_server, stop_server
+from tests.helpers.cli import orch as run_orch
+from tests.helpers.primes import primes_below
+from tests.helpers.serving import start_server, stop_server
+from tests.helpers.workspace import primes_workspace
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 N = 40_000_000

@@ -13,8 +13,9 @@ from orchestrator.errors import NotFoundError
 from orchestrator.sdk import Cloud, KVTransaction, job_scope
 from orchestrator.state import JobState, NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.integration.conftest import processes_of
-from tests.integration.serving import primes_below, primes_workspace
+from tests.helpers.primes import primes_below
+from tests.helpers.processes import processes_of
+from tests.helpers.workspace import primes_workspace
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 PRIMES_BELOW_200000 = 17984

@@ -20,7 +20,8 @@ import pytest
 from orchestrator import fleet
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
-from tests.integration.serving import primes_workspace, serving
+from tests.helpers.serving import serving
+from tests.helpers.workspace import primes_workspace
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [

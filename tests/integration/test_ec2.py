@@ -1,8 +1,8 @@
 """orch against the EC2 API: libcloud's stock EC2 driver talking to a local moto server.
 
 Every test starts its own moto server (and, for faults, a proxy in front of it) and
-stops it by pid afterwards.  EC2 providers run with ``bootstrap: false``: moto's
-instances have fake addresses, and nothing connects to them.  Workspaces keep their
+stops it by pid afterwards.  moto's instances have fake addresses, and nothing connects
+to them: the moto adapter declares its nodes are not bootstrapped.  Workspaces keep their
 default ed25519 fleet key, which orch imports as one key pair per workspace.
 """
 
@@ -29,16 +29,16 @@ from orchestrator.errors import (
     ProviderQuotaError,
     ProviderTransientError,
 )
-from orchestrator.provision.nodes import ProviderHandle, key_pair_name
-from orchestrator.provision.registry import api_error_code, make_driver, map_libcloud_errors
+from orchestrator.provision.cloud_errors import api_error_code, map_libcloud_errors
+from orchestrator.provision.handle import ProviderHandle, key_pair_name
+from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import Run
-from tests.ec2_faults import FaultProxy
-from tests.moto_ec2 import PRICES, MotoServer, start_moto
-from tests.moto_ec2 import ec2_provider_yaml as ec2_provider
+from tests.helpers.cli import Run
+from tests.helpers.ec2_faults import FaultProxy
+from tests.helpers.moto_ec2 import PRICES, MotoServer, start_moto
+from tests.helpers.moto_ec2 import ec2_provider_yaml as ec2_provider
 
-pytest_plugins = ["tests.integration.conftest_moto"]
 pytestmark = [pytest.mark.slow]
 
 LIVE = ("pending", "running")

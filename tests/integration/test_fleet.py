@@ -32,11 +32,11 @@ from orchestrator.provision.drivers.local import LocalNodeDriver
 from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import Run, file_digest
-from tests.integration.conftest import processes_of
-from tests.integration.test_netns_driver import _netns_usable as netns_usable
-from tests.integration.test_netns_driver import free_subnet
-from tests.integration.test_netns_driver import leftovers as netns_leftovers
+from tests.helpers.cli import Run
+from tests.helpers.netns import free_subnet, netns_usable
+from tests.helpers.netns import leftovers as netns_leftovers
+from tests.helpers.processes import processes_of
+from tests.helpers.workspace import file_digest, stop_everything
 
 pytestmark = pytest.mark.sshd
 ORCH = [sys.executable, "-m", "orchestrator"]
@@ -60,20 +60,7 @@ def fleet_ws(ws: Workspace) -> Iterator[Workspace]:
     try:
         yield ws
     finally:
-        _stop_everything(ws)
-
-
-def _stop_everything(ws: Workspace) -> None:
-    if ws.state_db.exists():
-        with Store.open(ws.state_db) as store:
-            live = fleet.select_nodes(store, all_nodes=True)
-            if live:
-                fleet.stop(ws, store, live)
-    for path in ws.providers_dir.glob("*.yaml"):  # belt and braces: whatever the store missed
-        driver = make_driver(ws, load_provider(ws, path.stem))
-        for node in driver.list_nodes():
-            driver.destroy_node(node)
-        assert driver.list_nodes() == []
+        stop_everything(ws)
 
 
 def provider_nodes(ws: Workspace) -> dict[str, object]:
@@ -388,6 +375,6 @@ def test_hosts_pool_is_used_then_spawn_fails_over_and_stop_cleans_the_machines(
         again = orch("spawn", "workers", "--count", "2", "--json")
         assert again.code == 0 and len(json.loads(again.out)["ready"]) == 2
     finally:
-        _stop_everything(fleet_ws)
+        stop_everything(fleet_ws)
         for machine in machines:
             machines_driver.destroy_node(machine)

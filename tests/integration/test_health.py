@@ -20,8 +20,10 @@ import pytest
 
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.integration.conftest import processes_of
-from tests.integration.serving import Server, primes_below, primes_workspace, serving, wait_until
+from tests.helpers.primes import primes_below
+from tests.helpers.processes import processes_of
+from tests.helpers.serving import Server, serving, wait_until
+from tests.helpers.workspace import primes_workspace
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 GRACE = 2.0

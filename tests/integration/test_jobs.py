@@ -26,10 +26,11 @@ import pytest
 from orchestrator import fleet
 from orchestrator.deploy.releases import upload_release
 from orchestrator.scheduler import jobs
+from orchestrator.scheduler.stored import stored_work
 from orchestrator.state import JobState, NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
-from tests.integration.conftest import processes_of
+from tests.helpers.processes import processes_of
+from tests.helpers.workspace import REPO
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 ORCH = [sys.executable, "-m", "orchestrator"]
@@ -288,7 +289,7 @@ def test_sigkill_of_the_scheduler_then_resume_finishes_without_recomputing(clust
             proc.wait()
     with cluster.store() as store:
         progress = store.job_progress(job)
-        done_at_kill = progress["next_write"] + len(store.stored_work(job, from_seq=progress["next_write"]).results)
+        done_at_kill = progress["next_write"] + len(stored_work(store, job, from_seq=progress["next_write"]).results)
         assert store.get_job(job).state == JobState.RUNNING
     assert 0 < progress["next_write"] < 20000, "the kill came too late to test anything"
     status = cluster.status(job)

@@ -50,11 +50,10 @@ from orchestrator.scheduler import jobs
 from orchestrator.scheduler.engine import Engine
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
-from tests.integration.conftest import processes_of
-from tests.integration.test_netns_driver import _netns_usable as netns_usable
-from tests.integration.test_netns_driver import free_subnet
-from tests.integration.test_netns_driver import leftovers as netns_leftovers
+from tests.helpers.netns import free_subnet, netns_usable
+from tests.helpers.netns import leftovers as netns_leftovers
+from tests.helpers.processes import processes_of
+from tests.helpers.workspace import REPO
 
 ORCH = [sys.executable, "-m", "orchestrator"]
 NODES = 3

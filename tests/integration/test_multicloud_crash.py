@@ -35,13 +35,12 @@ from libcloud.compute.types import NodeState as CloudState
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.provision.nodes import node_tags
 from orchestrator.provision.registry import make_driver
+from orchestrator.provision.tags import node_tags
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.moto_ec2 import MotoServer, ec2_provider_yaml
+from tests.helpers.moto_ec2 import MotoServer, ec2_provider_yaml
 
-pytest_plugins = ["tests.integration.conftest_moto"]
 pytestmark = [pytest.mark.slow, pytest.mark.sshd]
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,18 +7,14 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 
 from orchestrator.scheduler.sinks import Record, SinkError, SinkFailed, open_sink
-
-if TYPE_CHECKING:  # imported at run time only as the plugin below (pytest rewrites its asserts)
-    from tests.postgres import PostgresServer
-
-pytest_plugins = ["tests.postgres"]
+from tests.helpers.postgres import PostgresServer
 
 
 def rows(url: str, query: str, *params: Any) -> list[tuple[Any, ...]]:

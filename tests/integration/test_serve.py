@@ -25,17 +25,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.workspace import Workspace
-from tests.integration.serving import (
-    ORCH,
-    Server,
-    primes_below,
-    primes_workspace,
-    serving,
-    start_server,
-    stop_server,
-    wait_until,
-)
-from tests.integration.serving import orch as run_orch
+from tests.helpers.cli import ORCH
+from tests.helpers.cli import orch as run_orch
+from tests.helpers.primes import primes_below
+from tests.helpers.serving import Server, serving, start_server, stop_server, wait_until
+from tests.helpers.workspace import primes_workspace
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
 NODES = 2

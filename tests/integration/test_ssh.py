@@ -7,7 +7,6 @@ import dataclasses
 import errno
 import hashlib
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -21,22 +20,23 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from libcloud.compute.base import Node
 
 from orchestrator.errors import RemoteError
-from orchestrator.provision.drivers.local import SSHD, LocalNodeDriver
+from orchestrator.provision.drivers.local import LocalNodeDriver
+from orchestrator.provision.drivers.processes import SSHD
+from orchestrator.remote.pool import FanOutFailed, SSHPool
 from orchestrator.remote.ssh import (
     AuthenticationFailed,
     CommandFailed,
     CommandTimeout,
-    FanOutFailed,
     HostKeyMismatch,
     NodeUnreachable,
     RemoteFileError,
     Result,
-    SSHPool,
     SSHSession,
     SSHTarget,
     fingerprint,
     map_ssh_errors,
 )
+from tests.helpers.net import free_port
 
 MakeNodes = Callable[..., list[Node]]
 TargetOf = Callable[[Node], SSHTarget]
@@ -208,7 +208,7 @@ def test_a_refused_key_and_a_dead_node_name_the_node(
         SSHSession(dataclasses.replace(target_of(node), key_file=stranger.private))
     with pytest.raises(AuthenticationFailed, match="cannot load"):
         SSHSession(dataclasses.replace(target_of(node), key_file=tmp_path / "missing"))
-    nobody = dataclasses.replace(target_of(node), name="ghost", port=_free_port())
+    nobody = dataclasses.replace(target_of(node), name="ghost", port=free_port())
     with pytest.raises(NodeUnreachable, match=rf"cannot reach node ghost \(.*@{node.public_ips[0]}:") as caught:
         SSHSession(nobody)
     assert isinstance(caught.value.__cause__, ConnectionRefusedError)
@@ -275,7 +275,7 @@ def test_run_many_maps_every_node_to_a_result_or_an_error(
     nodes = make_nodes(4)
     targets = [target_of(n) for n in nodes]
     loser = str(nodes[2].id)
-    ghost = dataclasses.replace(targets[0], name="ghost", port=_free_port())
+    ghost = dataclasses.replace(targets[0], name="ghost", port=free_port())
     results = pool.run_many([*targets, ghost], f'test "$ORCH_NODE_ID" != {loser} && echo ok', max_parallel=3)
 
     assert list(results) == [n.id for n in nodes] + ["ghost"]
@@ -300,8 +300,3 @@ def _openssh_fingerprint(key_line: str) -> str:
         return fingerprint(base64.b64decode(key_line.split()[1]))
     return out.stdout.split()[1]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.workspace import Workspace
-from tests.conftest import Run, file_digest
+from tests.helpers.cli import Run
+from tests.helpers.workspace import file_digest
 
 MANIFEST = b"name: evil\nversion: 1.0.0\nlibrary: build/lib.so\nfunctions:\n  - name: f\n"
 

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_provider
-from orchestrator.provision.nodes import CAPABILITIES_SCOPE, ProviderHandle
+from orchestrator.provision.catalogue import CAPABILITIES_SCOPE
+from orchestrator.provision.handle import ProviderHandle
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
-from tests.conftest import Run, file_digest
+from tests.helpers.cli import Run
+from tests.helpers.workspace import file_digest
 
 DUMMY = "driver: dummy\ncredentials: {key: env:ORCH_TEST_DUMMY}\nprices: {'1': 9.5}\nlabels: [lab]\n"
 

@@ -14,7 +14,8 @@ import typer
 
 from orchestrator.cli.app import app
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO, Run
+from tests.helpers.cli import Run
+from tests.helpers.workspace import REPO
 
 Orch = Callable[..., Run]
 

@@ -42,14 +42,8 @@ from orchestrator.agent.frames import (
     describe_exit,
     encode_task,
 )
-from tests.unit.test_primes_release import count_primes_reference, iterated_hash_reference
-
-REPO = Path(__file__).resolve().parents[2]
-NATIVE = REPO / "worker_native"
-PORT = NATIVE / "build" / "orch-port"
-FAULTS = NATIVE / "build" / "libfaults.so"
-INCLUDE = NATIVE / "include"
-
+from tests.helpers.native import FAULTS, INCLUDE, PORT, build_native, build_primes
+from tests.helpers.primes import count_primes_reference, iterated_hash_reference
 
 # -- fixtures and helpers ------------------------------------------------------------
 
@@ -57,16 +51,12 @@ INCLUDE = NATIVE / "include"
 @pytest.fixture(scope="session", autouse=True)
 def built() -> None:
     """Build the runner and the test library in place (worker_native/build is ignored by git)."""
-    subprocess.run(["make", "-s", "-C", str(NATIVE)], check=True, capture_output=True)
-    assert PORT.is_file() and FAULTS.is_file()
+    build_native()
 
 
 @pytest.fixture(scope="session")
 def primes_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("primes") / "primes"
-    shutil.copytree(REPO / "releases" / "primes", work, ignore=shutil.ignore_patterns("build"))
-    subprocess.run(["make", "-s", f"ORCH_INCLUDE={INCLUDE}"], cwd=work, check=True, capture_output=True)
-    return work / "build" / "libprimes.so"
+    return build_primes(tmp_path_factory.mktemp("primes") / "primes")
 
 
 def build_lib(directory: Path, name: str, source: str) -> Path:

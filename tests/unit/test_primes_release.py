@@ -4,63 +4,18 @@ through the orch_work.h ABI with ctypes, and compare with Python references."""
 from __future__ import annotations
 
 import ctypes
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from bench.ctypes_work import FAIL, WRITE, OrchOutput, OrchTask
+from tests.helpers.native import build_primes
+from tests.helpers.primes import MASK64, count_primes_reference, iterated_hash_reference
 
-REPO = Path(__file__).resolve().parents[2]
-RELEASE = REPO / "releases" / "primes"
-INCLUDE = REPO / "worker_native" / "include"
 ORCH_WORK_OK, ORCH_WORK_FAILED = 0, 1
-MASK64 = (1 << 64) - 1
 UINT64_MAX = MASK64
-
-
-# -- Python references --------------------------------------------------------------
-
-
-def is_prime(n: int) -> bool:
-    """Deterministic Miller-Rabin for n < 2**64: independent of the C trial division."""
-    if n < 2:
-        return False
-    small = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)
-    if n in small:
-        return True
-    if any(n % p == 0 for p in small):
-        return False
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for a in small:
-        x = pow(a, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = x * x % n
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def count_primes_reference(start: int, end: int) -> bytes:
-    return f"{sum(1 for n in range(start, end) if is_prime(n))}\n".encode()
-
-
-def iterated_hash_reference(start: int, end: int) -> bytes:
-    """FNV-1a 64 over the 8 little-endian bytes of each n in [start, end)."""
-    h = 0xCBF29CE484222325
-    for n in range(start, end):
-        for byte in n.to_bytes(8, "little"):
-            h = ((h ^ byte) * 0x100000001B3) & MASK64
-    return f"{h:016x}\n".encode()
 
 
 # -- a ctypes harness for orch_work.h (its structs: bench/ctypes_work.py) -------------
@@ -98,9 +53,7 @@ def run_task(fn: Callable[..., int], data: bytes, *, refuse_writes: bool = False
 @pytest.fixture(scope="module")
 def library(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ctypes.CDLL]:
     work = tmp_path_factory.mktemp("build") / "primes"
-    shutil.copytree(RELEASE, work, ignore=shutil.ignore_patterns("build"))
-    subprocess.run(["make", f"ORCH_INCLUDE={INCLUDE}"], cwd=work, check=True, capture_output=True)
-    lib = ctypes.CDLL(str(work / "build" / "libprimes.so"))
+    lib = ctypes.CDLL(str(build_primes(work, quiet=False)))
     for name in ("count_primes", "iterated_hash"):
         fn = getattr(lib, name)
         fn.argtypes = [ctypes.POINTER(OrchTask), ctypes.POINTER(OrchOutput)]

@@ -25,7 +25,7 @@ from orchestrator.errors import (
     ReleaseError,
     UnsafeReleaseError,
 )
-from tests.conftest import REPO
+from tests.helpers.workspace import REPO
 
 LIMIT = 1 << 20
 

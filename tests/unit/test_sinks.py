@@ -1,7 +1,7 @@
 """orchestrator.scheduler.sinks: one contract for the file, SQLite and PostgreSQL sinks, then each one's own.
 
 The contract tests run against all three sinks; the PostgreSQL case needs the machine's
-cluster (``tests/postgres.py``) and skips, saying why, without it.
+cluster (``tests/helpers/postgres.py``, the fixtures in tests/conftest.py) and skips, saying why, without it.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ from orchestrator.scheduler.sinks import (
     open_sink,
     redact_url,
 )
-
-pytest_plugins = ["tests.postgres"]
 
 
 def records(start: int, stop: int, *, fail_every: int = 7) -> list[Record]:

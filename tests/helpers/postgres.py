@@ -1,6 +1,6 @@
 """PostgreSQL for tests: a throwaway database per test on this machine's Debian cluster.
 
-Test modules load these fixtures with ``pytest_plugins = ["tests.postgres"]``.
+The fixtures are in tests/conftest.py, built on what is here:
 
 ``postgres_server`` (session): finds the cluster with ``pg_lsclusters``; if it is down,
 starts it with ``pg_ctlcluster`` and stops it again at the end of the session (only a
@@ -24,10 +24,9 @@ import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from glob import glob
-
-import pytest
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class PostgresServer:
         return f"postgresql://{self.role}:{self.password}@127.0.0.1:{self.port}/{database}"
 
 
-def _clusters() -> list[tuple[str, str, int, str]]:
+def clusters() -> list[tuple[str, str, int, str]]:
     """(version, name, port, status) of each cluster ``pg_lsclusters`` lists."""
     done = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True, timeout=30, check=True)
     found = []
@@ -64,23 +63,29 @@ def _clusters() -> list[tuple[str, str, int, str]]:
     return found
 
 
-def _ctl(version: str, name: str, action: str) -> None:
+def ctl(version: str, name: str, action: str) -> None:
     subprocess.run(["pg_ctlcluster", version, name, action], capture_output=True, text=True, timeout=120, check=True)
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+def unavailable() -> str | None:
+    """Why the tests cannot have PostgreSQL here (to skip, saying so), or None."""
     if os.geteuid() != 0:
-        pytest.skip("PostgreSQL tests need root (they administer the cluster as the postgres OS user)")
+        return "PostgreSQL tests need root (they administer the cluster as the postgres OS user)"
     if not shutil.which("pg_lsclusters") or not glob("/usr/lib/postgresql/*/bin/postgres"):
-        pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it as root: apt-get install postgresql)")
-    clusters = _clusters()
-    if not clusters:
-        pytest.skip("PostgreSQL is installed but has no cluster (create one: pg_createcluster --start VERSION main)")
-    version, name, port, status = sorted(clusters, key=lambda c: not c[3].startswith("online"))[0]
+        return "PostgreSQL is not installed (scripts/setup.sh installs it as root: apt-get install postgresql)"
+    if not clusters():
+        return "PostgreSQL is installed but has no cluster (create one: pg_createcluster --start VERSION main)"
+    return None
+
+
+@contextmanager
+def cluster_with_role() -> Iterator[PostgresServer]:
+    """The machine's cluster (started if it was down, and then stopped again afterwards)
+    with a login role of our own for the block (dropped afterwards)."""
+    version, name, port, status = sorted(clusters(), key=lambda c: not c[3].startswith("online"))[0]
     started = not status.startswith("online")
     if started:
-        _ctl(version, name, "start")
+        ctl(version, name, "start")
     role = f"orch_test_{os.getpid()}_{secrets.token_hex(3)}"
     server = PostgresServer(version, name, port, role, secrets.token_hex(16))
     try:
@@ -91,14 +96,16 @@ def postgres_server() -> Iterator[PostgresServer]:
             server.psql(f"DROP ROLE IF EXISTS {role}")
     finally:
         if started:
-            _ctl(version, name, "stop")
+            ctl(version, name, "stop")
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+
+@contextmanager
+def throwaway_database(server: PostgresServer) -> Iterator[str]:
+    """A new database owned by the server's role, as a URL; dropped afterwards."""
     database = f"orch_test_{secrets.token_hex(6)}"
-    postgres_server.psql(f"CREATE DATABASE {database} OWNER {postgres_server.role}")
+    server.psql(f"CREATE DATABASE {database} OWNER {server.role}")
     try:
-        yield postgres_server.url(database)
+        yield server.url(database)
     finally:
-        postgres_server.psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+        server.psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")

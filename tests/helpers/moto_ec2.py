@@ -21,7 +21,7 @@ changes only what moto does differently from AWS, nothing in the calls themselve
   list that starts at 0 (lists that start at 1, like every call on the product's
   path, are sent unchanged).
 
-Use it as ``driver: ec2moto`` with ``ORCH_DRIVER_PLUGINS=ec2moto=tests.moto_ec2:MotoEC2NodeDriver``
+Use it as ``driver: ec2moto`` with ``ORCH_DRIVER_PLUGINS=ec2moto=tests.helpers.moto_ec2:MotoEC2NodeDriver``
 (:data:`PLUGIN`; :func:`ec2_provider_yaml` writes such a registration).  Start a server
 with :func:`start_moto`: it loads only moto's default AMIs (``MOTO_AMIS_PATH``), so
 that ``DescribeImages`` answers in milliseconds instead of seconds, and waits until
@@ -31,25 +31,28 @@ them.  This module is imported by ``orch`` subprocesses: keep it free of heavy i
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NodeDriver, EC2Response
+
+from orchestrator.provision.drivers.features import STOCK
+from tests.helpers.net import free_port
 
 MOTO_NAMESPACE = NAMESPACE.rstrip("/")
 
@@ -156,6 +159,9 @@ class MotoEC2NodeDriver(EC2NodeDriver):
 
     connectionCls = MotoEC2Connection
     name = "Amazon EC2 (moto)"
+    # EC2's declaration, but moto's instances have made-up addresses: provisioned only,
+    # never an SSH packet to them.
+    orch_features = dataclasses.replace(STOCK["ec2"], bootstrap=False)
 
     def __init__(self, key: str, secret: str | None = None, secure: bool = True, host: str | None = None,
                  port: int | None = None, region: str = "us-east-1", token: str | None = None,
@@ -167,7 +173,7 @@ class MotoEC2NodeDriver(EC2NodeDriver):
 
 # -- registrations and a moto server for tests ------------------------------------------
 
-PLUGIN = "ec2moto=tests.moto_ec2:MotoEC2NodeDriver"
+PLUGIN = "ec2moto=tests.helpers.moto_ec2:MotoEC2NodeDriver"
 """``ORCH_DRIVER_PLUGINS`` value that registers this adapter as driver ``ec2moto``."""
 REGION = "us-east-1"
 
@@ -178,14 +184,14 @@ PRICES = {"t4g.nano": 0.0042, "t3a.nano": 0.0047, "t3.nano": 0.0052, "t2.nano": 
 def ec2_provider_yaml(port: int, *, priority: int = 100, labels: tuple[str, ...] = ("public",),
                       max_nodes: int | None = None, image: str = UBUNTU_AMI) -> str:
     """``providers/NAME.yaml`` for an EC2 account served on 127.0.0.1:``port`` (moto, or a
-    fault proxy in front of it).  ``bootstrap: false``: moto's addresses are fake."""
+    fault proxy in front of it).  Its nodes are not bootstrapped: the adapter declares so,
+    as moto's addresses are made up."""
     data: dict[str, Any] = {
         "driver": "ec2moto",
         "labels": list(labels),
         "priority": priority,
         "options": {"region": REGION, "host": "127.0.0.1", "port": port, "secure": False},
         "credentials": {"key": "env:AWS_ACCESS_KEY_ID", "secret": "env:AWS_SECRET_ACCESS_KEY"},
-        "bootstrap": False,
         "image": image,
         "prices": PRICES,
     }
@@ -212,11 +218,20 @@ class MotoServer:
         stop_process(self.process)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+Instances = Callable[..., list[dict[str, Any]]]
+"""The ``ec2_instances`` fixture: ``ec2_instances(workspace_id=None, states=())``."""
+
+
+def ec2_client(server: MotoServer) -> Any:
+    """A boto3 EC2 client for ``server`` (boto3 imported here: orch subprocesses import
+    this module for the plugin and need none of it)."""
+    import boto3
+
+    return boto3.client(
+        "ec2", region_name=REGION, endpoint_url=server.endpoint,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
 
 
 def amis_file(folder: Path) -> Path:

@@ -1,17 +1,14 @@
-"""What the tests against a real ``orch serve`` share: a workspace with the sample
-release and a local ``workers`` family, the server as a subprocess with a client, and a
-teardown (``serving``) that stops the server and every node and checks that the
-shutdown was clean, whether the test passed or not.
+"""A real ``orch serve``: the server as a subprocess with a client, and a teardown
+(``serving``) that stops the server and every node and checks that the shutdown was
+clean, whether the test passed or not.  The workspace to serve: ``primes_workspace``
+(tests/helpers/workspace.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,22 +17,8 @@ from typing import Any
 
 import httpx
 
-from orchestrator.deploy.releases import upload_release
-from orchestrator.state import Store
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
-
-ORCH = [sys.executable, "-m", "orchestrator"]
-WORKERS = "release: primes\ncount: {count}\nworkers_per_node: 1\nplacement:\n  providers: [local]\n"
-
-
-def primes_below(n: int) -> int:
-    sieve = bytearray([1]) * n
-    sieve[:2] = b"\0\0"
-    for i in range(2, int(n ** 0.5) + 1):
-        if sieve[i]:
-            sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
-    return sum(sieve)
+from tests.helpers.cli import ORCH, orch
 
 
 def wait_until(check: Any, timeout: float, what: str) -> None:
@@ -45,28 +28,6 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"{what}: not within {timeout} s")
-
-
-def primes_workspace(root: Path, *, count: int = 1, max_nodes: int = 8, family_extra: str = "",
-                     upload: bool = True) -> Workspace:
-    """A workspace at ``root``: ``releases/primes`` (uploaded unless ``upload`` is
-    false), the ``local`` provider, and the ``workers`` family of ``count`` nodes
-    (``family_extra`` is appended to its YAML)."""
-    ws = Workspace.init(root)
-    shutil.copytree(REPO / "releases" / "primes", ws.releases_src_dir / "primes",
-                    ignore=shutil.ignore_patterns("build", "*.o", "*.so"))
-    (ws.providers_dir / "local.yaml").write_text(f"driver: local\nmax_nodes: {max_nodes}\n")
-    (ws.families_dir / "workers.yaml").write_text(WORKERS.format(count=count) + family_extra)
-    if upload:
-        with Store.open(ws.state_db) as store:
-            upload_release(ws, store, ws.releases_src_dir / "primes")
-    return ws
-
-
-def orch(ws: Workspace, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``orch ARGS`` as a subprocess in the workspace (wide, so tables do not wrap)."""
-    return subprocess.run([*ORCH, *args], cwd=ws.root, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "COLUMNS": "200"})
 
 
 def start_server(ws: Workspace, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any], Path]:
