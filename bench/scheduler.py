@@ -203,8 +203,10 @@ def overhead(args: argparse.Namespace, ws: Workspace, store: Store, faults: str)
     for column in ("engine", "tasks", "seconds", "us/task", "note"):
         table.add_column(column, justify="left" if column in ("engine", "note") else "right")
     for row in rows:
-        per_task = f"{row.us_per_task:.1f}" if row.seconds else "-"
-        table.add_row(row.what, f"{row.tasks:,}", f"{row.seconds:.3f}", per_task, row.note)
+        if row.seconds:
+            table.add_row(row.what, f"{row.tasks:,}", f"{row.seconds:.3f}", f"{row.us_per_task:.1f}", row.note)
+        else:  # a peer that is not installed: nothing was run
+            table.add_row(row.what, "-", "-", "-", row.note)
     console.print(table)
     per_task = rows[0].us_per_task
     return [(f"<= 10 us/task ({per_task:.1f})", per_task <= 10)]
