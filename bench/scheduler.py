@@ -138,18 +138,11 @@ def cluster(folder: Path, nodes: int, ports: int) -> Iterator[tuple[Workspace, S
         if len(report.ready) != nodes:
             raise SystemExit(f"only {len(report.ready)} of {nodes} nodes came up")
         console.print(f"{nodes} local nodes ready in {time.perf_counter() - started:.2f} s", markup=False)
-        # Warm the fleet as the direct peers are warmed: after a spawn each agent still
-        # builds its port runner (cc, at nice 19) before it dials; wait for that, then a
-        # small job, so that every agent has connected once.
+        # Warm the fleet as the direct peers are warmed: a small job, so that every agent
+        # has connected and loaded once.
         started = time.perf_counter()
-        stamps = [Path(n.extra["node_dir"]) / "home" / "orch" / "bin" / "orch-port.sha256"
-                  for n in fleet.select_nodes(store, all_nodes=True)]
-        while not all(stamp.exists() for stamp in stamps):
-            if time.perf_counter() - started > 120:
-                raise SystemExit("the agents did not build their port runners within 120 s")
-            time.sleep(0.05)
         run_orch(ws, store, "faults:noop", f"0:{nodes * ports * 100}", task_size=1.0, module_options={"max_span": 1})
-        console.print(f"agents built and warmed in {time.perf_counter() - started:.2f} s", markup=False)
+        console.print(f"agents warmed in {time.perf_counter() - started:.2f} s", markup=False)
         yield ws, store
     finally:
         store.close()

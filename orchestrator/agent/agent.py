@@ -55,6 +55,7 @@ from .config import PARENT_ENV, POKE, Config, ConfigError, Log
 from .errors import TIMEOUTS
 from .errors import describe as _describe
 from .frames import HEADER_LEN, TASK_HEADER
+from .platforms import host_platform
 from .portbuild import build_port
 from .ports import READ_CHUNK, Port
 from .protocol import (
@@ -198,6 +199,7 @@ class Agent:
             self.send(protocol.control(
                 HELLO, node=self.cfg.node, name=self.cfg.name, slots=self.cfg.slots,
                 releases=installed_releases(self.releases), version=PROTOCOL_VERSION, pid=os.getpid(),
+                platform=host_platform(),
             ))
             await self.drain()
             try:

@@ -25,13 +25,18 @@ again without counting an attempt.
 The conversation:
 
     agent                                   scheduler
-      HELLO {node, name, slots, releases, version, pid}   ->
+      HELLO {node, name, slots, releases, version, pid, platform}   ->
                                             <- WELCOME {session, heartbeat}
                                             <- LOAD {work, release, sha256, library,
                                                      function, ports: [i...], task_timeout}
       (release folder missing:) LOAD_FAILED {work, missing: true, reason} ->
                                             <- RELEASE (u32 json length | JSON {release,
                                                         sha256, build: [cmd...]} | tar.gz)
+
+``platform`` (``linux-x86_64-glibc2.36``, see ``platforms.py``) picks what the
+scheduler ships: the release's build for that platform (``sha256`` is the build's,
+``build`` is empty: nothing runs on the node), or, for a release built on each node,
+its source and the commands that build it.
                                             <- LOAD (again, at once: the agent handles
                                                      LOAD, UNLOAD and RELEASE in order, so
                                                      this one runs after the install)

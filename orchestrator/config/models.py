@@ -199,15 +199,28 @@ class ReleaseManifest(StrictModel):
     name: Name
     version: Version
     description: str = ""
-    build: list[Command] = Field(default_factory=lambda: ["make"], description="run on each node")
+    build: list[Command] = Field(default_factory=lambda: ["make"],
+                                 description="commands that build the library, in the release folder, "
+                                             "with ORCH_INCLUDE set to the folder of orch_work.h")
+    build_on: Literal["builder", "node"] = Field(
+        default="builder",
+        description="builder: built once per platform (`orch release build`) and nodes get binaries, "
+                    "no compiler needed; node: every node builds the source itself (it needs a compiler)")
     library: RelativePath = Field(description="the work library the build produces (.so)")
+    artifact: list[RelativePath] = Field(
+        default_factory=list, description="files or folders besides the library that a build carries to nodes")
     functions: list[WorkFunction] = Field(min_length=1)
-    setup: list[Command] = Field(default_factory=list, description="run on each node after build")
+    setup: list[Command] = Field(default_factory=list, description="run on each node once the release is there")
 
     @field_validator("library")
     @classmethod
     def _library_inside(cls, value: str) -> str:
         return _relative_path(value)
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact_inside(cls, value: list[str]) -> list[str]:
+        return [_relative_path(v) for v in value]
 
     @field_validator("functions")
     @classmethod
@@ -236,6 +249,9 @@ class WorkspaceSettings(StrictModel):
     release_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="largest release tarball")
     scheduler_address: str | None = Field(default=None, min_length=1, description="what remote agents dial")
     scheduler_port: int | None = Field(default=None, ge=1, le=65535, description="default: from the workspace id")
+    builders: dict[Annotated[str, StringConstraints(pattern=r"^linux-[A-Za-z0-9_]+-[A-Za-z0-9.]+$")], Name] = Field(
+        default_factory=dict,
+        description="platform -> family whose ready nodes build releases for it (`orch release build --platform`)")
 
 
 SCHEMAS: dict[str, type[StrictModel]] = {

@@ -5,20 +5,18 @@ On the node, beside the release (see ``bootstrap.py``)::
 
     ~/orch/agent/            (0700)
         orch_agent/*.py      a copy of orchestrator/agent/*.py (standard library only)
-        src/port.c, src/orch_work.h   the port runner's source, built on the node
+        orch-port            the port runner, built for the node's platform (native.py):
+                             the node needs no compiler
         agent.json           node id, scheduler address, slots, paths (relative to here)
         ca.crt, node.crt, node.key (0600)   the workspace CA, this node's cert and key
         bundle.stamp         what was installed (see ``AgentPayload.stamp``)
         agent.pid, agent.code, agent.log    the supervisor's pid, code digest, the log
-    ~/orch/bin/orch-port     built by the agent with cc (niced) from src/ when it starts;
-                             orch-port.sha256 stamps the source it was built from
 
 Everything travels as one tarball (one SFTP upload), only when the node's stamp differs,
 and is installed by a few lines of the bootstrap script, so the agent adds no SSH round
 trip to a bootstrap.  ``python3 -m orch_agent ensure`` starts the supervisor unless one
 already runs this code and config; the script runs it in the background while the
-release builds.  The port runner is compiled by the agent at the lowest priority, so
-that it takes only idle CPU (a LOAD waits for it).
+release is unpacked.
 
 The scheduler dials nothing: agents dial it, at :func:`scheduler_endpoint`.
 """
@@ -40,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.config import load_family, load_settings
-from orchestrator.deploy import pki
+from orchestrator.deploy import native, pki
 from orchestrator.errors import ConfigError, OrchError, RemoteError, StateError
 from orchestrator.remote.fanout import ssh_target
 from orchestrator.remote.pool import SSHPool
@@ -49,9 +47,6 @@ from orchestrator.state import NodeRecord, Store
 from orchestrator.workspace import Workspace
 
 AGENT_SOURCE = Path(__file__).resolve().parents[1] / "agent"
-NATIVE = Path(__file__).resolve().parents[2] / "worker_native"
-PORT_SOURCE = NATIVE / "port.c"
-HEADER = NATIVE / "include" / "orch_work.h"
 
 REMOTE_AGENT = "orch/agent"
 REMOTE_BUNDLE = f"{REMOTE_AGENT}/.bundle.tar.gz"
@@ -137,16 +132,11 @@ def _agent_files() -> list[tuple[str, bytes]]:
     return [(f"orch_agent/{p.name}", p.read_bytes()) for p in sorted(AGENT_SOURCE.glob("*.py"))]
 
 
-def port_digest() -> str:
-    """sha256 of the port runner's source (port.c and the header it includes)."""
-    return hashlib.sha256(PORT_SOURCE.read_bytes() + b"\0" + HEADER.read_bytes()).hexdigest()
-
-
 @dataclass(frozen=True)
 class AgentPayload:
     """Everything a node's agent install needs but its certificate.
 
-    ``stamp`` digests the agent code, the port source, agent.json and the CA: the node
+    ``stamp`` digests the agent code, the port runner, agent.json and the CA: the node
     has this agent when its ``bundle.stamp`` says so (the node's certificate is issued
     only when a bundle goes)."""
 
@@ -164,7 +154,8 @@ class AgentPayload:
         now = int(time.time())
         with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=1, mtime=0) as packed, \
                 tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for name, data, mode in [*((n, d, 0o644) for n, d in entries), ("node.key", key, 0o600)]:
+            modes = [(n, d, 0o755 if n == native.PORT_BINARY else 0o644) for n, d in entries]
+            for name, data, mode in [*modes, ("node.key", key, 0o600)]:
                 info = tarfile.TarInfo(name)
                 info.size, info.mode, info.mtime = len(data), mode, now
                 tar.addfile(info, io.BytesIO(data))
@@ -182,8 +173,7 @@ def agent_config(ws: Workspace, node: NodeRecord, *, slots: int, endpoint: tuple
         "ca": "ca.crt",
         "cert": "node.crt",
         "key": "node.key",
-        "port_binary": "../bin/orch-port",
-        "port_source": "src/port.c",
+        "port_binary": native.PORT_BINARY,
         "releases": "../releases",
         "include": "../include",
         "heartbeat": HEARTBEAT,
@@ -191,17 +181,18 @@ def agent_config(ws: Workspace, node: NodeRecord, *, slots: int, endpoint: tuple
     }
 
 
-def agent_payload(ws: Workspace, node: NodeRecord, *, slots: int, store: Store | None = None) -> AgentPayload:
-    """What ``node``'s agent install consists of (the store gives the workspace id and
-    the providers' drivers; without one it is opened read-only)."""
-    return _payload(ws, node, slots, _facts(ws, store))
+def agent_payload(ws: Workspace, node: NodeRecord, *, slots: int, platform: str,
+                  store: Store | None = None) -> AgentPayload:
+    """What ``node``'s agent install consists of, for a node of ``platform`` (the store
+    gives the workspace id; without one it is opened read-only)."""
+    return _payload(ws, node, slots, platform, _facts(ws, store))
 
 
-def _payload(ws: Workspace, node: NodeRecord, slots: int, facts: _Facts) -> AgentPayload:
+def _payload(ws: Workspace, node: NodeRecord, slots: int, platform: str, facts: _Facts) -> AgentPayload:
     config = json.dumps(agent_config(ws, node, slots=slots, endpoint=_endpoint(ws, node, facts)),
                         indent=2, sort_keys=True).encode() + b"\n"
     ca = pki.ca_cert_pem(ws)
-    files = (*_agent_files(), ("src/port.c", PORT_SOURCE.read_bytes()), ("src/orch_work.h", HEADER.read_bytes()))
+    files = (*_agent_files(), (native.PORT_BINARY, native.port_runner(ws, platform)))
     digest = hashlib.sha256()
     for name, data in (*files, ("agent.json", config), ("ca.crt", ca)):
         digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
@@ -217,9 +208,8 @@ def issue_bundle(ws: Workspace, payload: AgentPayload) -> bytes:
 
 
 def look_command() -> str:
-    """Makes the agent's folders and prints the installed stamp after STAMP_MARK."""
-    return (f"mkdir -p {REMOTE_AGENT} orch/bin && chmod 700 {REMOTE_AGENT} && "
-            f"echo {shlex.quote(STAMP_MARK)}\"$(cat {REMOTE_AGENT}/bundle.stamp 2>/dev/null || echo none)\"")
+    """Prints the installed stamp after STAMP_MARK (and changes nothing)."""
+    return f"echo {shlex.quote(STAMP_MARK)}\"$(cat {REMOTE_AGENT}/bundle.stamp 2>/dev/null || echo none)\""
 
 
 def installed_stamp(output: str) -> str:
@@ -246,8 +236,7 @@ def unpack_lines(payload: AgentPayload) -> list[str]:
 
 def start_lines(payload: AgentPayload) -> list[str]:
     """Wait for ``ensure``: it prints ``running`` or ``started`` once the supervisor
-    runs (the agent compiles orch-port itself, niced, when orch-port.sha256 does not
-    match).  For a ``set -e`` script, after unpack_lines."""
+    runs.  For a ``set -e`` script, after unpack_lines."""
     out = f"{REMOTE_AGENT}/ensure.out"
     return [f'wait "$ORCH_ENSURE" || {{ cat {out}; exit 1; }}', f"cat {out}"]
 
@@ -259,14 +248,29 @@ def health_command() -> str:
             f'grep -qa -e supervise -e ensure "/proc/$(cat {pid})/cmdline"')
 
 
-def _ensure_script(payload: AgentPayload) -> str:
-    """One round trip when the node is current: check the stamp, ensure the supervisor."""
+PLATFORM_MARK = "::orch-platform "
+
+
+def _ensure_script(payload: AgentPayload | None) -> str:
+    """One round trip when the node is current: check the stamp, ensure the supervisor.
+    Without a payload (the node's platform is not known yet) it says the platform and
+    asks for the bundle."""
+    stale = f'[ "$(cat {REMOTE_AGENT}/bundle.stamp 2>/dev/null)" != {payload.stamp} ]' if payload else "true"
     return "\n".join([
         "set -e",
-        look_command(),
-        f'if [ "$(cat {REMOTE_AGENT}/bundle.stamp 2>/dev/null)" != {payload.stamp} ]; then exit {NEED_BUNDLE}; fi',
+        f"mkdir -p {REMOTE_AGENT} && chmod 700 {REMOTE_AGENT}",
+        f"echo {shlex.quote(PLATFORM_MARK)}\"$({native.PLATFORM_COMMAND})\"",
+        f"if {stale}; then exit {NEED_BUNDLE}; fi",
         f"{_PYTHON} ensure {_CONFIG}",
     ])
+
+
+def reported_platform(output: str) -> str | None:
+    """The platform a node printed after PLATFORM_MARK, if it did."""
+    for line in output.splitlines():
+        if line.startswith(PLATFORM_MARK):
+            return native.parse_platform(line[len(PLATFORM_MARK):])
+    return None
 
 
 def _install_script(payload: AgentPayload) -> str:
@@ -292,9 +296,10 @@ def ensure_agents(ws: Workspace, store: Store | None, nodes: Sequence[NodeRecord
 
     Node id -> ``"running"`` (it already was), ``"started"``, or the error text.  A node
     whose agent files are stale (or missing: bootstrapped before agents existed) gets
-    the bundle, the port runner is rebuilt when its source changed, and the supervisor
-    is restarted on the new code.  Never raises for one node's failure.  Without a
-    ``pool``, one is made for the call and closed after it."""
+    the bundle (with the port runner for its platform, which bootstrap recorded, else
+    the node reports it first), and the supervisor is restarted on the new code.
+    Never raises for one node's failure.  Without a ``pool``, one is made for the
+    call and closed after it."""
     facts = _facts(ws, store)
     if pool is None:
         with SSHPool() as own:
@@ -305,9 +310,15 @@ def ensure_agents(ws: Workspace, store: Store | None, nodes: Sequence[NodeRecord
             target = ssh_target(ws, node)
             assert pool is not None
             session = pool.session(target)
-            payload = _payload(ws, node, slots_of(ws, node), facts)
+            platform = node.extra.get("platform")
+            payload = _payload(ws, node, slots_of(ws, node), str(platform), facts) if platform else None
             result = session.run(f'cd "$HOME" && {_ensure_script(payload)}', timeout=timeout)
             if result.exited == NEED_BUNDLE:
+                if payload is None:
+                    reported = reported_platform(result.stdout)
+                    if reported is None:
+                        return f"error: node {node.id} did not say its platform: {result.tail(3)}"
+                    payload = _payload(ws, node, slots_of(ws, node), reported, facts)
                 _upload(session, ws, payload)
                 result = session.run(f'cd "$HOME" && {_install_script(payload)}', timeout=timeout)
             return _outcome(result)

@@ -1,5 +1,6 @@
-"""Bootstrap one node over SSH: pinned host key, release upload, checksum, unpack,
-build, setup, node config, health check, hooks.
+"""Bootstrap one node over SSH: pinned host key, the node's platform, the release's
+build for it (or its source, for releases built on each node), checksum, unpack,
+setup, node config, the agent, health check, hooks.
 
 Every step first looks at what the node already has, so bootstrapping a node twice
 (after a crash, or to roll out a release) redoes only what changed.  The full log of
@@ -7,20 +8,23 @@ each node goes to ``.orch/logs/<node>.log``.
 
 On the node, everything lives under ``~/orch``::
 
-    include/orch_work.h          the work-function ABI header the build uses
-    releases/<sha256>.tar.gz     uploaded tarballs, checked against their sha256
-    releases/<name>-<version>/   unpacked and built; .orch-sha256 marks a finished build
+    releases/<sha256>.tar.gz     uploaded tarballs (a build, or a source), checked against their sha256
+    releases/<name>-<version>/   unpacked (and, for build_on: node, built); .orch-sha256 marks it done
     current -> releases/<name>-<version>
-    node.json                    node id, family, release, dependencies' addresses
-    agent/, bin/orch-port        the node agent and the port runner (see agent_install.py)
+    node.json                    node id, family, release, platform, dependencies' addresses
+    include/orch_work.h          only for releases built on the node
+    agent/                       the node agent and the port runner (see agent_install.py)
 
-The agent rides along in the same round trips: the first command also reports the
-agent's stamp, its bundle is one more SFTP upload when that differs, and the install
-script unpacks it and starts the agent's supervisor in the background while the
-release builds (the agent compiles the port runner itself, niced, after that).  The node is healthy only while
-its supervisor runs.  A node the agent could not dial back from (a provider other than
-local or netns while orch.yaml has no ``scheduler_address``) is bootstrapped without
-the agent, and says so in its log; ``agent_install.ensure_agents`` reports it.
+The first command reads the node's platform, what release it has, and the agent's
+stamp, and changes nothing: a node with no build for its platform fails there, with
+nothing installed.  Then SFTP sends what is missing (the build for the node's
+platform, the agent bundle with the port runner built for it), and one script
+unpacks the release and starts the agent's supervisor in the background, then links
+``current`` and checks health.  Nodes need no compiler and no make: releases are built
+once per platform (``builds.py``).  The node is healthy only while its supervisor
+runs.  A node the agent could not dial back from (no gateway recorded by its driver
+while orch.yaml has no ``scheduler_address``) is bootstrapped without the agent, and
+says so in its log; ``agent_install.ensure_agents`` reports it.
 """
 
 from __future__ import annotations
@@ -35,15 +39,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import NodeFamily, ReleaseManifest
-from orchestrator.deploy import agent_install
+from orchestrator.deploy import agent_install, native
 from orchestrator.deploy.agent_install import AgentPayload
+from orchestrator.deploy.builds import Artifact, ReleaseBuilds
+from orchestrator.deploy.native import NoBuildForPlatform
 from orchestrator.errors import ConfigError, OrchError, RemoteError
 from orchestrator.remote.pool import SSHPool
 from orchestrator.remote.ssh import Result, SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, ReleaseRecord
 from orchestrator.workspace import Workspace
 
-HEADER = Path(__file__).resolve().parents[2] / "worker_native" / "include" / "orch_work.h"
 REMOTE_ROOT = "orch"
 
 Progress = Callable[[str, str], None]
@@ -67,7 +72,8 @@ class BootstrapPlan:
     family: NodeFamily
     release: ReleaseRecord
     manifest: ReleaseManifest
-    tarball: bytes
+    tarball: bytes  # the release's source: what a node gets when the release is built on each node
+    builds: ReleaseBuilds | None = None  # the release's builds by platform (None: the node builds the source)
     dependencies: Mapping[str, list[str]] = field(default_factory=dict)  # family -> addresses
     seed: str | None = None
     config_hash: str = ""
@@ -114,19 +120,27 @@ class NodeLog:
             return ""
 
 
+@dataclass(frozen=True)
+class Installed:
+    """What a bootstrap put on the node: its platform and the tarball it runs."""
+
+    platform: str
+    sha256: str
+
+
 def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: Progress,
-                   *, timeout: float | None = None) -> None:
+                   *, timeout: float | None = None) -> Installed:
     """Bring ``plan.node`` from booted to serving its release; raises BootstrapFailed.
 
-    Round trips are few on purpose (a 16-node spawn on 2 cores has ~2 s): one command
-    looks at what the node has, SFTP sends what is missing, and one script does
-    verify -> unpack -> build -> setup -> link -> health, marking each step in its
-    output so the log and any failure name the step.
+    Round trips are few on purpose (a 16-node spawn on 2 cores has well under a
+    second): one command looks at what the node has, SFTP sends what is missing, and
+    one script does verify -> unpack -> setup -> link -> health, marking each step in
+    its output so the log and any failure name the step.
     """
     deadline = time.monotonic() + (timeout or plan.family.bootstrap.timeout_seconds)
     node = plan.node.id
     release = plan.release
-    blob = f"{REMOTE_ROOT}/releases/{release.sha256}.tar.gz"
+    folder = f"{REMOTE_ROOT}/releases/{release.name}-{release.version}"
     step = "connect"
 
     def run(command: str, *, check: bool = True) -> Result:
@@ -141,41 +155,50 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
 
     log.write(f"== bootstrap {node} ({plan.node.path}) with {release.ref} sha256 {release.sha256}")
     try:
-        agent: AgentPayload | None = None
         ws = plan_workspace(plan) if plan.agent else None
         if plan.agent and ws is None:
             log.write("no workspace known for this plan: the node agent is not installed")
-        if ws is not None:
-            step = "agent"
-            try:
-                agent = agent_install.agent_payload(ws, plan.node, slots=plan.slots)
-            except ConfigError as exc:  # no scheduler address for this provider: no agent yet
-                log.write(f"the node agent is not installed: {exc}")
-        step = "connect"
         progress(node, step)
         session: SSHSession = pool.session(plan.target)
         step = "pre"
         for command in plan.family.bootstrap.pre:
             progress(node, step)
             run(command)
+        step = "platform"
+        progress(node, step)
+        look = f"{native.PLATFORM_COMMAND} && (cat {folder}/.orch-sha256 2>/dev/null || echo none)"
+        output = run(look + (f" && {agent_install.look_command()}" if ws is not None else "")).stdout
+        lines = output.splitlines()
+        platform = native.parse_platform(lines[0] if lines else "")
+        installed = lines[1].strip() if len(lines) > 1 else "none"
+        try:
+            shipped = _what_to_ship(plan, platform)
+            agent = _agent_for(plan, ws, platform, log)
+        except NoBuildForPlatform as exc:
+            log.write(f"!! {exc}{f' ({exc.hint})' if exc.hint else ''}")
+            raise BootstrapFailed(node, step, f"{exc.message}: run `{exc.hint}`", log.path) from exc
+        log.write(f"platform {platform}; has {installed}; gets {shipped.sha256}")
         step = "upload"
         progress(node, step)
-        look = f"mkdir -p {REMOTE_ROOT}/releases {REMOTE_ROOT}/include && (sha256sum {blob} 2>/dev/null || true)"
-        output = run(look + (f" && {agent_install.look_command()}" if agent else "")).stdout
-        have = output.split()
-        session.put(HEADER, f"{REMOTE_ROOT}/include/orch_work.h")
-        if not have or have[0] != release.sha256:
-            session.put_bytes(plan.tarball, blob)
-            log.write(f"uploaded {len(plan.tarball)} bytes to {blob}")
+        blob = f"{REMOTE_ROOT}/releases/{shipped.sha256}.tar.gz"
+        session.makedirs(f"{REMOTE_ROOT}/releases")
+        if plan.builds is None:  # built on the node: it needs the header
+            session.makedirs(f"{REMOTE_ROOT}/include")
+            session.put(native.header(), f"{REMOTE_ROOT}/include/orch_work.h")
+        if installed != shipped.sha256:
+            data = shipped.load()
+            session.put_bytes(data, blob)
+            log.write(f"uploaded {len(data)} bytes to {blob}")
         if ws is not None and agent is not None and agent_install.installed_stamp(output) != agent.stamp:
+            session.makedirs(agent_install.REMOTE_AGENT, 0o700)
             bundle = agent_install.issue_bundle(ws, agent)
             session.put_bytes(bundle, agent_install.REMOTE_BUNDLE)
             log.write(f"uploaded the agent ({len(bundle)} bytes, stamp {agent.stamp[:12]})")
-        session.put_bytes(json.dumps(node_config(plan), indent=2, sort_keys=True).encode(),
+        session.put_bytes(json.dumps(node_config(plan, shipped), indent=2, sort_keys=True).encode(),
                           f"{REMOTE_ROOT}/node.json")
         step = "install"
         progress(node, step)
-        result = run(install_script(plan, agent), check=False)
+        result = run(install_script(plan, shipped.sha256, agent), check=False)
         if result.failed:
             step = _last_step(result.stdout) or step
             raise BootstrapFailed(node, step, f"exited {result.exited}", log.path, result.tail(15))
@@ -189,24 +212,44 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
         log.write(f"!! {step}: {exc}")
         raise BootstrapFailed(node, step, str(exc).splitlines()[0], log.path, log.tail()) from exc
     log.write(f"== {node} ready")
+    return Installed(platform, shipped.sha256)
+
+
+def _what_to_ship(plan: BootstrapPlan, platform: str) -> Artifact:
+    """The build for the node's platform, or the source when the node builds it."""
+    if plan.builds is None:
+        return Artifact("source", plan.release.sha256, lambda: plan.tarball)
+    return plan.builds.for_platform(platform, node=plan.node.id)
+
+
+def _agent_for(plan: BootstrapPlan, ws: Workspace | None, platform: str, log: NodeLog) -> AgentPayload | None:
+    if ws is None:
+        return None
+    try:
+        return agent_install.agent_payload(ws, plan.node, slots=plan.slots, platform=platform)
+    except ConfigError as exc:  # no scheduler address for this provider: no agent yet
+        log.write(f"the node agent is not installed: {exc}")
+        return None
 
 
 STEP_MARK = "::orch-step "
 
 
-def install_script(plan: BootstrapPlan, agent: AgentPayload | None = None) -> str:
+def install_script(plan: BootstrapPlan, sha256: str, agent: AgentPayload | None = None) -> str:
     """The shell script that installs the release on the node, idempotently.
 
-    A release already built there (its ``.orch-sha256`` matches) is only re-linked and
-    checked; each step prints ``::orch-step NAME`` before it starts.  With ``agent``,
-    the agent's bundle (when one was uploaded) is unpacked first and its supervisor
-    started in the background, overlapping the release steps; the agent step waits
-    for it.
+    ``sha256`` names the uploaded tarball: the build for the node's platform (or the
+    source, which the node then builds).  A release already there (its
+    ``.orch-sha256`` matches) is only re-linked and checked; each step prints
+    ``::orch-step NAME`` before it starts.  With ``agent``, the agent's bundle (when
+    one was uploaded) is unpacked first and its supervisor started in the background,
+    overlapping the release steps; the agent step waits for it.
     """
     release = plan.release
     folder = f"{REMOTE_ROOT}/releases/{release.name}-{release.version}"
-    blob = f"{REMOTE_ROOT}/releases/{release.sha256}.tar.gz"
+    blob = f"{REMOTE_ROOT}/releases/{sha256}.tar.gz"
     q = shlex.quote
+    build = plan.manifest.build if plan.builds is None else []
 
     def step(name: str) -> str:
         return f"echo {q(STEP_MARK + name)}"
@@ -214,19 +257,19 @@ def install_script(plan: BootstrapPlan, agent: AgentPayload | None = None) -> st
     lines = [
         "set -e",
         *([step("agent"), *agent_install.unpack_lines(agent)] if agent else []),
-        step("verify"),
-        f"echo {release.sha256}'  '{blob} | sha256sum -c --quiet -",
-        f'if [ "$(cat {folder}/.orch-sha256 2>/dev/null)" != {release.sha256} ]; then',
+        f'if [ "$(cat {folder}/.orch-sha256 2>/dev/null)" != {sha256} ]; then',
+        f"  {step('verify')}",
+        f"  echo {sha256}'  '{blob} | sha256sum -c --quiet -",
         f"  {step('unpack')}",
         f"  rm -rf {folder}.new {folder} && mkdir -p {folder}.new",
         f"  tar -xzf {blob} -C {folder}.new --strip-components=1 --no-same-owner && mv {folder}.new {folder}",
-        f"  {step('build')}",
-        *[f'  (cd {folder} && ORCH_INCLUDE="$HOME/orch/include" {command})' for command in plan.manifest.build],
-        f"  {step('setup')}",
+        *([f"  {step('build')}"] if build else []),
+        *[f'  (cd {folder} && ORCH_INCLUDE="$HOME/orch/include" {command})' for command in build],
+        *([f"  {step('setup')}"] if plan.manifest.setup else []),
         *[f"  (cd {folder} && {command})" for command in plan.manifest.setup],
-        f"  echo {release.sha256} > {folder}/.orch-sha256",
+        f"  echo {sha256} > {folder}/.orch-sha256",
         "else",
-        f"  echo {q(release.ref + ' already built on the node')}",
+        f"  echo {q(release.ref + ' already installed on the node')}",
         "fi",
         step("configure"),
         f"ln -sfn releases/{release.name}-{release.version} {REMOTE_ROOT}/current",
@@ -242,10 +285,12 @@ def _last_step(output: str) -> str | None:
     return marks[-1] if marks else None
 
 
-def node_config(plan: BootstrapPlan) -> dict[str, Any]:
+def node_config(plan: BootstrapPlan, shipped: Artifact) -> dict[str, Any]:
     """What the node learns from its parent (and only from it)."""
     node = plan.node
     return {
+        "platform": shipped.platform,
+        "installed_sha256": shipped.sha256,
         "node": node.id,
         "family": node.family,
         "provider": node.provider,

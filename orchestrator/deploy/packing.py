@@ -336,6 +336,14 @@ def _resolve(base: list[str], target: str, symlinks: dict[str, str], hops: list[
 # -- writing -----------------------------------------------------------------------
 
 
+def pack_files(top: str, files: dict[str, tuple[bytes, bool]]) -> bytes:
+    """A deterministic tarball of ``files`` (path -> (content, executable)) under
+    ``top/``, with the same guarantees as a packed release: how a build is shipped."""
+    for path in files:
+        _safe_parts(path, "build output")
+    return _write_tarball(top, {path: _Entry("file", data, executable) for path, (data, executable) in files.items()})
+
+
 def _write_tarball(top: str, entries: dict[str, _Entry]) -> bytes:
     paths = set(entries)
     for path in entries:  # a tarball may leave folders implicit; the output never does
@@ -454,4 +462,4 @@ class ReleaseArchive:
         self.path(sha256).unlink(missing_ok=True)
 
 
-__all__ = ["PackedRelease", "ReleaseArchive", "pack_release", "read_manifest_from_tarball"]
+__all__ = ["PackedRelease", "ReleaseArchive", "pack_files", "pack_release", "read_manifest_from_tarball"]

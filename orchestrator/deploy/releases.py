@@ -1,7 +1,8 @@
 """The workspace's catalogue of uploaded releases: stored tarballs + store records.
 
 ``orchestrator.deploy.packing`` packs and keeps tarballs by content; this module ties them
-to ``name@version`` records in the state store.
+to ``name@version`` records in the state store.  A release's builds (``builds.py``) are
+kept the same way and go with it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def upload_release(
         previous: str | None = store.get_release(packed.manifest.name, packed.manifest.version).sha256
     except NotFoundError:
         previous = None
+    builds = [a.sha256 for a in store.list_artifacts(packed.manifest.name, packed.manifest.version)]
     record, changed = store.add_release(
         packed.manifest.name,
         packed.manifest.version,
@@ -46,9 +48,16 @@ def upload_release(
         packed.manifest.model_dump(mode="json"),
         force=force,
     )
-    if previous and previous != record.sha256 and not store.release_sha_in_use(previous):
-        blobs.remove(previous)  # replaced with --force: nothing refers to the old tarball
+    if previous and previous != record.sha256:  # replaced with --force: drop what nothing refers to any more
+        _drop_unused(ws, store, [previous, *builds])
     return UploadOutcome(record=record, changed=changed)
+
+
+def _drop_unused(ws: Workspace, store: Store, shas: list[str]) -> None:
+    """Delete the stored tarballs (sources, builds) no release or build refers to."""
+    for sha in shas:
+        if not store.release_sha_in_use(sha):
+            archive(ws).remove(sha)
 
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
@@ -84,7 +93,7 @@ def remove_release(ws: Workspace, store: Store, ref: str) -> ReleaseRecord:
                 hint=f"name one: orch release remove {name}@{versions[-1]}",
             )
         version = versions[0]
-    record = store.remove_release(name, version)
-    if not store.release_sha_in_use(record.sha256):
-        archive(ws).remove(record.sha256)
+    builds = [a.sha256 for a in store.list_artifacts(name, version)]
+    record = store.remove_release(name, version)  # its builds go with it
+    _drop_unused(ws, store, [record.sha256, *builds])
     return record

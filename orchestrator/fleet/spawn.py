@@ -23,6 +23,7 @@ from orchestrator.config import NodeFamily, ReleaseManifest, WorkspaceConfig, lo
 from orchestrator.config.models import NAME_PATTERN
 from orchestrator.deploy import releases as release_catalog
 from orchestrator.deploy.bootstrap import BootstrapFailed, BootstrapPlan, NodeLog, bootstrap_node
+from orchestrator.deploy.builds import ReleaseBuilds, ensure_built_here
 from orchestrator.errors import (
     ConflictError,
     InputError,
@@ -202,9 +203,15 @@ def _spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None, 
         release = resolve_release(ws, store, cfg, family)
         manifest = release_catalog.manifest_of(release)
         tarball = release_catalog.read_release(ws, release)
+        builds = None
+        if manifest.build_on == "builder":
+            builds_here = ensure_built_here(ws, store, release)  # this machine's platform, when it can
+            if builds_here is not None and builds_here.built:
+                ctx.events.note(f"built {release.ref} for {builds_here.artifact.platform}")
+            builds = ReleaseBuilds(ws, store, release)
         settle(ctx, sorted(cfg.providers))
         digest = config_hash(family, release)
-        spawner = _Spawner(ctx, family, release, manifest, tarball, dependencies, digest, keep_failed)
+        spawner = _Spawner(ctx, family, release, manifest, tarball, builds, dependencies, digest, keep_failed)
         return spawner.run(target)
     finally:
         ctx.close()
@@ -226,9 +233,11 @@ def _dependencies(store: Store, cfg: WorkspaceConfig, family: NodeFamily) -> dic
 
 class _Spawner:
     def __init__(self, ctx: FleetContext, family: NodeFamily, release: ReleaseRecord, manifest: ReleaseManifest,
-                 tarball: bytes, dependencies: dict[str, list[str]], digest: str, keep_failed: bool) -> None:
+                 tarball: bytes, builds: ReleaseBuilds | None, dependencies: dict[str, list[str]], digest: str,
+                 keep_failed: bool) -> None:
         self.ctx, self.family, self.release, self.manifest = ctx, family, release, manifest
-        self.tarball, self.dependencies, self.digest, self.keep_failed = tarball, dependencies, digest, keep_failed
+        self.tarball, self.builds = tarball, builds
+        self.dependencies, self.digest, self.keep_failed = dependencies, digest, keep_failed
         self.seed: str | None = None
 
     @property
@@ -365,19 +374,19 @@ class _Spawner:
                                     release=self.release.ref)
         plan = BootstrapPlan(
             node=node, target=self.ctx.target(node), family=self.family, release=self.release,
-            manifest=self.manifest, tarball=self.tarball, dependencies=self.dependencies, seed=self.seed,
-            config_hash=self.digest, workspace=self.ctx.ws,
+            manifest=self.manifest, tarball=self.tarball, builds=self.builds, dependencies=self.dependencies,
+            seed=self.seed, config_hash=self.digest, workspace=self.ctx.ws,
         )
         log = NodeLog(self.ctx.ws.logs_dir / f"{node.id}.log")
         try:
-            bootstrap_node(plan, self.ctx.pool, log, self.ctx.events.stage)
+            installed = bootstrap_node(plan, self.ctx.pool, log, self.ctx.events.stage)
         except BootstrapFailed as exc:
             report.failures.append(exc)
             self.ctx.pool.discard(plan.target)
             self._fail(node.id, str(exc), report)
             return False
         store.set_node_state(node.id, NodeState.READY, reason="bootstrapped", config_hash=self.digest,
-                             ready_at=time.time())
+                             ready_at=time.time(), extra={**node.extra, "platform": installed.platform})
         self.ctx.events.stage(node.id, "ready")
         return True
 

@@ -292,15 +292,40 @@ class SSHSession:
         """Write ``data`` into ``remote_path`` over SFTP."""
         self._upload(io.BytesIO(data), remote_path, mode)
 
+    def get_bytes(self, remote_path: str) -> bytes:
+        """The content of ``remote_path``, read over SFTP."""
+        out = io.BytesIO()
+        with map_ssh_errors(self.target, path=remote_path), self._sftp_lock:
+            self._sftp_client().getfo(remote_path, out)
+        return out.getvalue()
+
+    def makedirs(self, remote_path: str, mode: int = 0o755) -> None:
+        """``mkdir -p`` over SFTP (relative paths are from the login folder); one SFTP
+        call for each folder that does not exist yet, none for those that do."""
+        with map_ssh_errors(self.target, path=remote_path), self._sftp_lock:
+            sftp = self._sftp_client()
+            parts = [p for p in remote_path.split("/") if p]
+            for i in range(1, len(parts) + 1):
+                folder = ("/" if remote_path.startswith("/") else "") + "/".join(parts[:i])
+                try:
+                    sftp.stat(folder)
+                except FileNotFoundError:
+                    sftp.mkdir(folder, mode)
+
     def _upload(self, source: Any, remote_path: str, mode: int | None) -> None:
         with map_ssh_errors(self.target, path=remote_path), self._sftp_lock:
-            if self._sftp is None:
-                self._sftp = paramiko.SFTPClient.from_transport(self._transport)
-                if self._sftp is None:
-                    raise paramiko.SSHException("the node refused the SFTP subsystem")
-            self._sftp.putfo(source, remote_path, confirm=True)
+            sftp = self._sftp_client()
+            sftp.putfo(source, remote_path, confirm=True)
             if mode is not None:
-                self._sftp.chmod(remote_path, mode)
+                sftp.chmod(remote_path, mode)
+
+    def _sftp_client(self) -> paramiko.SFTPClient:
+        """The connection's one SFTP client (made on first use; hold ``_sftp_lock``)."""
+        if self._sftp is None:
+            self._sftp = paramiko.SFTPClient.from_transport(self._transport)
+            if self._sftp is None:
+                raise paramiko.SSHException("the node refused the SFTP subsystem")
+        return self._sftp
 
     def close(self) -> None:
         with self._sftp_lock:

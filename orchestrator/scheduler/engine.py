@@ -155,7 +155,8 @@ class Engine:
             self._lose(old, "it connected again")
             old.writer.close()
         agent = Agent(node=node, name=str(hello.get("name") or node), family=family,
-                      slots=max(1, int(hello.get("slots") or 1)), writer=writer)
+                      slots=max(1, int(hello.get("slots") or 1)), writer=writer,
+                      platform=str(hello["platform"]) if hello.get("platform") else None)
         self.agents[node] = agent
         agent.heartbeat = self._heartbeat()
         agent.send(P.control(P.WELCOME, session=f"{node}-{time.time_ns()}", heartbeat=agent.heartbeat))
@@ -204,10 +205,15 @@ class Engine:
         spec = job.spec
         if spec.family is not None and agent.family != spec.family:
             return
+        try:
+            sha, _build, _tarball = job.release.for_platform(agent.platform)
+        except LookupError as exc:
+            self._exclude(job, agent, str(exc))
+            return
         count = spec.ports_per_node or agent.slots
         agent.sizer = self._sizer(job)
         agent.send(P.control(
-            P.LOAD, work=job.id, release=job.release.folder, sha256=job.release.sha256,
+            P.LOAD, work=job.id, release=job.release.folder, sha256=sha,
             library=job.release.library, function=spec.symbol, ports=list(range(count)),
             task_timeout=spec.task_timeout,
         ))
@@ -233,12 +239,17 @@ class Engine:
             return
         if msg.get("missing") and not agent.release_sent:
             agent.release_sent = True
-            header = {"release": job.release.folder, "sha256": job.release.sha256, "build": job.release.build}
-            agent.send(P.release_message(header, job.release.tarball()))
+            sha, build, tarball = job.release.for_platform(agent.platform)  # _offer checked it has one
+            header = {"release": job.release.folder, "sha256": sha, "build": build}
+            agent.send(P.release_message(header, tarball()))
             self.on_event("agent.release_sent", {"node": agent.node, "release": job.release.folder})
             self._offer(agent)  # the agent handles control messages in order: installed, then loaded
             return
-        agent.excluded = str(msg.get("reason") or "the work could not be loaded")
+        self._exclude(job, agent, str(msg.get("reason") or "the work could not be loaded"))
+
+    def _exclude(self, job: JobRun, agent: Agent, reason: str) -> None:
+        """Leave the agent out of this job, saying why."""
+        agent.excluded = reason
         job.where[agent.node] = f"excluded: {agent.excluded}"
         self.store.record_event("job.node_excluded", job=job.id, node=agent.node, reason=agent.excluded)
         self.on_event("agent.excluded", {"node": agent.node, "reason": agent.excluded})

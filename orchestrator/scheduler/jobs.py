@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from orchestrator.config.models import ReleaseManifest
+from orchestrator.deploy.builds import ReleaseBuilds, ensure_built_here
 from orchestrator.deploy.releases import find_release, manifest_of, read_release
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
 from orchestrator.scheduler.engine import Engine
@@ -207,7 +208,7 @@ def prepared(ws: Workspace, store: Store, job_id: str) -> Iterator[PreparedRun]:
         raise
     try:
         next_write = sink.open(job_id, progress.get("checkpoint"))
-        run_state = JobRun(job_id, spec, module, sink, _release_info(ws, release, manifest),
+        run_state = JobRun(job_id, spec, module, sink, _release_info(ws, store, release, manifest),
                            next_write=next_write, generated=int(progress.get("generated", 0)),
                            checkpoint=progress.get("checkpoint"), counters=progress.get("counters"))
         yield PreparedRun(run_state, _restore(store, run_state), nodes)
@@ -289,9 +290,21 @@ def _restore(store: Store, job: JobRun) -> list[Task]:
     return pending
 
 
-def _release_info(ws: Workspace, record: ReleaseRecord, manifest: ReleaseManifest) -> ReleaseInfo:
+def _release_info(ws: Workspace, store: Store, record: ReleaseRecord, manifest: ReleaseManifest) -> ReleaseInfo:
+    """The job's release as agents get it: its build for each platform (this machine's
+    made now when it can be), or its source when it is built on each node."""
+    builds = None
+    if manifest.build_on == "builder":
+        ensure_built_here(ws, store, record)
+        found = ReleaseBuilds(ws, store, record)
+        builds = {p: (a.sha256, _loader(found, p)) for p, a in found.by_platform.items()}
     return ReleaseInfo(folder=f"{record.name}-{record.version}", sha256=record.sha256, library=manifest.library,
-                       build=list(manifest.build), tarball=lambda: read_release(ws, record))
+                       build=list(manifest.build), tarball=lambda: read_release(ws, record), builds=builds,
+                       ref=record.ref)
+
+
+def _loader(builds: ReleaseBuilds, platform: str) -> Callable[[], bytes]:
+    return lambda: builds.for_platform(platform, node="").load()
 
 
 def _release_source(ws: Workspace, record: ReleaseRecord) -> Any:

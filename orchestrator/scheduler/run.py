@@ -68,6 +68,7 @@ class Agent:
     family: str
     slots: int
     writer: asyncio.StreamWriter
+    platform: str | None = None  # as the agent reported it in HELLO
     sizer: Sizer | None = None
     ports: dict[int, Port] = field(default_factory=dict)
     last_heard: float = field(default_factory=time.monotonic)
@@ -89,13 +90,28 @@ class Agent:
 
 @dataclass
 class ReleaseInfo:
-    """What an agent needs to load the job's work."""
+    """What an agent needs to load the job's work: the release's build for the agent's
+    platform, or (a release built on each node) its source and build commands."""
 
     folder: str  # name-version, the folder under ~/orch/releases
-    sha256: str
+    sha256: str  # of the source
     library: str
     build: list[str]
     tarball: Callable[[], bytes]
+    builds: dict[str, tuple[str, Callable[[], bytes]]] | None = None  # platform -> (sha256, bytes); None: on nodes
+    ref: str = ""  # name@version, for messages
+
+    def for_platform(self, platform: str | None) -> tuple[str, list[str], Callable[[], bytes]]:
+        """(sha256, build commands, tarball) for an agent of ``platform``; LookupError
+        (its text a one-line reason with the fix) when the release has no build for it."""
+        if self.builds is None:
+            return self.sha256, self.build, self.tarball
+        if platform in self.builds:
+            sha, load = self.builds[platform]
+            return sha, [], load
+        built = ", ".join(sorted(self.builds)) or "no platform"
+        raise LookupError(f"the node is {platform or 'of an unknown platform'} and {self.ref or self.folder} is "
+                          f"built for {built}: orch release build {self.ref} --platform {platform or 'PLATFORM'}")
 
 
 @dataclass

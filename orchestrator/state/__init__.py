@@ -6,6 +6,7 @@ from orchestrator.state.jobstore import StoredBatches
 from orchestrator.state.migrations import MIGRATIONS
 from orchestrator.state.records import (
     NODE_TRANSITIONS,
+    ArtifactRecord,
     EventRecord,
     JobRecord,
     JobState,
@@ -20,6 +21,7 @@ from orchestrator.state.store import Store, StorePool
 __all__ = [
     "MIGRATIONS",
     "NODE_TRANSITIONS",
+    "ArtifactRecord",
     "EventRecord",
     "JobRecord",
     "JobState",

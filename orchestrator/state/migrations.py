@@ -157,4 +157,29 @@ MIGRATIONS: tuple[Migration, ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    Migration(
+        4,
+        "built artifacts of releases, one per platform",
+        """
+        -- A release is built once per platform (architecture and C library, e.g.
+        -- linux-x86_64-glibc2.36); nodes get the artifact of theirs, never the source.
+        -- An artifact belongs to the source it was built from: replacing the release's
+        -- content drops its artifacts.
+        CREATE TABLE artifacts (
+            name          TEXT NOT NULL,
+            version       TEXT NOT NULL,
+            platform      TEXT NOT NULL,
+            sha256        TEXT NOT NULL,
+            size          INTEGER NOT NULL,
+            source_sha256 TEXT NOT NULL,
+            abi           INTEGER NOT NULL,
+            compiler      TEXT NOT NULL,
+            flags         TEXT NOT NULL,
+            builder       TEXT NOT NULL,          -- "local", or the node it was built on
+            built_at      REAL NOT NULL,
+            PRIMARY KEY (name, version, platform),
+            FOREIGN KEY (name, version) REFERENCES releases (name, version) ON DELETE CASCADE
+        );
+        """,
+    ),
 )

@@ -74,6 +74,27 @@ class ReleaseRecord:
 
 
 @dataclass(frozen=True)
+class ArtifactRecord:
+    """A release built for one platform: what nodes of that platform get."""
+
+    name: str
+    version: str
+    platform: str
+    sha256: str
+    size: int
+    source_sha256: str
+    abi: int
+    compiler: str
+    flags: str
+    builder: str
+    built_at: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
 class NodeRecord:
     id: str
     family: str
@@ -154,6 +175,14 @@ def row_to_release(row: Any) -> ReleaseRecord:
     return ReleaseRecord(
         name=row["name"], version=row["version"], sha256=row["sha256"], size=row["size"],
         manifest=_loads(row["manifest"]), uploaded_at=row["uploaded_at"],
+    )
+
+
+def row_to_artifact(row: Any) -> ArtifactRecord:
+    return ArtifactRecord(
+        name=row["name"], version=row["version"], platform=row["platform"], sha256=row["sha256"], size=row["size"],
+        source_sha256=row["source_sha256"], abi=row["abi"], compiler=row["compiler"], flags=row["flags"],
+        builder=row["builder"], built_at=row["built_at"],
     )
 
 

@@ -26,12 +26,14 @@ from orchestrator.state.kvstore import KeyValueStore
 from orchestrator.state.migrations import MIGRATIONS
 from orchestrator.state.records import (
     NODE_TRANSITIONS,
+    ArtifactRecord,
     EventRecord,
     Migration,
     NodeRecord,
     NodeState,
     ProviderRecord,
     ReleaseRecord,
+    row_to_artifact,
     row_to_event,
     row_to_node,
     row_to_provider,
@@ -269,6 +271,9 @@ class Store(JobStore, KeyValueStore):
                 "uploaded_at=excluded.uploaded_at",
                 (name, version, sha256, size, json.dumps(manifest, sort_keys=True), time.time()),
             )
+            # builds of other content are not builds of this release
+            conn.execute("DELETE FROM artifacts WHERE name=? AND version=? AND source_sha256!=?",
+                         (name, version, sha256))
             self.record_event("release.replaced" if row is not None else "release.uploaded",
                               data={"release": f"{name}@{version}", "sha256": sha256})
         return self.get_release(name, version), True
@@ -291,7 +296,46 @@ class Store(JobStore, KeyValueStore):
         return [row_to_release(r) for r in rows]
 
     def release_sha_in_use(self, sha256: str) -> bool:
-        return bool(self._query("SELECT 1 FROM releases WHERE sha256=? LIMIT 1", (sha256,)))
+        """Whether a release or an artifact is stored under ``sha256``."""
+        return bool(self._query("SELECT 1 FROM releases WHERE sha256=? UNION ALL "
+                                "SELECT 1 FROM artifacts WHERE sha256=? LIMIT 1", (sha256, sha256)))
+
+    def add_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
+        """Record a build of name@version for its platform (replacing an earlier one);
+        refused when the release's content is not what it was built from."""
+        with self.transaction() as conn:
+            release = self.get_release(artifact.name, artifact.version)
+            if release.sha256 != artifact.source_sha256:
+                raise ConflictError(
+                    f"release {release.ref} changed while it was built (built {artifact.source_sha256[:12]}, "
+                    f"now {release.sha256[:12]})", hint=f"build it again: orch release build {release.ref}")
+            conn.execute(
+                "INSERT INTO artifacts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(name, version, platform) DO UPDATE SET sha256=excluded.sha256, size=excluded.size, "
+                "source_sha256=excluded.source_sha256, abi=excluded.abi, compiler=excluded.compiler, "
+                "flags=excluded.flags, builder=excluded.builder, built_at=excluded.built_at",
+                (artifact.name, artifact.version, artifact.platform, artifact.sha256, artifact.size,
+                 artifact.source_sha256, artifact.abi, artifact.compiler, artifact.flags, artifact.builder,
+                 artifact.built_at),
+            )
+            self.record_event("release.built", data={"release": artifact.ref, "platform": artifact.platform,
+                                                     "sha256": artifact.sha256, "builder": artifact.builder})
+        return self.get_artifact(artifact.name, artifact.version, artifact.platform)
+
+    def get_artifact(self, name: str, version: str, platform: str) -> ArtifactRecord:
+        rows = self._query("SELECT * FROM artifacts WHERE name=? AND version=? AND platform=?",
+                           (name, version, platform))
+        if not rows:
+            raise NotFoundError(f"release {name}@{version} is not built for {platform}",
+                                hint=f"orch release build {name}@{version} --platform {platform}")
+        return row_to_artifact(rows[0])
+
+    def list_artifacts(self, name: str | None = None, version: str | None = None) -> list[ArtifactRecord]:
+        """Builds, by release and platform (of one release, or of one release's version)."""
+        rows = self._query(
+            "SELECT * FROM artifacts WHERE (? IS NULL OR name=?) AND (? IS NULL OR version=?) "
+            "ORDER BY name, version, platform", (name, name, version, version))
+        return [row_to_artifact(r) for r in rows]
 
     def remove_release(self, name: str, version: str) -> ReleaseRecord:
         with self.transaction() as conn:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import typer
 
+from orchestrator.agent.platforms import host_platform
 from orchestrator.cli.app import app
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import Run
@@ -147,7 +148,10 @@ def test_release_upload_is_idempotent_and_guards_versions(ws: Workspace, orch: O
     assert first["changed"] and first["release"] == "primes@1.1.0"
     again = json.loads(orch("release", "upload", src, "--json").out)
     assert again == {**first, "changed": False}
-    assert len(list(ws.release_store.glob("*.tar.gz"))) == 1
+    build = first["build"]  # built once for this machine's platform, as it was uploaded
+    assert build["platform"] == host_platform() and build["source_sha256"] == first["sha256"]
+    assert {p.name for p in ws.release_store.glob("*.tar.gz")} == {f"{first['sha256']}.tar.gz",
+                                                                   f"{build['sha256']}.tar.gz"}
 
     (src / "primes.c").write_text((src / "primes.c").read_text() + "\n/* changed */\n")
     refused = orch("release", "upload", src)
@@ -155,14 +159,16 @@ def test_release_upload_is_idempotent_and_guards_versions(ws: Workspace, orch: O
     forced = json.loads(orch("release", "upload", src, "--force", "--json").out)
     assert forced["changed"] and forced["sha256"] != first["sha256"]
     assert not (ws.release_store / f"{first['sha256']}.tar.gz").exists(), "the replaced tarball is unused"
+    assert not (ws.release_store / f"{build['sha256']}.tar.gz").exists(), "so is the build of the old source"
     listed = json.loads(orch("release", "list", "--json").out)
-    assert [r["release"] for r in listed] == ["primes@1.1.0"]
+    assert [(r["release"], r["platforms"]) for r in listed] == [("primes@1.1.0", [host_platform()])]
     shown = json.loads(orch("release", "show", "primes", "--json").out)
     assert shown["sha256"] == forced["sha256"]
+    assert [b["source_sha256"] for b in shown["builds"]] == [forced["sha256"]]
     assert [f["name"] for f in shown["manifest"]["functions"]] == ["count_primes", "iterated_hash", "list_primes"]
     assert orch("release", "remove", "primes@1.1.0").code == 0
     assert json.loads(orch("release", "list", "--json").out) == []
-    assert not (ws.release_store / f"{forced['sha256']}.tar.gz").exists()
+    assert list(ws.release_store.glob("*.tar.gz")) == [], "the source and its build went with the release"
 
 
 def test_a_corrupted_stored_release_is_detected_on_read(ws: Workspace, orch: Orch) -> None:

@@ -9,6 +9,7 @@ import ssl
 import time
 from pathlib import Path
 
+from orchestrator.agent.platforms import host_platform
 from orchestrator.agent.protocol import ERROR, HEARTBEAT, LOADED
 from orchestrator.deploy import pki
 from orchestrator.workspace import Workspace
@@ -24,7 +25,8 @@ def test_handshake_hello_and_heartbeats(ws: Workspace, peer: AgentPeer, make_hom
     session = session_of(peer, home)
     assert session.node == "n1"
     assert session.hello == {"node": "n1", "name": "n1-name", "slots": 2, "version": 1, "pid": proc.pid,
-                             "releases": [{"release": FAULTS_RELEASE, "sha256": FAKE_SHA}]}
+                             "releases": [{"release": FAULTS_RELEASE, "sha256": FAKE_SHA}],
+                             "platform": host_platform()}
     first = session.expect(HEARTBEAT)  # the agent's beat follows the interval in WELCOME (0.5 s)
     second = session.expect(HEARTBEAT)
     assert 0.3 < second.at - first.at < 1.0

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator import fleet
+from orchestrator.agent.platforms import host_platform
 from orchestrator.agent.protocol import LOADED
 from orchestrator.config import load_family, load_provider
-from orchestrator.deploy import agent_install, pki
+from orchestrator.deploy import agent_install, native, pki
 from orchestrator.deploy import releases as release_catalog
 from orchestrator.deploy.bootstrap import BootstrapPlan, NodeLog, bootstrap_node
+from orchestrator.deploy.builds import ReleaseBuilds
 from orchestrator.errors import ConfigError
 from orchestrator.provision.registry import make_driver
 from orchestrator.remote.fanout import ssh_target
@@ -66,8 +68,9 @@ def test_bootstrap_starts_the_agent_and_stop_ends_it(tmp_path: Path) -> None:
             first.tasks(2, tasks((0, b"0 100"), (1, b"100 1000")))
             assert [r.payload.strip() for r in first.wait_results(2, 2)] == [b"25", b"143"]
             home_dir = Path(dirs[next(n.provider_node_id or n.id for n in nodes if n.id == first.node)]) / "home"
-            stamp = home_dir / "orch" / "bin" / "orch-port.sha256"
-            assert stamp.read_text().strip() == agent_install.port_digest()
+            shipped = home_dir / "orch" / "agent" / "orch-port"  # built once for the platform, not on the node
+            assert shipped.read_bytes() == native.port_runner(ws, host_platform())
+            assert not (home_dir / "orch" / "bin").exists() and not (home_dir / "orch" / "include").exists()
             with SSHPool() as pool:  # stop one node's agent; ensure_agents brings it back
                 stopped_node = next(n for n in nodes if n.id == sessions[1].node)
                 assert agent_install.stop_agent(pool, stopped_node, ws=ws).startswith("stopped (pid ")
@@ -80,7 +83,8 @@ def test_bootstrap_starts_the_agent_and_stop_ends_it(tmp_path: Path) -> None:
             node = store.get_node(sessions[0].node)
             plan = BootstrapPlan(node=node, target=ssh_target(ws, node), family=load_family(ws, "workers"),
                                  release=release, manifest=release_catalog.manifest_of(release),
-                                 tarball=release_catalog.read_release(ws, release))
+                                 tarball=release_catalog.read_release(ws, release),
+                                 builds=ReleaseBuilds(ws, store, release))
             with SSHPool() as pool:
                 log = NodeLog(tmp_path / "again.log")
                 bootstrap_node(plan, pool, log, lambda node, stage: None)
