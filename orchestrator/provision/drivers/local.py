@@ -113,7 +113,10 @@ class LocalNodeDriver(NodeDriver):
         port: int = 2222,
         first_address: int = 10,
         start_timeout: float = 5.0,
+        path: str | None = None,
     ) -> None:
+        """``path``: the PATH of the nodes' sessions, as a minimal image has it (sshd's
+        default when not given); a node whose PATH holds no compiler has none."""
         if not 1 <= first_address <= 254:
             raise ValueError(f"first_address must be in 1..254 (127.0.0.N), not {first_address}")
         if not 1 <= port <= 65535:
@@ -127,6 +130,9 @@ class LocalNodeDriver(NodeDriver):
         self.ssh_port = port
         self.first_address = first_address
         self.start_timeout = start_timeout
+        if path is not None and (not path or UNSAFE_PATH_CHARS & set(path)):
+            raise ValueError(f"path {path!r} is empty or holds a space, quote, backslash or %")
+        self.path = path
         # Whether the nodes' sshd_config keeps StrictModes on; set by prepare_root.
         self.strict_modes = True
         super().__init__(key or "local", secret)  # type: ignore[no-untyped-call]
@@ -199,6 +205,7 @@ class LocalNodeDriver(NodeDriver):
                 "pid": None,
                 "creator": this_process(),
                 "created_at": dt.datetime.now(dt.UTC).isoformat(),
+                **({"path": self.path} if self.path else {}),
             }
             make_node_folder(node_dir, meta, f"{address}:{self.ssh_port}")
         try:

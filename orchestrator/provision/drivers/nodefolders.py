@@ -232,7 +232,7 @@ LogLevel ERROR
 MaxSessions 64
 MaxStartups 100:30:200
 Subsystem sftp internal-sftp -d {home}
-SetEnv {ENV_MARKER}={meta["id"]} "HOME={home}"
+SetEnv {ENV_MARKER}={meta["id"]} "HOME={home}"{f' "PATH={meta["path"]}"' if meta.get("path") else ""}
 """
     _write_private(node_dir / "sshd_config", config.encode())
     return public.decode()
