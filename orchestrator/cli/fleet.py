@@ -40,21 +40,41 @@ def spawn(
     with open_store(ws) as store, NodeProgress(f"spawn {family}", quiet=quiet or as_json) as progress:
         report = engine.spawn(ws, store, family, count=count, keep_failed=keep_failed, events=progress.events())
     if as_json:
-        print_json({"family": report.family, "target": report.target, "ready": report.ready,
-                    "created": report.created, "rolled": report.rolled, "removed": report.removed,
-                    "failures": [str(f) for f in report.failures], "ok": report.ok})
+        print_json(spawn_json(report))
     else:
-        console.print(f"{family}: {len(report.ready)}/{report.target} ready; created {len(report.created)}, "
-                      f"rolled {len(report.rolled)}, removed {len(report.removed)}, "
-                      f"failed attempts {len(report.failures)}")
-    if not report.ok:
-        for failure in report.failures[-3:]:
-            err_console.print(f"{failure}", markup=False)
-            tail = getattr(failure, "tail", "")
-            if tail:
-                err_console.print(tail, markup=False)
+        print_spawn_summary(report)
+    raise_unless_ok(report)
+
+
+def spawn_json(report: engine.SpawnReport) -> dict[str, Any]:
+    return {"family": report.family, "target": report.target, "ready": report.ready,
+            "created": report.created, "rolled": report.rolled, "removed": report.removed,
+            "stale": report.stale, "failures": [str(f) for f in report.failures], "ok": report.ok}
+
+
+def print_spawn_summary(report: engine.SpawnReport) -> None:
+    stale = f", not rolled {len(report.stale)}" if report.stale else ""
+    console.print(f"{report.family}: {len(report.ready)}/{report.target} ready; created {len(report.created)}, "
+                  f"rolled {len(report.rolled)}{stale}, removed {len(report.removed)}, "
+                  f"failed attempts {len(report.failures)}")
+
+
+def raise_unless_ok(report: engine.SpawnReport) -> None:
+    """The last failures (with their log tails) on stderr, and FleetIncomplete, unless ok."""
+    if report.ok:
+        return
+    for failure in report.failures[-3:]:
+        err_console.print(f"{failure}", markup=False)
+        tail = getattr(failure, "tail", "")
+        if tail:
+            err_console.print(tail, markup=False)
+    family = report.family
+    if len(report.ready) < report.target:
         raise FleetIncomplete(f"family {family} has {len(report.ready)} of {report.target} nodes ready",
                               hint="see the logs under .orch/logs/")
+    raise FleetIncomplete(f"family {family}: {len(report.stale)} node(s) could not be rolled and still run their "
+                          f"old release: {', '.join(report.stale[:5])}",
+                          hint=f"see the logs under .orch/logs/, then `orch spawn {family}` again")
 
 
 def stop(

@@ -15,7 +15,7 @@ from orchestrator.cli.common import console, err_console
 if TYPE_CHECKING:
     from orchestrator.fleet import FleetEvents
 
-_STYLE = {"ready": "green", "failed": "red", "stopped": "dim", "stopping": "yellow"}
+_STYLE = {"ready": "green", "failed": "red", "stopped": "dim", "stopping": "yellow", "not rolled": "yellow"}
 
 
 class NodeProgress:

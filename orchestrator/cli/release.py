@@ -1,4 +1,4 @@
-"""``orch release``: upload, build, list, show and remove releases; where the header is."""
+"""``orch release``: upload, build, list, show and remove releases; where the header is; a new one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from orchestrator.cli.common import (
+    CliState,
     JsonFlag,
     console,
     open_store,
@@ -18,6 +19,7 @@ from orchestrator.cli.common import (
     workspace,
 )
 from orchestrator.cli.lazy import lazy
+from orchestrator.errors import WorkspaceError
 from orchestrator.state import ArtifactRecord
 
 if TYPE_CHECKING:
@@ -95,6 +97,41 @@ def include_dir() -> None:
     print(native.include_dir())
 
 
+@app.command("new")
+def new(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The release's name: its folder, libNAME.so and release.yaml's name.")],
+    parent: Annotated[Path | None, typer.Option(
+        "--dir", help="Make it in PARENT/NAME (default: the workspace's releases/, else the current folder).")] = None,
+) -> None:
+    """Start a C release that builds, uploads and runs as it is: release.yaml, Makefile, NAME.c, README.md."""
+    from orchestrator.deploy import scaffold
+
+    made = scaffold.new_release(parent if parent is not None else _releases_folder(ctx), name)
+    shown = _shown(made.folder)
+    console.print(f"release {name} made in {shown}: {', '.join(made.files)}", markup=False)
+    console.print(f"next: orch release upload {shown} (see {shown}/README.md)", markup=False)
+
+
+def _releases_folder(ctx: typer.Context) -> Path:
+    """Where `orch release new` puts a release: the workspace's releases/ (spawn and validate
+    find sources there), else the current folder; a workspace named but missing is an error."""
+    state = ctx.find_root().obj or CliState()
+    try:
+        return workspace(ctx).releases_src_dir
+    except WorkspaceError:
+        if state.workspace is not None:
+            raise
+        return Path.cwd()
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
 @app.command("list")
 def list_(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """List uploaded releases."""
@@ -159,3 +196,95 @@ def _build_json(artifact: ArtifactRecord) -> dict[str, object]:
     return {"release": artifact.ref, "platform": artifact.platform, "sha256": artifact.sha256, "size": artifact.size,
             "source_sha256": artifact.source_sha256, "abi": artifact.abi, "compiler": artifact.compiler,
             "flags": artifact.flags, "builder": artifact.builder, "built_at": artifact.built_at}
+
+
+# -- upgrades in place: deploy, rollback, history (orchestrator.fleet.upgrade) --------------------
+
+
+@app.command("deploy")
+def deploy(
+    ctx: typer.Context,
+    family: Annotated[str, typer.Argument(help="Node family (node_families/FAMILY.yaml).")],
+    version: Annotated[str, typer.Argument(help="VERSION of the family's release (or NAME@VERSION).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress, only the summary.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Set a family's release to VERSION (its `release:` line only) and roll its nodes in place."""
+    from orchestrator import fleet
+
+    ws = workspace(ctx)
+    with open_store(ws) as store, _progress(f"deploy {family} {version}", quiet or as_json) as shown:
+        outcome = fleet.deploy(ws, store, family, version, events=shown.events())
+    _show_upgrade(outcome, as_json)
+
+
+@app.command("rollback")
+def rollback(
+    ctx: typer.Context,
+    family: Annotated[str, typer.Argument(help="Node family (node_families/FAMILY.yaml).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No live progress, only the summary.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Roll a family back to the release it ran before its last deploy or roll, the way deploy does."""
+    from orchestrator import fleet
+
+    ws = workspace(ctx)
+    with open_store(ws) as store, _progress(f"rollback {family}", quiet or as_json) as shown:
+        outcome = fleet.rollback(ws, store, family, events=shown.events())
+    _show_upgrade(outcome, as_json)
+
+
+@app.command("history")
+def history(
+    ctx: typer.Context,
+    family: Annotated[str, typer.Argument(help="Node family.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """The releases a family ran, one row per change, and where a rollback would take it."""
+    from orchestrator import fleet
+    from orchestrator.errors import InputError, NotFoundError
+
+    ws = workspace(ctx)
+    with open_store(ws) as store:
+        entries = fleet.history(store, family)
+        try:
+            previous: str | None = fleet.previous_release(ws, store, family)
+        except NotFoundError:
+            if not entries:  # no such family, and none that was
+                raise
+            previous = None
+        except InputError:
+            previous = None
+    if as_json:
+        print_json({"family": family, "history": entries, "rollback_to": previous})
+        return
+    rows = [(i + 1, e.release, e.sha256[:16], _when(e.at), e.cause, len(e.nodes)) for i, e in enumerate(entries)]
+    print_table(f"releases of {family}", ["#", "release", "sha256", "since", "by", "nodes"], rows,
+                empty=f"{family} has no release history yet (a spawn that brings it up records one)")
+    if entries:
+        console.print(f"rollback goes to {previous}" if previous else "nothing to roll back to", markup=False)
+
+
+def _progress(title: str, quiet: bool) -> NodeProgress:
+    from orchestrator.cli.progress import NodeProgress
+
+    return NodeProgress(title, quiet=quiet)
+
+
+def _show_upgrade(outcome: fleet.UpgradeReport, as_json: bool) -> None:
+    """As `orch spawn` reports (its JSON under "spawn"), after what changed in the file."""
+    from orchestrator.cli import fleet as fleet_cli
+
+    if as_json:
+        print_json({"family": outcome.family, "release": outcome.release, "was": outcome.was, "file": outcome.file,
+                    "changed": outcome.changed, "spawn": fleet_cli.spawn_json(outcome.spawn)})
+    else:
+        change = f"{outcome.was} -> {outcome.release}" if outcome.changed else f"{outcome.release} (unchanged)"
+        console.print(f"{outcome.file}: release {change}", markup=False)
+        fleet_cli.print_spawn_summary(outcome.spawn)
+    fleet_cli.raise_unless_ok(outcome.spawn)
+
+
+if TYPE_CHECKING:  # for the annotations above (the commands import what they use when they run)
+    from orchestrator import fleet
+    from orchestrator.cli.progress import NodeProgress

@@ -105,3 +105,39 @@ def _walk(node: yaml.Node, loc: Loc, lines: LineMap, file: str) -> None:
         for index, item in enumerate(node.value):
             lines.lines[(*loc, index)] = item.start_mark.line + 1
             _walk(item, (*loc, index), lines, file)
+
+
+def set_top_level_scalar(text: str, key: str, value: str, file: str) -> str:
+    """``text`` with the top-level mapping's ``key`` set to ``value``, changing only the
+    characters of its old value: comments, order, layout and the value's quoting stay.
+
+    ``value`` is written as a plain scalar (or in the old value's quotes), so it must be
+    one that YAML reads back as the same string (the caller checks by parsing again).
+
+    >>> set_top_level_scalar("# mine\\nrelease: primes   # pinned later\\ncount: 4\\n", "release", "primes@1.2.0", "w")
+    '# mine\\nrelease: primes@1.2.0   # pinned later\\ncount: 4\\n'
+    """
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            root = loader.get_single_node()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        raise ConfigError(f"YAML syntax error: {exc.problem or exc.context or 'invalid YAML'}", file=file,
+                          line=mark.line + 1 if mark is not None else None) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", file=file) from exc
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError("expected a mapping of keys to values", file=file, line=1)
+    for key_node, value_node in root.value:
+        if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+            if (not isinstance(value_node, yaml.ScalarNode) or value_node.tag != "tag:yaml.org,2002:str"
+                    or value_node.style in ("|", ">")):
+                raise ConfigError(f"{key} is not a plain string here", file=file, line=value_node.start_mark.line + 1,
+                                  field=key, hint=f"write it as `{key}: VALUE`")
+            quote = value_node.style if value_node.style in ("'", '"') else ""
+            start, end = value_node.start_mark.index, value_node.end_mark.index
+            return f"{text[:start]}{quote}{value}{quote}{text[end:]}"
+    raise ConfigError(f"no top-level {key!r} to change", file=file, field=key, hint=f"add `{key}: VALUE`")

@@ -67,10 +67,11 @@ class SpawnReport:
     rolled: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     failures: list[BootstrapFailed | OrchError] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)  # ready, but still on an older config (a roll failed)
 
     @property
     def ok(self) -> bool:
-        return len(self.ready) >= self.target
+        return len(self.ready) >= self.target and not self.stale
 
 
 class FleetContext:
@@ -179,17 +180,29 @@ def family_lock(ws: Workspace, family_name: str, events: FleetEvents | None = No
 
 
 def spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None = None,
-          keep_failed: bool = False, events: FleetEvents | None = None) -> SpawnReport:
+          keep_failed: bool = False, events: FleetEvents | None = None, cause: str = "spawn") -> SpawnReport:
     """Make the family's ready nodes match its count (or ``count``) and config; one
-    change of the family at a time (``family_lock``)."""
+    change of the family at a time (``family_lock``).
+
+    A spawn that leaves every ready node of the family on its release (ok, none stale)
+    records that release in the family's history (``Store.record_family_release``)
+    when it differs from the last one, whoever started it (``cause``)."""
+    check_family_name(family_name)
+    with family_lock(ws, family_name, events):
+        return spawn_locked(ws, store, family_name, count=count, keep_failed=keep_failed, events=events,
+                            cause=cause)
+
+
+def check_family_name(family_name: str) -> None:
     if not re.fullmatch(NAME_PATTERN, family_name):  # not a family (nor a safe file name)
         raise NotFoundError(f"no node family {family_name!r}", hint="see `orch family list`")
-    with family_lock(ws, family_name, events):
-        return _spawn(ws, store, family_name, count=count, keep_failed=keep_failed, events=events)
 
 
-def _spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None, keep_failed: bool,
-           events: FleetEvents | None) -> SpawnReport:
+def spawn_locked(ws: Workspace, store: Store, family_name: str, *, count: int | None = None,
+                 keep_failed: bool = False, events: FleetEvents | None = None, cause: str = "spawn") -> SpawnReport:
+    """``spawn`` for a caller that holds the family's lock (``family_lock``) already:
+    ``upgrade.deploy`` changes the family's file and rolls it under one hold."""
+    check_family_name(family_name)
     cfg = load_config(ws, store)
     family = cfg.families.get(family_name)
     if family is None:
@@ -212,7 +225,10 @@ def _spawn(ws: Workspace, store: Store, family_name: str, *, count: int | None, 
         settle(ctx, sorted(cfg.providers))
         digest = config_hash(family, release)
         spawner = _Spawner(ctx, family, release, manifest, tarball, builds, dependencies, digest, keep_failed)
-        return spawner.run(target)
+        report = spawner.run(target)
+        if report.ok and report.ready:  # every ready node runs this release: the family's history
+            store.record_family_release(family.name, release.ref, release.sha256, cause=cause, nodes=report.ready)
+        return report
     finally:
         ctx.close()
 
@@ -268,7 +284,9 @@ class _Spawner:
         if missing > 0:
             requests = self._plan(missing)
             self._run_strategy([functools.partial(self._bring_up, r, report) for r in requests], report)
-        report.ready = [n.id for n in self.store.list_nodes(family=self.family.name, states=[NodeState.READY])]
+        ready = self.store.list_nodes(family=self.family.name, states=[NodeState.READY])
+        report.ready = [n.id for n in ready]
+        report.stale = [n.id for n in ready if n.config_hash != self.digest]
         return report
 
     def _plan(self, count: int) -> list[NodeRequest]:
@@ -363,14 +381,23 @@ class _Spawner:
                 self.ctx.events.stage(node.id, "ready")
             report.rolled.append(node.id)
             return True
-        ok = self._bootstrap(node, report)
+        ok = self._bootstrap(node, report, serving=node if node.state == NodeState.READY else None)
         if ok:
             report.rolled.append(node.id)
         return ok
 
-    def _bootstrap(self, node: NodeRecord, report: SpawnReport) -> bool:
+    def _bootstrap(self, node: NodeRecord, report: SpawnReport, *, serving: NodeRecord | None = None) -> bool:
+        """Bootstrap ``node``: READY, or FAILED (and destroyed unless keep_failed).
+
+        ``serving``: the node is ready and is being rolled in place (the upgrade of a
+        running node: its agent, unchanged, keeps running the ports it has while the new
+        release goes in beside the old one).  A roll that fails before the node switches
+        releases leaves it as it was, ready on its old release and config, so the next
+        spawn tries it again; a running job loses nothing.
+        """
         store = self.store
-        node = store.set_node_state(node.id, NodeState.BOOTSTRAPPING, reason=f"bootstrapping {self.release.ref}",
+        verb = "rolling to" if serving is not None else "bootstrapping"
+        node = store.set_node_state(node.id, NodeState.BOOTSTRAPPING, reason=f"{verb} {self.release.ref}",
                                     release=self.release.ref)
         plan = BootstrapPlan(
             node=node, target=self.ctx.target(node), family=self.family, release=self.release,
@@ -383,6 +410,13 @@ class _Spawner:
         except BootstrapFailed as exc:
             report.failures.append(exc)
             self.ctx.pool.discard(plan.target)
+            if serving is not None and exc.before_switch:
+                store.set_node_state(node.id, NodeState.READY, release=serving.release,
+                                     config_hash=serving.config_hash,
+                                     reason=f"roll to {self.release.ref} failed at {exc.step}; "
+                                            f"still on {serving.release}")
+                self.ctx.events.stage(node.id, "not rolled")
+                return False
             self._fail(node.id, str(exc), report)
             return False
         store.set_node_state(node.id, NodeState.READY, reason="bootstrapped", config_hash=self.digest,

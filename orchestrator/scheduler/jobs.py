@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from orchestrator.config.models import ReleaseManifest
 from orchestrator.deploy.builds import ReleaseBuilds, ensure_built_here
-from orchestrator.deploy.releases import find_release, manifest_of, read_release
+from orchestrator.deploy.releases import find_release, manifest_of, parse_ref, read_release
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
 from orchestrator.scheduler.engine import Engine
 from orchestrator.scheduler.run import EventSink, JobRun, Outcome, ReleaseInfo, Task
@@ -32,7 +32,7 @@ from orchestrator.scheduler.sinks import Record, Sink, check_sink_url, open_sink
 from orchestrator.scheduler.spec import JobSpec
 from orchestrator.scheduler.stored import stored_work
 from orchestrator.scheduler.workmodules import WorkModule, check_work_module, load_work_module
-from orchestrator.state import JobRecord, JobState, NodeRecord, NodeState, ReleaseRecord, Store
+from orchestrator.state import SERVING_STATES, JobRecord, JobState, NodeRecord, NodeState, ReleaseRecord, Store
 from orchestrator.workspace import Workspace
 
 RESUMABLE = frozenset({JobState.QUEUED, JobState.SUSPENDED, JobState.FAILED, JobState.RUNNING})
@@ -58,9 +58,14 @@ def parse_function_ref(ref: str) -> tuple[str, str]:
 def submit(ws: Workspace, store: Store, work: str, *, input: str, sink: str | None = None,
            family: str | None = None, work_module: str | None = None,
            module_options: dict[str, Any] | None = None, **options: Any) -> JobRef:
-    """Validate and record a queued job; nothing runs yet (see ``run``)."""
+    """Validate and record a queued job; nothing runs yet (see ``run``).
+
+    The job's release is pinned here, to ``name@version``, for the job's whole life (a
+    resume, a roll of its nodes to another version meanwhile: their agents keep the old
+    release's folder beside the new one).  A bare ``name`` is the version the job's
+    nodes run (``_running_release``), else the version uploaded last."""
     release_ref, function = parse_function_ref(work)
-    record = find_release(store, release_ref)
+    record = _running_release(store, release_ref, family) or find_release(store, release_ref)
     manifest = manifest_of(record)
     declared = {f.name: f for f in manifest.functions}
     if function not in declared:
@@ -88,6 +93,23 @@ def submit(ws: Workspace, store: Store, work: str, *, input: str, sink: str | No
         raise InputError(f"--{field.replace('_', '-')}: {error['msg']}", hint="see `orch job run --help`") from exc
     store.add_job(job_id, release=record.ref, function=function, spec=spec.model_dump(mode="json"))
     return JobRef(job_id, record.ref, function)
+
+
+def _running_release(store: Store, ref: str, family: str | None) -> ReleaseRecord | None:
+    """For a bare release ``name``: the version the ready nodes (of ``family``, when
+    given) run, when they all run one version of it (a family rolled back to an older
+    version runs that one); None otherwise (a version given, none or several running)."""
+    name, version = parse_ref(ref)
+    if version is not None:
+        return None
+    running = {n.release for n in store.list_nodes(family=family, states=[NodeState.READY])
+               if n.release and parse_ref(n.release)[0] == name}
+    if len(running) != 1:
+        return None
+    try:
+        return find_release(store, running.pop())
+    except NotFoundError:
+        return None
 
 
 def get(store: Store, job_id: str) -> JobRecord:
@@ -266,7 +288,9 @@ async def _serve(engine: Engine, hosts: list[str], port: int, job: JobRun, tasks
 
 
 def _job_nodes(store: Store, spec: JobSpec) -> list[NodeRecord]:
-    nodes = store.list_nodes(family=spec.family, states=[NodeState.READY])
+    """The nodes whose agents may join the job: ready ones, and those being rolled in
+    place (their agents go on serving; see ``NodeRecord.serving``)."""
+    nodes = [n for n in store.list_nodes(family=spec.family, states=SERVING_STATES) if n.serving]
     if not nodes:
         where = f"of family {spec.family} " if spec.family else ""
         raise StateError(f"no ready nodes {where}to run the job on",

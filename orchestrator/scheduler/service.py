@@ -17,8 +17,10 @@ and so the server can
 
 Any node that is a live, ready node of the workspace when its agent connects is
 admitted (looked up in the store then), so nodes spawned after the server started join
-it.  The server listens on every address its nodes dial (``scheduler_endpoint``); an
-address that appears later (a netns provider's bridge) is added before the next job.
+it; so is a ready node being rolled in place (``NodeRecord.serving``), whose agent goes
+on serving while its new release goes in.  The server listens on every address its
+nodes dial (``scheduler_endpoint``); an address that appears later (a netns provider's
+bridge) is added before the next job.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from orchestrator.errors import RemoteError, StateError
 from orchestrator.scheduler import jobs
 from orchestrator.scheduler.engine import Engine
 from orchestrator.scheduler.run import EventSink, Outcome
-from orchestrator.state import NodeRecord, NodeState, Store
+from orchestrator.state import SERVING_STATES, NodeRecord, Store
 from orchestrator.workspace import Workspace
 
 EXEC_GRACE = 10.0
@@ -156,11 +158,11 @@ class SchedulerService:
             node = self._store.get_node(node_id)
         except Exception:
             return None
-        return node.family if node.state == NodeState.READY else None
+        return node.family if node.serving else None  # ready, or rolled in place: its agent goes on
 
     @staticmethod
     def _live_nodes(store: Store) -> list[NodeRecord]:
-        return store.list_nodes(states=[NodeState.READY])
+        return [n for n in store.list_nodes(states=SERVING_STATES) if n.serving]
 
     def _call(self, coroutine: Any, timeout: float | None = None) -> Any:
         loop = self._loop

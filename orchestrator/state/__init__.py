@@ -6,7 +6,9 @@ from orchestrator.state.jobstore import StoredBatches
 from orchestrator.state.migrations import MIGRATIONS
 from orchestrator.state.records import (
     NODE_TRANSITIONS,
+    SERVING_STATES,
     ArtifactRecord,
+    DeployedRelease,
     EventRecord,
     JobRecord,
     JobState,
@@ -21,7 +23,9 @@ from orchestrator.state.store import Store, StorePool
 __all__ = [
     "MIGRATIONS",
     "NODE_TRANSITIONS",
+    "SERVING_STATES",
     "ArtifactRecord",
+    "DeployedRelease",
     "EventRecord",
     "JobRecord",
     "JobState",

@@ -1,8 +1,10 @@
 """Key-value entries in the store (a part of ``Store``, kept in its own file).
 
 Scoped keys with JSON values and versions: the catalogue cache and cooldowns of
-``provision``, ``GET|PUT|DELETE /kv`` of the API, and ``Cloud.mutate_store``'s
-optimistic transactions (``kv_read``, then ``kv_apply``).
+``provision``, ``GET|PUT|DELETE /kv`` of the API, ``Cloud.mutate_store``'s
+optimistic transactions (``kv_read``, then ``kv_apply``), and each family's release
+history (scope ``release-history``, key the family: ``fleet.upgrade``'s deploy and
+rollback read it, every spawn that leaves a family wholly on a release appends to it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import StateError
+from orchestrator.state.records import DeployedRelease
+
+RELEASE_HISTORY_SCOPE = "release-history"
+RELEASE_HISTORY_KEEP = 100
+"""Entries kept per family (the oldest go first)."""
 
 
 class KeyValueStore:
@@ -23,6 +30,9 @@ class KeyValueStore:
     if TYPE_CHECKING:  # provided by Store
         def transaction(self) -> AbstractContextManager[sqlite3.Connection]: ...
         def _query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]: ...
+        def record_event(self, kind: str, *, reason: str = "", node: str | None = None, family: str | None = None,
+                         job: str | None = None, provider: str | None = None,
+                         data: dict[str, Any] | None = None) -> int: ...
 
     def kv_get(self, key: str, *, scope: str = "", default: Any = None) -> Any:
         rows = self._query("SELECT value FROM kv WHERE scope=? AND key=?", (scope, key))
@@ -91,3 +101,35 @@ class KeyValueStore:
         """Delete every key of ``scope``; returns how many there were."""
         with self.transaction() as conn:
             return conn.execute("DELETE FROM kv WHERE scope=?", (scope,)).rowcount
+
+    # A family's release history (``fleet.upgrade``): what it ran, one entry per change.
+
+    def record_family_release(self, family: str, release: str, sha256: str, *, cause: str,
+                              nodes: Sequence[str]) -> bool:
+        """Append ``release`` (name@version, its sha256) to ``family``'s history, with the
+        event ``family.deployed``, unless the history already ends with it; in one
+        transaction.  True when appended."""
+        with self.transaction():
+            history = self.family_release_history(family)
+            last = history[-1] if history else None
+            if last is not None and (last.release, last.sha256) == (release, sha256):
+                return False
+            entry = DeployedRelease(release, sha256, time.time(), cause, sorted(nodes))
+            kept = [*history, entry][-RELEASE_HISTORY_KEEP:]
+            self.kv_put(family, [_entry_json(e) for e in kept], scope=RELEASE_HISTORY_SCOPE)
+            was = f"; was {last.release}" if last is not None else ""
+            self.record_event("family.deployed", family=family,
+                              reason=f"{family} runs {release} on {len(entry.nodes)} node(s) ({cause}{was})",
+                              data={**_entry_json(entry), "previous": last.release if last else None})
+        return True
+
+    def family_release_history(self, family: str) -> list[DeployedRelease]:
+        """``family``'s release history, oldest first (empty when it has none)."""
+        entries = self.kv_get(family, scope=RELEASE_HISTORY_SCOPE, default=[])
+        return [DeployedRelease(str(e["release"]), str(e["sha256"]), float(e["at"]), str(e["cause"]),
+                                [str(n) for n in e.get("nodes", [])]) for e in entries]
+
+
+def _entry_json(entry: DeployedRelease) -> dict[str, Any]:
+    return {"release": entry.release, "sha256": entry.sha256, "at": entry.at, "cause": entry.cause,
+            "nodes": list(entry.nodes)}

@@ -123,6 +123,29 @@ class NodeRecord:
         """The node's resource path, used for targeting."""
         return f"/{self.provider}/{self.location or '-'}/{self.family}/{self.id}"
 
+    @property
+    def serving(self) -> bool:
+        """Ready, or being rolled in place (bootstrapping again after it was ready): its
+        agent keeps running jobs on the releases the node has while the new one goes in."""
+        return self.state == NodeState.READY or (self.state == NodeState.BOOTSTRAPPING and self.ready_at is not None)
+
+
+SERVING_STATES = (NodeState.READY, NodeState.BOOTSTRAPPING)
+"""The states of nodes that may be ``serving`` (filter a listing with ``.serving``)."""
+
+
+@dataclass(frozen=True)
+class DeployedRelease:
+    """One entry of a family's release history: the family ran ``release`` on all its
+    ready nodes from ``at`` on, after a spawn started by ``cause`` (spawn, deploy,
+    rollback)."""
+
+    release: str
+    sha256: str
+    at: float
+    cause: str
+    nodes: list[str] = field(default_factory=list)
+
 
 @dataclass(frozen=True)
 class EventRecord:

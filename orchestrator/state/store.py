@@ -28,6 +28,7 @@ from orchestrator.state.records import (
     NODE_TRANSITIONS,
     ArtifactRecord,
     EventRecord,
+    JobState,
     Migration,
     NodeRecord,
     NodeState,
@@ -345,6 +346,14 @@ class Store(JobStore, KeyValueStore):
                 raise ConflictError(
                     f"release {record.ref} is running on {len(users)} node(s): {', '.join(users[:5])}",
                     hint="stop those nodes, or roll the family to another release first",
+                )
+            jobs = [r[0] for r in conn.execute(
+                "SELECT id FROM jobs WHERE release = ? AND state != ? ORDER BY created_at, id",
+                (record.ref, JobState.DONE.value)).fetchall()]
+            if jobs:  # their nodes may have moved on, but the jobs keep this release to their end
+                raise ConflictError(
+                    f"release {record.ref} is the release of {len(jobs)} unfinished job(s): {', '.join(jobs[:5])}",
+                    hint="let them finish, or delete them (`orch job delete JOB`) first",
                 )
             conn.execute("DELETE FROM releases WHERE name=? AND version=?", (name, version))
             self.record_event("release.removed", data={"release": record.ref})

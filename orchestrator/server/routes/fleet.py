@@ -38,7 +38,7 @@ def spawn(request: SpawnRequest, ws: WorkspaceDep, db: StoreDep) -> dict[str, An
     report = fleet.spawn(ws, db, request.family, count=request.count)
     return {"family": report.family, "target": report.target, "ready": report.ready,
             "created": report.created, "rolled": report.rolled, "removed": report.removed,
-            "failures": [str(f) for f in report.failures], "ok": report.ok}
+            "stale": report.stale, "failures": [str(f) for f in report.failures], "ok": report.ok}
 
 
 @router.post("/nodes/stop")
