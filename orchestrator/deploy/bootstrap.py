@@ -17,8 +17,10 @@ On the node, everything lives under ``~/orch``::
 
 The first command reads the node's platform, what release it has, and the agent's
 stamp, and changes nothing: a node with no build for its platform fails there, with
-nothing installed.  Then SFTP sends what is missing (the build for the node's
-platform, the agent bundle with the port runner built for it), and one script
+nothing installed.  (A new node whose driver recorded its platform, as local and netns
+nodes have this machine's, skips that round trip: it has nothing yet.)  Then SFTP
+sends what is missing (the build for the node's platform, the agent bundle with the
+port runner built for it), and one script
 unpacks the release and starts the agent's supervisor in the background, then links
 ``current`` and checks health.  Nodes need no compiler and no make: releases are built
 once per platform (``builds.py``).  The node is healthy only while its supervisor
@@ -55,12 +57,24 @@ Progress = Callable[[str, str], None]
 """``progress(node_id, stage)``: called as each bootstrap step starts."""
 
 
+BEFORE_SWITCH = frozenset({"connect", "pre", "platform", "upload", "verify", "unpack", "build", "setup"})
+"""Steps that end before the node switches releases (its ``current`` link and node.json):
+a node whose bootstrap failed in one of them still runs what it ran before.  (``agent``
+comes both before and after the switch, and a timed-out ``install`` may have got
+anywhere, so they are not here.)"""
+
+
 class BootstrapFailed(RemoteError):
     """A bootstrap step failed on a node; ``log`` is the node's full log file."""
 
     def __init__(self, node: str, step: str, detail: str, log: Path, tail: str = "") -> None:
         self.node, self.step, self.log, self.tail = node, step, log, tail
         super().__init__(f"node {node}: bootstrap step {step!r} failed: {detail}", hint=f"full log: {log}")
+
+    @property
+    def before_switch(self) -> bool:
+        """Whether it failed before the node switched releases (see ``BEFORE_SWITCH``)."""
+        return self.step in BEFORE_SWITCH
 
 
 @dataclass(frozen=True)
@@ -166,11 +180,15 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
             run(command)
         step = "platform"
         progress(node, step)
-        look = f"{native.PLATFORM_COMMAND} && (cat {folder}/.orch-sha256 2>/dev/null || echo none)"
-        output = run(look + (f" && {agent_install.look_command()}" if ws is not None else "")).stdout
-        lines = output.splitlines()
-        platform = native.parse_platform(lines[0] if lines else "")
-        installed = lines[1].strip() if len(lines) > 1 else "none"
+        known = plan.node.extra.get("platform")
+        if known and not plan.node.config_hash:  # a new node whose driver knows its platform: nothing to look at
+            platform, installed, output = str(known), "none", ""
+        else:
+            look = f"{native.PLATFORM_COMMAND} && (cat {folder}/.orch-sha256 2>/dev/null || echo none)"
+            output = run(look + (f" && {agent_install.look_command()}" if ws is not None else "")).stdout
+            lines = output.splitlines()
+            platform = native.parse_platform(lines[0] if lines else "")
+            installed = lines[1].strip() if len(lines) > 1 else "none"
         try:
             shipped = _what_to_ship(plan, platform)
             agent = _agent_for(plan, ws, platform, log)
@@ -195,7 +213,7 @@ def bootstrap_node(plan: BootstrapPlan, pool: SSHPool, log: NodeLog, progress: P
             session.put_bytes(bundle, agent_install.REMOTE_BUNDLE)
             log.write(f"uploaded the agent ({len(bundle)} bytes, stamp {agent.stamp[:12]})")
         session.put_bytes(json.dumps(node_config(plan, shipped), indent=2, sort_keys=True).encode(),
-                          f"{REMOTE_ROOT}/node.json")
+                          f"{REMOTE_ROOT}/node.json.new")  # moved into place with `current`
         step = "install"
         progress(node, step)
         result = run(install_script(plan, shipped.sha256, agent), check=False)
@@ -241,7 +259,9 @@ def install_script(plan: BootstrapPlan, sha256: str, agent: AgentPayload | None 
     ``sha256`` names the uploaded tarball: the build for the node's platform (or the
     source, which the node then builds).  A release already there (its
     ``.orch-sha256`` matches) is only re-linked and checked; each step prints
-    ``::orch-step NAME`` before it starts.  With ``agent``, the agent's bundle (when
+    ``::orch-step NAME`` before it starts.  The node switches releases at ``configure``:
+    ``current`` and node.json (uploaded as ``node.json.new``) change together, so a
+    failure before it leaves the node on what it ran (``BEFORE_SWITCH``).  With ``agent``, the agent's bundle (when
     one was uploaded) is unpacked first and its supervisor started in the background,
     overlapping the release steps; the agent step waits for it.
     """
@@ -273,6 +293,7 @@ def install_script(plan: BootstrapPlan, sha256: str, agent: AgentPayload | None 
         "fi",
         step("configure"),
         f"ln -sfn releases/{release.name}-{release.version} {REMOTE_ROOT}/current",
+        f"mv -f {REMOTE_ROOT}/node.json.new {REMOTE_ROOT}/node.json",
         *([step("agent"), *agent_install.start_lines(agent)] if agent else []),
         step("health"),
         health_check_command(plan, agent=agent is not None),

@@ -19,7 +19,7 @@ from orchestrator import fleet
 from orchestrator.agent.platforms import host_platform
 from orchestrator.deploy import native
 from orchestrator.deploy.builds import BUILD_INFO, build_release
-from orchestrator.deploy.releases import archive, find_release
+from orchestrator.deploy.releases import archive, find_release, upload_release
 from orchestrator.errors import ReleaseError
 from orchestrator.remote.fanout import exec_on
 from orchestrator.scheduler import jobs
@@ -132,3 +132,24 @@ def test_building_for_a_platform_this_machine_is_not_needs_a_builder(ws: Workspa
     assert "--builder FAMILY" in done.stderr and "linux-aarch64-glibc2.36" in done.stderr
     with Store.open(ws.state_db) as store, pytest.raises(ReleaseError, match="has no ready node"):
         build_release(ws, store, find_release(store, "primes"), builder="nobody")
+
+
+def test_a_release_built_on_each_node_is_built_there(ws: Workspace) -> None:
+    manifest = ws.releases_src_dir / "primes" / "release.yaml"
+    manifest.write_text(manifest.read_text().replace("version: 1.1.0", "version: 1.1.0-src") + "build_on: node\n")
+    (ws.families_dir / "workers.yaml").write_text(
+        (ws.families_dir / "workers.yaml").read_text().replace("release: primes", "release: primes@1.1.0-src"))
+    with Store.open(ws.state_db) as store:
+        release = upload_release(ws, store, ws.releases_src_dir / "primes").record
+        with pytest.raises(ReleaseError, match="built on each node"):
+            build_release(ws, store, release)
+        report = fleet.spawn(ws, store, "workers", count=1)
+        assert report.ok, [str(f) for f in report.failures]
+        (node,) = fleet.select_nodes(store, family="workers")
+        log = (ws.logs_dir / f"{node.id}.log").read_text()
+        assert "::orch-step build" in log and f"gets {release.sha256}" in log  # the source, built there
+        assert store.list_artifacts("primes", "1.1.0-src") == []
+        job = jobs.submit(ws, store, "primes@1.1.0-src:count_primes", input="0:100000", family="workers")
+        assert jobs.run(ws, store, job.id).state.value == "done"
+        total = sum(int(n) for r in jobs.result(ws, store, job.id) if r.ok for n in r.payload.split())
+    assert total == primes_below(100000)

@@ -45,6 +45,7 @@ from libcloud.compute.base import (
 )
 from libcloud.compute.types import NodeState
 
+from orchestrator.agent.platforms import host_platform
 from orchestrator.provision.drivers.features import DriverFeatures
 from orchestrator.provision.drivers.nodefolders import (
     META,
@@ -294,7 +295,8 @@ class LocalNodeDriver(NodeDriver):
         sizes = {s.id: s for s in self.list_sizes()}
         extra = {key: meta[key] for key in ("host_key", "port", "ssh_user", "node_dir", "pid", "size", "image")}
         extra.update(tags=dict(meta["tags"]), created_at=meta["created_at"], status=status,
-                     gateway="127.0.0.1")  # where the node reaches this machine: loopback
+                     gateway="127.0.0.1",  # where the node reaches this machine: loopback
+                     platform=host_platform())  # what binaries it runs: this machine's
         return Node(
             id=meta["id"],
             name=meta["name"],

@@ -50,7 +50,7 @@ _spawned_lock = threading.Lock()
 
 def sshd_argv(node_dir: Path) -> list[str]:
     """The command line of the node's sshd; its title (and so ``find_sshd``) shows it."""
-    return [SSHD, "-D", "-e", "-f", str(node_dir / "sshd_config")]
+    return [SSHD, "-D", "-e", "-r", "-f", str(node_dir / "sshd_config")]
 
 
 # -- spawning and reaping ----------------------------------------------------------------
