@@ -11,6 +11,7 @@ driver that no process, namespace, veth, bridge or folder of theirs remains.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import pwd
 import secrets
@@ -247,6 +248,30 @@ def test_refuses_an_interface_or_subnet_it_does_not_own(
         assert list(taken_name.root.iterdir()) == [taken_name.root / ".lock"]
     finally:
         ip("link", "del", "dev", foreign)
+
+
+def test_a_bridge_left_unmarked_by_a_killed_create_is_still_its_own(
+    make_driver: Callable[..., NetnsNodeDriver], fleet_key: KeyPair
+) -> None:
+    """The kernel takes a new link's alias only in a second step; a create killed between
+    the two leaves an unmarked bridge that the intent written first names: the next create
+    marks and uses it, and the last node's destroy removes it."""
+    driver = make_driver()
+    driver.root.mkdir(parents=True)
+    (driver.root / ".bridge-intent.json").write_text(json.dumps({"bridge": driver.bridge}))
+    ip("link", "add", "name", driver.bridge, "type", "bridge")  # what the killed create left
+    node = driver.create_node("w", driver.list_sizes()[0], driver.list_images()[0],
+                              auth=NodeAuthSSHKey(fleet_key.public))
+    assert f"orch-netns:bridge:{driver.root}" in ip("-o", "link", "show", driver.bridge)
+    assert not (driver.root / ".bridge-intent.json").exists()
+    driver.destroy_node(node)
+    assert driver.bridge not in link_names()
+
+    (driver.root / ".bridge-intent.json").write_text(json.dumps({"bridge": driver.bridge}))
+    ip("link", "add", "name", driver.bridge, "type", "bridge")  # killed again, and no node made after
+    driver.destroy_node(Node("w-gone", "w", NodeState.UNKNOWN, [], [], driver))
+    assert driver.bridge not in link_names()
+    assert not (driver.root / ".bridge-intent.json").exists()
 
 
 def test_needs_root(make_driver: Callable[..., NetnsNodeDriver], fleet_key: KeyPair) -> None:

@@ -71,6 +71,7 @@ from orchestrator.provision.drivers.nodefolders import (
     QuotaExceededError,
     new_id,
     node_id_of,
+    read_json,
     read_records,
     root_lock,
     write_json,
@@ -330,7 +331,7 @@ class NetnsNodeDriver(NodeDriver):
         """Create the bridge, marked ours, when it is not there; then give it .1 and up."""
         with host_lock():
             exists = (SYS_NET / self.bridge).exists()
-            if exists and not our_interface(self.bridge, self._bridge_alias):
+            if exists and not self._bridge_is_ours():
                 raise NetnsDriverError(
                     f"interface {self.bridge} exists and is not the bridge of the netns nodes under "
                     f"{self.root}: give this provider another bridge= (and subnet=)",
@@ -348,22 +349,42 @@ class NetnsNodeDriver(NodeDriver):
                 # node could change the gateway's MAC under nodes that cached it: their
                 # replies then go nowhere until ARP gives up (seen: 13 s without a banner).
                 mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
-                run_ip("link", "add", "name", self.bridge, "address", mac, "type", "bridge", "forward_delay", "0")
+                # The kernel takes no alias with a new link: the mark is a second step, so
+                # the intent is written first; a process killed between the two leaves a
+                # bridge this provider still knows as its own.
+                write_json(self._bridge_intent, {"bridge": self.bridge})
                 try:
-                    run_ip("link", "set", "dev", self.bridge, "alias", self._bridge_alias)
-                except BaseException:
-                    run_ip("link", "del", "dev", self.bridge)
+                    run_ip("link", "add", "name", self.bridge, "address", mac, "type", "bridge",
+                           "forward_delay", "0")
+                except NetnsDriverError:  # not made: whatever has the name now is not ours
+                    self._bridge_intent.unlink(missing_ok=True)
                     raise
+            if not our_interface(self.bridge, self._bridge_alias):
+                run_ip("link", "set", "dev", self.bridge, "alias", self._bridge_alias)
+            self._bridge_intent.unlink(missing_ok=True)
             run_ip_batch(
                 f"address replace {self.gateway}/{self.subnet.prefixlen} dev {self.bridge}",
                 f"link set dev {self.bridge} up",
             )
 
+    @property
+    def _bridge_intent(self) -> Path:
+        return self.root / ".bridge-intent.json"
+
+    def _bridge_is_ours(self) -> bool:
+        """Marked ours, or unmarked and named by our intent (a create killed half way)."""
+        if our_interface(self.bridge, self._bridge_alias):
+            return True
+        intent = read_json(self._bridge_intent) or {}
+        return intent.get("bridge") == self.bridge and our_interface(self.bridge, "")
+
     def _remove_bridge_if_unused(self) -> None:
         with host_lock():
             ports = SYS_NET / self.bridge / "brif"
-            if our_interface(self.bridge, self._bridge_alias) and not any(ports.iterdir()):
+            if self._bridge_is_ours() and not any(ports.iterdir()):
                 run_ip("link", "del", "dev", self.bridge)
+            if not (SYS_NET / self.bridge).exists():
+                self._bridge_intent.unlink(missing_ok=True)
 
     def _plug(self, meta: dict[str, Any]) -> None:
         """The namespace, and a veth pair from the bridge to its ``eth0``."""
