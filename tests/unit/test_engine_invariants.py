@@ -1,0 +1,345 @@
+"""The engine's invariants, each driven deterministically: first completion wins, a late
+result of a node already declared lost is either the first completion or counted in
+``discarded``, never recorded twice, and the job still finishes.
+
+The engine runs as in ``orch job run`` (mutual TLS on 127.0.0.1, the workspace's CA, a
+SQLite store and sink); the agents are this test speaking the agent's side of the
+protocol (``orchestrator/agent/protocol.py``), so it decides exactly when each result
+arrives.  A netns partition reaches the same code only when the kernel's
+retransmissions happen to order things this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.agent import protocol as P
+from orchestrator.agent.frames import decode_tasks, encode_result
+from orchestrator.deploy import pki
+from orchestrator.scheduler.engine import Engine
+from orchestrator.scheduler.run import JobRun, Outcome, ReleaseInfo
+from orchestrator.scheduler.sinks import Record, open_sink
+from orchestrator.scheduler.spec import JobSpec
+from orchestrator.scheduler.stored import stored_work
+from orchestrator.scheduler.workmodules import load_work_module
+from orchestrator.state import JobState, Store
+from orchestrator.workspace import Workspace
+
+HEARTBEAT = 0.2
+"""The job's heartbeat: a silent agent is lost after three of them."""
+SPAN = 10
+"""Numbers per task (``range`` with a fixed task size of 1 and ``max_span`` SPAN)."""
+
+
+class AgentSide:
+    """One node's agent, as the test speaks it: HELLO, LOADED, RESULTS, heartbeats."""
+
+    def __init__(self, node: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.node, self.reader, self.writer = node, reader, writer
+        self._beats: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def dial(cls, port: int, ctx: ssl.SSLContext, node: str) -> AgentSide:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=P.SCHEDULER_NAME), 10)
+        side = cls(node, reader, writer)
+        side.send(P.control(P.HELLO, node=node, name=node, slots=1, releases=[], version=P.PROTOCOL_VERSION,
+                            pid=os.getpid()))
+        await side.expect(P.WELCOME)
+        return side
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def expect(self, kind: int, timeout: float = 10.0) -> bytes:
+        """The next message but heartbeats, which must be of ``kind``; its body."""
+        while True:
+            try:
+                got, body = await asyncio.wait_for(P.read_message(self.reader), timeout)
+            except asyncio.IncompleteReadError:
+                raise AssertionError(f"{self.node}: the scheduler closed the connection; "
+                                     f"expected {P.KIND_NAMES[kind]}") from None
+            if got == P.HEARTBEAT:
+                continue
+            assert got == kind, f"{self.node}: expected {P.KIND_NAMES[kind]}, got {P.KIND_NAMES[got]} {body[:200]!r}"
+            return body
+
+    async def load(self, job: str) -> None:
+        """Take the LOAD of ``job`` and answer LOADED with one port (0)."""
+        load = P.parse_control(P.LOAD, await self.expect(P.LOAD))
+        assert (load["work"], load["ports"]) == (job, [0]), load
+        self.send(P.control(P.LOADED, work=job, ports=[0]))
+
+    async def tasks(self) -> list[tuple[int, int, bytes]]:
+        """The next TASKS (port 0) as (seq, attempt, data)."""
+        port, frames = P.parse_port(await self.expect(P.TASKS))
+        assert port == 0
+        return [(seq, attempt, bytes(data)) for seq, attempt, _size, data in decode_tasks(bytes(frames))]
+
+    def results(self, answers: list[tuple[int, bytes]]) -> None:
+        """One RESULTS message of port 0: (seq, output) each, all ok."""
+        self.send(P.port_message(P.RESULTS, 0, b"".join(encode_result(seq, True, 1_000_000, out)
+                                                           for seq, out in answers)))
+
+    def beat(self) -> None:
+        """Heartbeat the scheduler every half interval from now on (a live agent)."""
+        async def beats() -> None:
+            while True:
+                self.send(P.message(P.HEARTBEAT))
+                await asyncio.sleep(HEARTBEAT / 2)
+        self._beats = asyncio.create_task(beats())
+
+    async def close(self) -> None:
+        if self._beats is not None:
+            self._beats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beats
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+            await asyncio.wait_for(self.writer.wait_closed(), 5)
+
+
+def output(number: int, by: str) -> bytes:
+    return f"{number} by {by}\n".encode()
+
+
+class Harness:
+    """A workspace, its store, one job (``range`` 0:SPAN*tasks, one task per SPAN) and an
+    engine serving it; ``dial(node)`` connects an agent of the ``workers`` family."""
+
+    def __init__(self, folder: Path, tasks: int) -> None:
+        self.folder = folder
+        self.ws = Workspace.init(folder / "ws")
+        self.store = store = Store.open(self.ws.state_db)
+        self.job_id = "jinvariant"
+        self.spec = JobSpec(release="inv@1", function="f", symbol="f", work_module="range",
+                            input=f"0:{SPAN * tasks}", module_options={"max_span": SPAN}, sink="sqlite:out.db",
+                            task_size=1, heartbeat_seconds=HEARTBEAT, max_attempts=3, agent_wait_seconds=5)
+        store.add_job(self.job_id, release=self.spec.release, function="f", spec=self.spec.model_dump(mode="json"))
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        self.engine = Engine(store, ssl_context=pki.server_ssl_context(self.ws), peer_id=pki.peer_node_id,
+                             admit=lambda node: "workers" if node.startswith("w-") else None,
+                             on_event=lambda kind, data: self.events.append((kind, data)))
+        self.port = 0
+        self.job: JobRun | None = None
+
+    def client(self, node: str) -> ssl.SSLContext:
+        cert, key = pki.issue_node_cert(self.ws, node)
+        (self.folder / f"{node}.crt").write_bytes(cert)
+        key_path = self.folder / f"{node}.key"
+        key_path.touch(0o600)
+        key_path.write_bytes(key)
+        return pki.client_ssl_context(pki.ca_cert_path(self.ws), self.folder / f"{node}.crt", key_path)
+
+    async def dial(self, node: str) -> AgentSide:
+        return await AgentSide.dial(self.port, self.client(node), node)
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[asyncio.Task[Outcome]]:
+        """The engine listening and the job running (a task giving its Outcome)."""
+        module = load_work_module(self.spec.work_module, self.spec.input, self.spec.module_options)
+        sink = open_sink(self.spec.sink, root=self.ws.root)
+        release = ReleaseInfo(folder="inv-1", sha256="0" * 64, library="libinv.so", build=[], tarball=lambda: b"")
+        try:
+            self.job = JobRun(self.job_id, self.spec, module, sink, release,
+                              next_write=sink.open(self.job_id, None), generated=0, checkpoint=None)
+            await self._listen()
+            run = asyncio.create_task(self.engine.run(self.job))
+            try:
+                yield run
+            finally:
+                if not run.done():
+                    self.engine.suspend("the test ended")
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(run, 10)
+                await self.engine.close()
+        finally:
+            sink.close()
+            module.close()
+
+    async def _listen(self) -> None:
+        for _ in range(20):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = int(probe.getsockname()[1])
+            try:
+                await self.engine.start(["127.0.0.1"], port)
+            except OSError:  # taken meanwhile
+                continue
+            self.port = port
+            return
+        raise AssertionError("no free port on 127.0.0.1")
+
+    async def until(self, what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"not within {timeout} s: {what}; events {self.events}"
+            await asyncio.sleep(0.01)
+
+    def counters(self) -> dict[str, int]:
+        assert self.job is not None
+        return self.job.counters.as_dict()
+
+    def lost(self, node: str) -> bool:
+        agent = self.engine.agents.get(node)
+        return agent is not None and agent.lost
+
+    def records(self) -> list[Record]:
+        with open_sink(self.spec.sink, root=self.ws.root) as sink:
+            return list(sink.read(self.job_id))
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Callable[[int], Harness]]:
+    """Harness(tasks) in a folder of its own; every store closed at the end."""
+    made: list[Harness] = []
+
+    def make(tasks: int) -> Harness:
+        made.append(Harness(tmp_path / f"h{len(made)}", tasks))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.store.close()
+
+
+def run(main: Callable[[], Any], timeout: float = 60) -> None:
+    async def bounded() -> None:
+        await asyncio.wait_for(main(), timeout)
+
+    asyncio.run(bounded())
+
+
+async def lose_silent_holder(h: Harness) -> tuple[AgentSide, list[tuple[int, int, bytes]]]:
+    """Agent w-a loads the job, takes the first tasks, then goes silent until the engine
+    declares it lost (its connection stays open, as a partitioned node's does)."""
+    a = await h.dial("w-a")
+    await a.load(h.job_id)
+    held = await a.tasks()
+    assert tried(held) == [(0, 1), (1, 1)], held
+    await h.until("w-a declared lost (silent for three heartbeats)", lambda: h.lost("w-a"))
+    assert h.counters()["nodes_lost"] == 1
+    assert h.counters()["retried"] == 1, "the task in flight on w-a used an attempt"
+    return a, held
+
+
+def tried(tasks: list[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
+    """(seq, attempt) of ``tasks``, by seq (the order a port is sent them is the engine's)."""
+    return sorted((seq, attempt) for seq, attempt, _ in tasks)
+
+
+def answers(tasks: list[tuple[int, int, bytes]], by: str) -> list[tuple[int, bytes]]:
+    """Results for ``tasks`` in the order they were sent, as a port answers."""
+    return [(seq, output(seq, by)) for seq, _, _ in tasks]
+
+
+class TestALateResultOfALostNode:
+    def test_arriving_while_the_retry_runs_elsewhere_it_wins_and_the_retry_is_discarded(
+            self, harness: Callable[[int], Harness]) -> None:
+        h = harness(3)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _held = await lose_silent_holder(h)
+                b = await h.dial("w-b")
+                b.beat()
+                try:
+                    await b.load(h.job_id)
+                    retried = await b.tasks()
+                    assert tried(retried) == [(0, 2), (1, 1)], retried
+                    # The late answer of the lost node: task 0 is still outstanding (its
+                    # retry runs on w-b), so this is its first completion.
+                    a.results([(0, output(0, "w-a"))])
+                    await h.until("w-a's late result recorded", lambda: h.counters()["done"] == 1)
+                    assert h.counters()["discarded"] == 0
+                    assert stored_work(h.store, h.job_id).results == {0: output(0, "w-a")}
+                    # Then the retry's own results: 0 is no longer outstanding, 1 is.
+                    b.results(answers(retried, "w-b"))
+                    last = await b.tasks()
+                    assert tried(last) == [(2, 1)], last
+                    assert h.counters()["discarded"] == 1, "the retry's result for 0 must be discarded"
+                    assert stored_work(h.store, h.job_id).results == {0: output(0, "w-a"), 1: output(1, "w-b")}
+                    b.results(answers(last, "w-b"))
+                    outcome = await asyncio.wait_for(job, 10)
+                    assert P.parse_control(P.UNLOAD, await b.expect(P.UNLOAD)) == {"work": h.job_id}
+                finally:
+                    await b.close()
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert {k: outcome.counters[k] for k in ("done", "discarded", "nodes_lost", "retried", "failed")} == {
+                "done": 3, "discarded": 1, "nodes_lost": 1, "retried": 1, "failed": 0}, outcome.counters
+
+        run(main)
+        # One record per task, task 0's from its first completion.
+        assert [(r.seq, r.ok, r.payload) for r in h.records()] == [
+            (0, True, output(0, "w-a")), (1, True, output(1, "w-b")), (2, True, output(2, "w-b"))]
+        assert h.store.get_job(h.job_id).state == JobState.DONE
+
+    def test_arriving_after_the_retry_finished_it_is_discarded(self, harness: Callable[[int], Harness]) -> None:
+        h = harness(3)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _held = await lose_silent_holder(h)
+                b = await h.dial("w-b")
+                b.beat()
+                try:
+                    await b.load(h.job_id)
+                    retried = await b.tasks()
+                    assert tried(retried) == [(0, 2), (1, 1)], retried
+                    b.results(answers(retried, "w-b"))
+                    last = await b.tasks()
+                    assert tried(last) == [(2, 1)], last
+                    assert h.counters()["done"] == 2
+                    a.results([(0, output(0, "w-a"))])  # too late: w-b finished 0 first
+                    await h.until("w-a's late result discarded", lambda: h.counters()["discarded"] == 1)
+                    assert h.counters()["done"] == 2
+                    assert stored_work(h.store, h.job_id).results == {0: output(0, "w-b"), 1: output(1, "w-b")}
+                    b.results(answers(last, "w-b"))
+                    outcome = await asyncio.wait_for(job, 10)
+                finally:
+                    await b.close()
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert (outcome.counters["done"], outcome.counters["discarded"]) == (3, 1), outcome.counters
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b"), output(2, "w-b")]
+
+    def test_arriving_before_the_retry_is_sent_the_retry_never_runs(self, harness: Callable[[int], Harness]
+                                                                     ) -> None:
+        h = harness(3)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _held = await lose_silent_holder(h)
+                # No other agent yet: 0 (one attempt used) and 1 wait in the retry queue.
+                a.results([(0, output(0, "w-a"))])
+                await h.until("w-a's late result recorded", lambda: h.counters()["done"] == 1)
+                b = await h.dial("w-b")
+                b.beat()
+                try:
+                    await b.load(h.job_id)
+                    sent = await b.tasks()
+                    assert tried(sent) == [(1, 1), (2, 1)], "a task finished while it waited in the retry " \
+                        f"queue must not run again: {sent}"
+                    b.results(answers(sent, "w-b"))
+                    outcome = await asyncio.wait_for(job, 10)
+                finally:
+                    await b.close()
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert (outcome.counters["done"], outcome.counters["discarded"]) == (3, 0), outcome.counters
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-a"), output(1, "w-b"), output(2, "w-b")]
