@@ -1,7 +1,7 @@
 /*
  * orch-port - the port runner: loads a release's work library and runs framed tasks.
  *
- *     orch-port LIBRARY.so FUNCTION [NODE_NAME]
+ *     orch-port [--status-fd=N] LIBRARY.so FUNCTION [NODE_NAME]
  *
  * The node agent starts one port per worker. The port dlopen()s LIBRARY
  * (RTLD_NOW | RTLD_LOCAL), refuses it if it exports an `orch_work_abi_version`
@@ -44,6 +44,16 @@
  *   called, so when a port dies, the results of every task before the one in flight
  *   have reached the pipe: the task in flight is the first one sent without a
  *   result. Input is read in large chunks (many frames per read()).
+ *
+ *   Status channel (--status-fd=N, what the agent passes): the runner's own word, one
+ *   line each, on descriptor N, which no work function is given (it is close-on-exec
+ *   and the runner's alone), so nothing the work does can be taken for it:
+ *     ready                after the library is loaded, checked and FUNCTION found
+ *     refused MESSAGE      the runner will not run this library (then exits 3, 4 or 5)
+ *     error MESSAGE        the runner itself ends (usage, I/O, malformed frame: 1 or 2)
+ *   A port that ends after "ready" with no "error" line ended because of its work: a
+ *   signal (a crash) or a status the work function gave exit(). Exit codes alone
+ *   cannot tell the two apart: a work function may call exit(3) as well.
  *
  *   Exit status:
  *     0  clean end of input (EOF at a frame boundary)
@@ -138,6 +148,22 @@ static double get_f64(const unsigned char *p)
 
 static void die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3), noreturn));
 
+static int status_fd = -1; /* the status channel (--status-fd), or -1 */
+
+/* One line on the status channel, in one write(); nothing when there is none. */
+static void status_line(const char *word, const char *message)
+{
+    if (status_fd < 0)
+        return;
+    char line[1200];
+    int n = snprintf(line, sizeof line, "%s%s%s\n", word, message ? " " : "", message ? message : "");
+    size_t len = n < 0 ? 0 : (size_t)n < sizeof line ? (size_t)n : sizeof line - 1;
+    if (len > 0 && line[len - 1] != '\n')
+        line[len - 1] = '\n';
+    while (write(status_fd, line, len) < 0 && errno == EINTR)
+        ;
+}
+
 static void die(int code, const char *fmt, ...)
 {
     char line[1024];
@@ -147,6 +173,8 @@ static void die(int code, const char *fmt, ...)
     va_end(ap);
     fprintf(stderr, "orch-port: %s\n", line);
     fflush(stderr);
+    int refusal = code == EXIT_ABI || code == EXIT_NO_FUNCTION || code == EXIT_NO_LIBRARY;
+    status_line(refusal ? "refused" : "error", line);
     exit(code);
 }
 
@@ -319,10 +347,29 @@ static uint64_t now_ns(void)
 
 int main(int argc, char **argv)
 {
+    static const char status_option[] = "--status-fd=";
+    if (argc > 1 && strncmp(argv[1], status_option, sizeof status_option - 1) == 0) {
+        const char *number = argv[1] + sizeof status_option - 1;
+        char *end = NULL;
+        long fd = strtol(number, &end, 10);
+        if (*number == '\0' || *end != '\0' || fd < 3 || fd > 1 << 20 || fcntl((int)fd, F_GETFD) < 0) {
+            fprintf(stderr, "orch-port: %s is not an open descriptor above 2\n", argv[1]);
+            return EXIT_USAGE;
+        }
+        /* The runner's alone: a work function that runs a program does not pass it on. */
+        if (fcntl((int)fd, F_SETFD, FD_CLOEXEC) < 0) {
+            fprintf(stderr, "orch-port: cannot set close-on-exec on %s: %s\n", argv[1], strerror(errno));
+            return EXIT_USAGE;
+        }
+        status_fd = (int)fd;
+        argv++;
+        argc--;
+    }
     if (argc < 3 || argc > 4) {
-        fprintf(stderr, "usage: orch-port LIBRARY.so FUNCTION [NODE_NAME]\n"
+        fprintf(stderr, "usage: orch-port [--status-fd=N] LIBRARY.so FUNCTION [NODE_NAME]\n"
                         "  runs framed tasks from stdin through FUNCTION, framed results to stdout"
                         " (see PROTOCOL.md)\n");
+        status_line("error", "usage: orch-port [--status-fd=N] LIBRARY.so FUNCTION [NODE_NAME]");
         return EXIT_USAGE;
     }
     const char *library = argv[1], *function = argv[2];
@@ -343,8 +390,8 @@ int main(int argc, char **argv)
     dlerror();
     const int *abi = dlsym(handle, "orch_work_abi_version");
     if (abi != NULL && *abi != ORCH_WORK_ABI_VERSION)
-        die(EXIT_ABI, "%s was built for work ABI version %d; this runner speaks version %d (rebuild the release)",
-            library, *abi, ORCH_WORK_ABI_VERSION);
+        die(EXIT_ABI, "work ABI version mismatch: %s says version %d, this runner speaks version %d "
+            "(rebuild the release against this orch's orch_work.h)", library, *abi, ORCH_WORK_ABI_VERSION);
     dlerror();
     /* ISO C forbids converting void* to a function pointer; POSIX requires it to work. */
     orch_work_fn fn;
@@ -361,6 +408,7 @@ int main(int argc, char **argv)
     po.out.fail = output_fail;
     if (r.buf == NULL)
         die(EXIT_USAGE, "out of memory");
+    status_line("ready", NULL); /* from here on, an end without an "error" line is the work's */
 
     uint64_t tasks = 0;
     for (;;) {

@@ -14,8 +14,9 @@ builds and ports are subprocesses).  Per connection (see ``protocol.py``):
   jitter (0.1 s doubling to 2 s), forever, cycling through the scheduler addresses.
 - LOAD starts one port per index (``orch-port LIBRARY FUNCTION NODE_NAME``), after
   stopping whatever ran there; a release folder that is not installed with that
-  sha256 is LOAD_FAILED ``missing``; a port that exits at once (it could not load the
-  library or find the function) is LOAD_FAILED with the port's own reason.
+  sha256 is LOAD_FAILED ``missing``; a port whose runner refuses the library (it
+  could not load it, the ABI version differs, no such function: the runner says so on
+  its status pipe) is LOAD_FAILED with the runner's own reason.
 - RELEASE installs a release: checked against its sha256, unpacked safely into
   ``releases/NAME``, built, then marked with ``.orch-sha256``.
 - TASKS are written to the port's stdin unchanged; only the 28-byte headers are read,
@@ -23,7 +24,8 @@ builds and ports are subprocesses).  Per connection (see ``protocol.py``):
   every complete result frame available is relayed in one RESULTS message.
 - When a port dies, every result it wrote is relayed first, then PORT_DIED names the
   first seq sent without a result, then the port is started again: PORT_READY.  A port
-  that ends because it cannot load its library (exit 3, 4 or 5) is not restarted.
+  whose runner refused its library (or that ended before its runner said ``ready``) is
+  not restarted; an exit status after ``ready`` is the work's (``exit(3)`` included).
 - A task that runs past the work's ``task_timeout`` (counted from when it was sent or,
   if later, from the previous result) gets its port SIGKILLed.
 - EXEC runs a shell command at once (a task of its own, beside everything else) in a

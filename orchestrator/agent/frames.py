@@ -39,7 +39,9 @@ STATUS_FAILED = 1
 OUTPUT_OVER_CAP = "output over 64 MiB"
 NO_MESSAGE = "failed without a message"
 
-# The port's exit codes; a negative return code is the signal that killed it.
+# The port runner's exit codes; a negative return code is the signal that killed it.  A
+# work function may exit() with any of them too, so the agent never reads them alone:
+# the runner says what it refused or why it ended on its status pipe (ports.py).
 EXIT_OK = 0
 """Clean end of input at a frame boundary."""
 EXIT_USAGE = 1
@@ -52,15 +54,6 @@ EXIT_NO_FUNCTION = 4
 """The function is not in the library."""
 EXIT_NO_LIBRARY = 5
 """The library could not be loaded."""
-
-_EXIT_REASONS = {
-    EXIT_OK: "end of input",
-    EXIT_USAGE: "usage or I/O error",
-    EXIT_MALFORMED: "malformed task frame",
-    EXIT_ABI_MISMATCH: "work ABI version mismatch",
-    EXIT_NO_FUNCTION: "no such function in the library",
-    EXIT_NO_LIBRARY: "the library could not be loaded",
-}
 
 
 class FrameError(ValueError):
@@ -170,11 +163,12 @@ def decode_result_tuples(buffer: bytes | bytearray | memoryview) -> list[tuple[i
 
 
 def describe_exit(returncode: int) -> str:
-    """Why a port ended, from its return code (negative: the signal that killed it)."""
+    """How a process ended, from its return code (negative: the signal that killed it),
+    and no more: an exit status does not say who chose it (the runner or the work)."""
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
         except ValueError:
             name = f"signal {-returncode}"
         return f"killed by {name}"
-    return f"exit {returncode}: {_EXIT_REASONS.get(returncode, 'unknown exit code')}"
+    return f"exit status {returncode}"

@@ -1,7 +1,13 @@
 """Ports on the node: one ``orch-port`` process per index, fed TASKS on its stdin,
 read in large chunks on its stdout (result frames relayed as RESULTS), restarted when
 it dies (PORT_DIED naming the task in flight, then PORT_READY), SIGKILLed past a
-task's timeout.  See the agent's docstring for the whole story."""
+task's timeout.  See the agent's docstring for the whole story.
+
+Why a port ended is never read from its exit code alone, which a work function can
+give as well (``exit(3)``): the runner speaks for itself on a status pipe
+(``--status-fd``, see worker_native/PROTOCOL.md): ``ready`` once its library is loaded,
+``refused ...`` when it will not run the library, ``error ...`` when it ends on its own.
+A port that ends after ``ready`` without an ``error`` line ended because of its work."""
 
 from __future__ import annotations
 
@@ -38,24 +44,10 @@ READ_CHUNK = 1 << 20
 LOAD_GRACE = 0.5  # longest wait for a new port to show it loaded its library
 QUICK_DEATH = 1.0  # a port that dies this soon after starting, with no task, is restarted
 RESTART_CAP = 5.0  # ... after 0.1 s, doubling up to this
-LOAD_EXITS = (frames.EXIT_ABI_MISMATCH, frames.EXIT_NO_FUNCTION, frames.EXIT_NO_LIBRARY)
+STATUS_READY = "ready"
+STATUS_REFUSED = "refused"
+STATUS_ERROR = "error"
 STDERR_LINES_PER_WINDOW = 20  # per port, logged per 10 s; the rest is counted
-
-
-def _wchan(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/wchan") as fh:
-            return fh.read()
-    except OSError:
-        return ""
-
-
-def _maps_hold(pid: int, library: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as fh:
-            return library in fh.read()
-    except OSError:
-        return False
 
 
 class Port:
@@ -79,6 +71,10 @@ class Port:
         self._window = (0.0, 0, 0)  # start, lines logged, lines dropped
         self.started_at = 0.0
         self.quick_deaths = 0  # deaths in a row right after a start, with no task in flight
+        self.ready = False  # the runner said "ready": an end from now on is the work's (or an "error")
+        self.runner_said: tuple[str, str] | None = None  # its "refused"/"error" line: (word, message)
+        self.status_task: asyncio.Task[None] | None = None
+        self.first_status: asyncio.Future[None] | None = None  # done at the first status line or EOF
 
     # -- life ---------------------------------------------------------------------------
 
@@ -86,41 +82,51 @@ class Port:
         cfg = self.agent.cfg
         self.pending.clear()
         self.timed_out, self.corrupt, self.last_stderr = None, "", ""
-        proc = await asyncio.create_subprocess_exec(
-            str(cfg.port_binary), str(self.library), self.function, cfg.name,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            limit=READ_CHUNK, close_fds=True,
-        )
+        self.ready, self.runner_said = False, None
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                str(cfg.port_binary), f"--status-fd={status_w}", str(self.library), self.function, cfg.name,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                limit=READ_CHUNK, close_fds=True, pass_fds=(status_w,),
+            )
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
         self.proc = proc
         self.started_at = time.monotonic()
         if self.stopping:  # stop() came while the process started: stop() waits for it
             proc.kill()
+        loop = asyncio.get_running_loop()
+        self.first_status = loop.create_future()
+        self.status_task = asyncio.ensure_future(self._read_status(status_r, self.first_status))
         self.stderr_task = asyncio.ensure_future(self._drain_stderr(proc))
         self.watcher = asyncio.ensure_future(self._watch(proc))
 
     async def loaded(self) -> str | None:
-        """None once the port is past loading its library (blocked reading its first
-        task), else why it ended.  Waits at most LOAD_GRACE; a port still busy then is
-        taken as loaded (a late failure becomes a PORT_DIED)."""
+        """None once the port is past loading its library (its runner said ``ready``),
+        else why it ended.  Waits at most LOAD_GRACE; a port still busy then is taken as
+        loaded (a late refusal becomes a PORT_DIED, and the port is not restarted)."""
         proc = self.proc
-        assert proc is not None
-        library = os.path.realpath(self.library)
-        deadline = time.monotonic() + LOAD_GRACE
-        mapped_at: float | None = None
-        while time.monotonic() < deadline:
-            if proc.returncode is not None:
-                break
-            if "pipe" in _wchan(proc.pid):
-                return None
-            if mapped_at is None and _maps_hold(proc.pid, library):
-                mapped_at = time.monotonic()
-            elif mapped_at is not None and time.monotonic() - mapped_at > 0.05:
-                return None
-            await asyncio.sleep(0.002)
-        if proc.returncode is None:
+        assert proc is not None and self.first_status is not None
+        with contextlib.suppress(*TIMEOUTS):
+            await asyncio.wait_for(asyncio.shield(self.first_status), LOAD_GRACE)
+        if self.ready and not self.corrupt:
             return None
+        if proc.returncode is None:
+            if not self.first_status.done():
+                return None  # still busy loading: taken as loaded
+            # It refused, or its status pipe closed without a word: it is ending now (or
+            # it is no runner of ours, and goes on: taken as loaded).
+            with contextlib.suppress(*TIMEOUTS):
+                await asyncio.wait_for(proc.wait(), LOAD_GRACE)
+            if proc.returncode is None:
+                return None
         await proc.wait()
         await self._stderr_done()
+        await self._status_done()
         if self.corrupt:
             return f"corrupt result stream ({self.corrupt}); killed"
         return self._exit_reason(proc.returncode)
@@ -140,10 +146,10 @@ class Port:
             if watcher is not None and not watcher.done():  # nothing it would still do is wanted
                 watcher.cancel()
                 await asyncio.wait([watcher])
-            stderr = self.stderr_task
-            if stderr is not None and not stderr.done():  # ends with the process; unless a
-                await asyncio.wait([stderr], timeout=2.0)  # grandchild holds the pipe
-                stderr.cancel()
+            for reader in (self.stderr_task, self.status_task):
+                if reader is not None and not reader.done():  # ends with the process; unless a
+                    await asyncio.wait([reader], timeout=2.0)  # grandchild holds the pipe
+                    reader.cancel()
             if self.proc is proc:  # a restart in flight made no new process meanwhile
                 return
 
@@ -212,6 +218,7 @@ class Port:
             return
         self._disarm()
         await self._stderr_done()
+        await self._status_done()
         if self.stopping:
             return
         rc = proc.returncode
@@ -225,7 +232,9 @@ class Port:
             reason = self._exit_reason(rc)
         self.agent.log(f"port {self.index} ({self.work}) died: {reason}; task in flight: {seq}")
         self.agent.send(protocol.control(PORT_DIED, port=self.index, seq=seq, reason=reason))
-        if rc in LOAD_EXITS:
+        cannot_load = (self.runner_said is not None and self.runner_said[0] == STATUS_REFUSED) or (
+            not self.ready and not self.corrupt and self.timed_out is None and rc >= 0)
+        if cannot_load:
             self.agent.log(f"port {self.index} cannot load its library; not restarting it")
             self.agent.forget_port(self)
             return
@@ -245,10 +254,61 @@ class Port:
         self.agent.send(protocol.control(PORT_READY, port=self.index))
 
     def _exit_reason(self, rc: int) -> str:
-        reason = frames.describe_exit(rc)
-        if rc > 0 and self.last_stderr:
-            reason += f": {self.last_stderr}"
-        return reason
+        """Why the port ended: the runner's own word when it gave one, else the work's doing
+        (after ``ready``) or a death while loading the library (before it)."""
+        said = self.runner_said
+        if said is not None and said[0] == STATUS_REFUSED:
+            return f"the port runner refused the library: {said[1]}"
+        if said is not None:
+            return f"the port runner failed: {said[1]}"
+        how = frames.describe_exit(rc)
+        if not self.ready:
+            reason = f"the port ended while loading {self.library.name} ({how}), before its runner checked it"
+            return reason + (f"; its last stderr line: {self.last_stderr}" if self.last_stderr else "")
+        if rc < 0:
+            return how  # killed by SIGSEGV, SIGABRT, ...: a crash of the work (or the agent's kill)
+        reason = f"the work exited with status {rc}"
+        return reason + (f"; its last stderr line: {self.last_stderr}" if self.last_stderr else "")
+
+    # -- the runner's status channel --------------------------------------------------------
+
+    async def _read_status(self, fd: int, first: asyncio.Future[None]) -> None:
+        """Read the runner's status lines until the pipe ends (the runner exited)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=8192)
+        pipe = os.fdopen(fd, "rb", buffering=0)
+        try:
+            transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+        except BaseException:
+            pipe.close()
+            if not first.done():
+                first.set_result(None)
+            raise
+        try:
+            while True:
+                try:
+                    raw = await reader.readline()
+                except ValueError:  # a line past the limit: not our runner's
+                    raw = b"error an overlong status line\n"
+                if not raw:
+                    break
+                word, _, message = raw.decode("utf-8", "replace").rstrip("\n").partition(" ")
+                if word == STATUS_READY:
+                    self.ready = True
+                elif word in (STATUS_REFUSED, STATUS_ERROR) and self.runner_said is None:
+                    self.runner_said = (word, message[:1000])
+                if not first.done():
+                    first.set_result(None)
+        finally:
+            transport.close()
+            if not first.done():
+                first.set_result(None)
+
+    async def _status_done(self) -> None:
+        task = self.status_task
+        if task is not None and not task.done():
+            with contextlib.suppress(*TIMEOUTS):  # a grandchild may hold the pipe open: stop waiting
+                await asyncio.wait_for(asyncio.shield(task), 1.0)
 
     # -- stderr ---------------------------------------------------------------------------
 

@@ -93,6 +93,26 @@ def run_port(
     return PortRun(done.returncode, results, rest, done.stderr.decode())
 
 
+def run_port_with_status(library: Path, function: str, frames: bytes) -> tuple[PortRun, list[str]]:
+    """``run_port`` as the agent runs it, with a status pipe (``--status-fd``): the run
+    and the runner's status lines."""
+    status_r, status_w = os.pipe()
+    try:
+        done = subprocess.run([str(PORT), f"--status-fd={status_w}", str(library), function], input=frames,
+                              capture_output=True, timeout=120, pass_fds=(status_w,))
+        os.close(status_w)
+        status_w = -1
+        said = b""
+        while chunk := os.read(status_r, 4096):
+            said += chunk
+    finally:
+        os.close(status_r)
+        if status_w >= 0:
+            os.close(status_w)
+    results, rest = decode_results(done.stdout)
+    return PortRun(done.returncode, results, rest, done.stderr.decode()), said.decode().splitlines()
+
+
 def tasks(datas: Iterable[bytes], *, first_seq: int = 0, attempt: int = 1, size: float = 1.0) -> bytes:
     return b"".join(encode_task(first_seq + i, attempt, size, data) for i, data in enumerate(datas))
 
@@ -180,9 +200,10 @@ def test_encode_refuses_what_a_port_would_reject(seq: int, attempt: int, size: f
 
 def test_describe_exit() -> None:
     assert describe_exit(-signal.SIGSEGV) == "killed by SIGSEGV"
-    assert describe_exit(EXIT_MALFORMED) == "exit 2: malformed task frame"
-    assert describe_exit(EXIT_ABI_MISMATCH) == "exit 3: work ABI version mismatch"
-    assert describe_exit(99) == "exit 99: unknown exit code"
+    # An exit status alone does not say who chose it: the runner, or the work's exit().
+    assert describe_exit(EXIT_MALFORMED) == "exit status 2"
+    assert describe_exit(EXIT_ABI_MISMATCH) == "exit status 3"
+    assert describe_exit(99) == "exit status 99"
 
 
 # -- running tasks ---------------------------------------------------------------------
@@ -356,7 +377,75 @@ int work(const orch_task *task, orch_output *out) { return orch_write(out, task-
 """)
     run = run_port(lib, "work", tasks([b"x"]))
     assert (run.returncode, run.results) == (EXIT_ABI_MISMATCH, [])
-    assert "built for work ABI version 99" in run.stderr and "speaks version 1" in run.stderr
+    assert f"work ABI version mismatch: {lib} says version 99, this runner speaks version 1" in run.stderr
+
+
+# -- the status channel: the runner's own word, never an exit code a work can give ----------
+
+
+def test_the_runner_says_ready_on_its_status_pipe_and_nothing_else_on_a_clean_run() -> None:
+    run, said = run_port_with_status(FAULTS, "echo", tasks([b"a", b"b"]))
+    assert (run.returncode, [r.payload for r in run.results], said) == (EXIT_OK, [b"a", b"b"], ["ready"])
+
+
+def test_a_work_that_calls_exit_3_is_not_a_refusal(tmp_path: Path) -> None:
+    """exit(3) inside the work function gives the same exit code as the runner's ABI
+    refusal; the status pipe tells them apart: "ready" and no refusal, against a refusal."""
+    run, said = run_port_with_status(FAULTS, "exit_on", tasks([b"one", b"two", b"exit", b"never"], first_seq=502))
+    assert run.returncode == 3
+    assert [(r.seq, r.payload) for r in run.results] == [(502, b"one"), (503, b"two")]
+    assert first_seq_without_result(range(502, 506), run.results) == 504  # the task it exited in
+    assert said == ["ready"]
+    assert run.stderr == ""  # the runner said nothing: it did not end on its own
+
+    lib = build_lib(tmp_path, "future", """
+#include "orch_work.h"
+const int orch_work_abi_version = 99;
+int work(const orch_task *task, orch_output *out) { return orch_write(out, task->data, task->data_len); }
+""")
+    refused, said = run_port_with_status(lib, "work", tasks([b"x"]))
+    assert (refused.returncode, refused.results) == (EXIT_ABI_MISMATCH, [])
+    assert said == [f"refused work ABI version mismatch: {lib} says version 99, this runner speaks version 1 "
+                    "(rebuild the release against this orch's orch_work.h)"]
+
+
+def test_every_refusal_and_the_runners_own_errors_are_on_the_status_pipe(tmp_path: Path) -> None:
+    _, said = run_port_with_status(FAULTS, "no_such_function", b"")
+    assert said == [f"refused {FAULTS} has no function no_such_function"]
+    _, said = run_port_with_status(tmp_path / "missing.so", "work", b"")
+    assert len(said) == 1 and said[0].startswith(f"refused cannot load {tmp_path / 'missing.so'}: ")
+    malformed, said = run_port_with_status(FAULTS, "echo", tasks([b"first"]) + raw_task(magic=b"OTSX"))
+    assert malformed.returncode == EXIT_MALFORMED
+    assert said[0] == "ready" and said[1].startswith("error malformed frame after 1 tasks: bad magic")
+
+
+def test_the_status_pipe_is_the_runners_alone(tmp_path: Path) -> None:
+    """Close-on-exec: a program the work function runs does not get it."""
+    lib = build_lib(tmp_path, "spawner", """
+#define _POSIX_C_SOURCE 200809L
+#include <stdio.h>
+#include <stdlib.h>
+#include "orch_work.h"
+int work(const orch_task *task, orch_output *out) {
+    (void)task;
+    char line[64];
+    FILE *ls = popen("ls /proc/self/fd | wc -l", "r");
+    if (ls == NULL || fgets(line, sizeof line, ls) == NULL) return ORCH_WORK_FAILED;
+    pclose(ls);
+    return orch_write(out, line, strlen(line));
+}
+""".replace("#include \"orch_work.h\"", "#include <string.h>\n#include \"orch_work.h\""))
+    run, said = run_port_with_status(lib, "work", tasks([b"x"]))
+    assert said == ["ready"] and run.returncode == EXIT_OK
+    # ls's own: stdin, stdout, stderr and the folder it reads; nothing of the runner's
+    assert run.results[0].payload == b"4\n"
+
+
+def test_a_bad_status_fd_is_a_usage_error() -> None:
+    for option in ("--status-fd=99", "--status-fd=1", "--status-fd=x", "--status-fd="):
+        done = subprocess.run([str(PORT), option, str(FAULTS), "echo"], capture_output=True, input=b"")
+        assert done.returncode == EXIT_USAGE
+        assert f"orch-port: {option} is not an open descriptor above 2" in done.stderr.decode()
 
 
 def test_a_library_without_an_abi_version_is_accepted(tmp_path: Path) -> None:
@@ -378,7 +467,8 @@ def test_a_library_that_cannot_be_loaded_exits_5(tmp_path: Path) -> None:
 
 def test_a_bad_command_line_exits_1() -> None:
     done = subprocess.run([str(PORT), str(FAULTS)], capture_output=True, input=b"")
-    assert done.returncode == EXIT_USAGE and b"usage: orch-port LIBRARY.so FUNCTION [NODE_NAME]" in done.stderr
+    assert done.returncode == EXIT_USAGE
+    assert b"usage: orch-port [--status-fd=N] LIBRARY.so FUNCTION [NODE_NAME]" in done.stderr
 
 
 NEVER = encode_task(9, 1, 1.0, b"never")

@@ -7,6 +7,8 @@
  *   segv_on    a real SIGSEGV (a store through a null pointer) when data == "crash"
  *   abort_on   abort() when data == "abort"
  *   hang_on    sleeps forever when data == "hang"
+ *   exit_on    exit(3) when data == "exit": the work's own exit status, which the
+ *              runner's exit codes must not be taken for (3 is its ABI refusal's)
  *   fail_on    orch_fail("bad task") and FAILED when data == "fail"
  *   big        writes the data 1000 times (data_len * 1000 bytes)
  *   attempt    writes "seq=%llu attempt=%u size=%.3f node=%s"
@@ -79,6 +81,13 @@ int hang_on(const orch_task *task, orch_output *out)
     if (is(task, "hang"))
         for (;;)
             pause();
+    return echo(task, out);
+}
+
+int exit_on(const orch_task *task, orch_output *out)
+{
+    if (is(task, "exit"))
+        exit(3);
     return echo(task, out);
 }
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 
 from orchestrator.agent.protocol import LOAD_FAILED, LOADED, PORT_DIED, PORT_READY, RESULTS, UNLOAD
 from orchestrator.workspace import Workspace
-from tests.helpers.agent import MakeHome, index_of, load, port_pids, session_of, tasks, wait_until
+from tests.helpers.agent import FAULTS_RELEASE, MakeHome, index_of, load, port_pids, session_of, tasks, wait_until
 from tests.helpers.agent_peer import AgentPeer
+from tests.helpers.native import INCLUDE
 
 
 def test_a_thousand_echo_tasks_over_two_ports_come_back_in_order(ws: Workspace, peer: AgentPeer,
@@ -87,10 +89,11 @@ def test_load_failures_say_why(ws: Workspace, peer: AgentPeer, make_home: MakeHo
     assert wrong_sha.kind == LOAD_FAILED and wrong_sha.body["missing"] is True
     nope = load(session, "w3", "no_such_function", [0, 1])
     assert nope.kind == LOAD_FAILED and nope.body["missing"] is False
-    assert nope.body["reason"].startswith("exit 4: no such function in the library: orch-port: ")
-    assert "no_such_function" in nope.body["reason"]
+    assert nope.body["reason"].startswith("the port runner refused the library: ")
+    assert nope.body["reason"].endswith("libfaults.so has no function no_such_function")
     nolib = load(session, "w4", "echo", [0], library="build/libnothing.so")
-    assert nolib.kind == LOAD_FAILED and nolib.body["reason"].startswith("exit 5: the library could not be loaded")
+    assert nolib.kind == LOAD_FAILED
+    assert nolib.body["reason"].startswith("the port runner refused the library: cannot load ")
     escape = load(session, "w5", "echo", [0], library="../../etc/passwd")
     assert escape.kind == LOAD_FAILED and "inside the release" in escape.body["reason"]
 
@@ -146,3 +149,36 @@ def test_a_port_writing_garbage_is_killed_and_restarted_ever_more_slowly(ws: Wor
     assert agent.poll() is None
     again = load(session, "w2", "echo", [1])  # at once: the LOAD itself fails, saying why
     assert again.kind == LOAD_FAILED and again.body["reason"].startswith("corrupt result stream")
+
+
+def test_a_work_that_exits_3_is_the_works_exit_and_an_abi_mismatch_is_the_runners_refusal(
+        ws: Workspace, peer: AgentPeer, make_home: MakeHome, tmp_path: Path) -> None:
+    """The runner refuses an ABI it does not speak with exit 3, and a work function may
+    exit(3) too: the agent tells them apart by the runner's status pipe, not the code."""
+    home = make_home(ws, peer.address)
+    home.add_faults_release()
+    source = tmp_path / "future.c"
+    source.write_text('#include "orch_work.h"\nconst int orch_work_abi_version = 99;\n'
+                      "int work(const orch_task *t, orch_output *o) { return orch_write(o, t->data, t->data_len); }\n")
+    future = home.releases / FAULTS_RELEASE / "build" / "libfuture.so"
+    subprocess.run(["cc", "-shared", "-fPIC", f"-I{INCLUDE}", "-o", str(future), str(source)], check=True)
+    agent = home.start()
+    session = session_of(peer, home)
+
+    refused = load(session, "abi", "work", [0], library="build/libfuture.so")
+    assert refused.kind == LOAD_FAILED and refused.body["missing"] is False
+    assert refused.body["reason"] == (
+        f"the port runner refused the library: work ABI version mismatch: {future} says version 99, this runner "
+        "speaks version 1 (rebuild the release against this orch's orch_work.h)")
+
+    assert load(session, "w", "exit_on", [0]).kind == LOADED
+    session.tasks(0, tasks((502, b"a"), (503, b"b"), (504, b"exit"), (505, b"c")))
+    died = session.expect(PORT_DIED, timeout=10)
+    assert died.body == {"port": 0, "seq": 504, "reason": "the work exited with status 3"}
+    assert [r.seq for r in session.results(0)] == [502, 503]
+    ready = session.expect(PORT_READY)  # the work's exit is a death like a crash: the port comes back
+    assert index_of(session, ready) > index_of(session, died)
+    session.tasks(0, tasks((506, b"after")))
+    assert [(r.seq, r.payload) for r in session.wait_results(0, 3)][2:] == [(506, b"after")]
+    assert "ABI" not in home.log_text().split("loaded w:")[1]
+    assert agent.poll() is None
