@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.state import Store
+from orchestrator.state import NodeRecord, NodeState, Store, targets
 from orchestrator.workspace import Workspace
 
 
@@ -29,6 +29,9 @@ console = Console(highlight=False, soft_wrap=True, width=_width())
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_width())
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TargetArg = Annotated[str, typer.Argument(metavar="TARGET", help=targets.TARGET_HELP)]
+TargetsArg = Annotated[list[str] | None, typer.Argument(metavar="[TARGET]...", help=targets.TARGET_HELP)]
+LabelsOpt = Annotated[list[str] | None, typer.Option("--label", "-l", metavar="SELECTOR", help=targets.LABEL_HELP)]
 
 
 @dataclasses.dataclass
@@ -91,3 +94,14 @@ def print_fields(title: str, fields: Sequence[tuple[str, Any]]) -> None:
     for key, value in fields:
         table.add_row(key, "" if value is None else str(value))
     console.print(table)
+
+
+def target_nodes(ws: Workspace, store: Store, names: Sequence[str], labels: Sequence[str] | None = None, *,
+                 states: Sequence[NodeState] = (NodeState.READY,)) -> list[NodeRecord]:
+    """The nodes in ``states`` that ``names`` (targets) and ``labels`` choose: one resolver
+    for every command (see orchestrator.state.targets)."""
+    from orchestrator.config import provider_labels  # pydantic: only when labels are asked for
+
+    nodes = store.list_nodes(states=list(states))
+    by_provider = provider_labels(ws, {n.provider for n in nodes}) if labels else None
+    return targets.resolve(nodes, names, labels or (), provider_labels=by_provider)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from orchestrator.cli.common import JsonFlag, console, err_console, open_store, print_json, print_table, workspace
+from orchestrator.cli.common import (
+    JsonFlag,
+    LabelsOpt,
+    TargetArg,
+    TargetsArg,
+    console,
+    err_console,
+    open_store,
+    print_json,
+    print_table,
+    target_nodes,
+    workspace,
+)
 from orchestrator.cli.lazy import lazy
 from orchestrator.cli.progress import NodeProgress
 from orchestrator.cli.workspace_cmds import existing_store
-from orchestrator.config import load_workspace_config
 from orchestrator.errors import FleetIncomplete, InputError, RemoteError
 from orchestrator.state import NodeState, Store
 
@@ -79,21 +91,19 @@ def raise_unless_ok(report: engine.SpawnReport) -> None:
 
 def stop(
     ctx: typer.Context,
-    targets: Annotated[list[str] | None, typer.Argument(help="FAMILY, or node ids / resource paths.")] = None,
+    targets: TargetsArg = None,
     all_nodes: Annotated[bool, typer.Option("--all", help="Stop every node of the workspace.")] = False,
+    label: LabelsOpt = None,
     quiet: QuietFlag = False,
 ) -> None:
     """Destroy nodes through their providers and mark them stopped."""
     ws = workspace(ctx)
-    names = targets or []
-    if not names and not all_nodes:
-        raise InputError("name a FAMILY, node ids, or pass --all", hint="see `orch nodes`")
+    names = ["all"] if all_nodes or (label and not targets) else targets or []
+    if not names:  # stopping everything is never a default
+        raise InputError("name a TARGET (a family, node ids, paths: see --help), pass -l SELECTOR or --all",
+                         hint="see `orch nodes`")
     with open_store(ws) as store:
-        families = set(load_workspace_config(ws).families) | {n.family for n in store.list_nodes()}
-        if len(names) == 1 and names[0] in families:
-            nodes = engine.select_nodes(store, family=names[0])
-        else:
-            nodes = engine.select_nodes(store, node_ids=names, all_nodes=all_nodes)
+        nodes = target_nodes(ws, store, names, label, states=[s for s in NodeState if s.live])
         with NodeProgress("stop", quiet=quiet) as progress:
             stopped = engine.stop(ws, store, nodes, events=progress.events())
     console.print(f"stopped {len(stopped)} node(s)")
@@ -122,10 +132,18 @@ def nodes(
                 empty="no nodes; bring some up with `orch spawn FAMILY`")
 
 
+def command_line(argv: list[str]) -> str:
+    """What runs after ``--``: one argument is a shell command line as typed; several are an
+    argument vector, each quoted (``-- touch 'a;b'`` makes one file, as ``kubectl exec`` does)."""
+    return argv[0] if len(argv) == 1 else shlex.join(argv)
+
+
 def exec_(
     ctx: typer.Context,
-    target: Annotated[str, typer.Argument(help="FAMILY, node id, resource path prefix (/provider/...), or 'all'.")],
-    command: Annotated[list[str], typer.Argument(help="The command (put it after --).")],
+    target: TargetArg,
+    command: Annotated[list[str], typer.Argument(help="After --: one argument is a shell command line; "
+                                                      "more are a command and its arguments, each quoted.")],
+    label: LabelsOpt = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds each node may take.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -133,17 +151,12 @@ def exec_(
     over SSH); exit non-zero if any node fails."""
     ws = workspace(ctx)
     with open_store(ws) as store:  # the store alone: orchestrator.fleet (libcloud, paramiko) is 0.4 s to import
-        ready = store.list_nodes(states=[NodeState.READY])
-    if target == "all":
-        chosen = ready
-    else:
-        chosen = [n for n in ready if target in (n.family, n.id) or (target.startswith("/") and
-                                                                       n.path.startswith(target))]
+        chosen = target_nodes(ws, store, [target], label)
     if not chosen:
         raise InputError(f"no ready node matches {target!r}", hint="see `orch nodes`")
     from orchestrator.server import client
 
-    line = " ".join(command)
+    line = command_line(command)
     server = client.running(ws)
     answers: dict[str, dict[str, Any]]
     if server is not None:  # the server holds the agents' connections: one request, no SSH

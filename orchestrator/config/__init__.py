@@ -24,6 +24,7 @@ from orchestrator.config.workspace import (
     load_provider,
     load_settings,
     load_workspace_config,
+    provider_labels,
     validate_release_manifest_text,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "load_family",
     "load_model",
     "load_provider",
+    "provider_labels",
     "load_settings",
     "load_workspace_config",
     "load_yaml",

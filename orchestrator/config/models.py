@@ -26,7 +26,7 @@ NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"  # providers, families, releases
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """Lower-case names of providers, families and releases: they become paths and tags."""
 
-Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}$")]
+Label = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,62}(=[A-Za-z0-9_.:/-]{0,63})?$")]
 Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
 Version = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
 ReleaseRef = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,62}(@[0-9A-Za-z][0-9A-Za-z.+_-]{0,63})?$")]

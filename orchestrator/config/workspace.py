@@ -41,6 +41,17 @@ def load_provider(ws: Workspace, name: str) -> ProviderConfig:
     return load_model(ProviderConfig, path, shown_as=ws.relative(path), name_from_stem=True)
 
 
+def provider_labels(ws: Workspace, names: Iterable[str]) -> dict[str, list[str]]:
+    """The labels of providers ``names`` (for label selectors); a provider whose file is gone
+    has none, so its nodes keep only their family's labels."""
+    found = {}
+    for name in sorted(set(names)):
+        path = ws.providers_dir / f"{name}.yaml"
+        if path.is_file():
+            found[name] = list(load_provider(ws, name).labels)
+    return found
+
+
 def load_family(ws: Workspace, name: str) -> NodeFamily:
     path = ws.families_dir / f"{name}.yaml"
     if not path.is_file():

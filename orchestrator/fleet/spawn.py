@@ -15,7 +15,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,7 +43,7 @@ from orchestrator.provision.registry import sync_registrations
 from orchestrator.remote.fanout import ssh_target
 from orchestrator.remote.pool import SSHPool
 from orchestrator.remote.ssh import SSHTarget
-from orchestrator.state import NodeRecord, NodeState, ReleaseRecord, Store
+from orchestrator.state import NodeRecord, NodeState, ReleaseRecord, Store, targets
 from orchestrator.workspace import Workspace
 
 UP = (NodeState.BOOTING, NodeState.BOOTSTRAPPING, NodeState.READY)
@@ -443,21 +443,15 @@ class _Spawner:
 
 
 def select_nodes(store: Store, *, family: str | None = None, node_ids: Sequence[str] = (),
-                 all_nodes: bool = False, states: Sequence[NodeState] | None = None) -> list[NodeRecord]:
-    """Nodes named by family, by id or resource-path prefix, or all of them."""
+                 all_nodes: bool = False, states: Sequence[NodeState] | None = None,
+                 labels: Sequence[str] = (), provider_labels: Mapping[str, Collection[str]] | None = None,
+                 ) -> list[NodeRecord]:
+    """Live nodes (or those in ``states``) named by family, by targets (``node_ids``: ids,
+    paths, globs: see orchestrator.state.targets), or all of them; ``labels`` narrow them."""
     wanted = list(states) if states is not None else [s for s in NodeState if s.live]
     nodes = store.list_nodes(states=wanted)
-    if all_nodes:
-        return nodes
-    if family is not None:
-        return [n for n in nodes if n.family == family]
-    chosen: list[NodeRecord] = []
-    for name in node_ids:
-        matches = [n for n in nodes if n.id == name or (name.startswith("/") and n.path.startswith(name))]
-        if not matches:
-            raise NotFoundError(f"no live node {name!r}", hint="see `orch nodes`")
-        chosen.extend(m for m in matches if m not in chosen)
-    return chosen
+    named = ["all"] if all_nodes else [family] if family is not None else list(node_ids)
+    return targets.resolve(nodes, named, labels, provider_labels=provider_labels)
 
 
 def stop(ws: Workspace, store: Store, nodes: Sequence[NodeRecord], *,

@@ -78,16 +78,6 @@ class AgentChannel(Protocol):
         ...
 
 
-def matching(nodes: Sequence[NodeRecord], *, family: str | None = None, names: Sequence[str] = ()
-             ) -> list[NodeRecord]:
-    """The nodes of ``family`` when it is given, else those named in ``names`` by id or by
-    resource-path prefix (``/provider/...``); in the order of ``nodes``, each once."""
-    if family is not None:
-        return [n for n in nodes if n.family == family]
-    return [n for n in nodes if any(name == n.id or (name.startswith("/") and n.path.startswith(name))
-                                    for name in names)]
-
-
 def exec_nodes(ws: Workspace, agents: AgentChannel | None, nodes: Sequence[NodeRecord], command: str, *,
                timeout: float | None = None) -> dict[str, dict[str, Any]]:
     """``command`` on ``nodes``: through ``agents`` where one is connected, over SSH for the

@@ -378,3 +378,38 @@ def test_hosts_pool_is_used_then_spawn_fails_over_and_stop_cleans_the_machines(
         stop_everything(fleet_ws)
         for machine in machines:
             machines_driver.destroy_node(machine)
+
+
+def test_targets_labels_and_an_argument_vector(fleet_ws: Workspace, orch: Callable[..., Run]) -> None:
+    """One resolver for exec and stop: globbed paths and label selectors (the family's and
+    the provider's); after `--`, several arguments are a vector, each quoted."""
+    (fleet_ws.families_dir / "workers.yaml").write_text(family_yaml(2) + "labels: [tier=batch]\n")
+    (fleet_ws.families_dir / "db.yaml").write_text(family_yaml(1) + "labels: [tier=store]\n")
+    for family in ("workers", "db"):
+        assert orch("spawn", family, "-q", cwd=fleet_ws.root).code == 0
+    nodes = {n["id"]: n["family"] for n in json.loads(orch("nodes", "--json").out)}
+    workers = sorted(i for i, f in nodes.items() if f == "workers")
+
+    def ran_on(*args: str) -> list[str]:
+        result = orch("exec", *args, "--json", "--", "true")
+        assert result.code == 0, result.err
+        return sorted(json.loads(result.out))
+
+    assert ran_on("/local/*/workers/*") == workers
+    assert ran_on("all", "-l", "tier=batch") == workers
+    assert ran_on("all", "-l", "private,tier!=batch") == sorted(set(nodes) - set(workers))  # private: the provider's
+    missing = orch("exec", "/local/*/nobody", "--", "true")
+    assert missing.code == 2 and "no node matches target '/local/*/nobody'" in missing.err
+    assert "Traceback" not in missing.err
+    unlabelled = orch("exec", "db", "-l", "tier=batch", "--", "true")
+    assert unlabelled.code == 2 and "matches labels 'tier=batch'" in unlabelled.err
+
+    made = orch("exec", workers[0], "--json", "--", "touch", "a;b", "c d")
+    assert made.code == 0, made.err
+    listed = json.loads(orch("exec", workers[0], "--json", "--", "ls -1 a* b* c* 2>/dev/null; true").out)
+    assert listed[workers[0]]["stdout"].splitlines() == ["a;b", "c d"]  # one file each, no `b` command run
+    line = json.loads(orch("exec", workers[0], "--json", "--", "echo one; echo two").out)
+    assert line[workers[0]]["stdout"].split() == ["one", "two"]  # one argument: a shell command line
+
+    assert orch("stop", "-l", "tier=store").code == 0
+    assert {n.family for n in store_nodes(fleet_ws, NodeState.READY)} == {"workers"}  # type: ignore[attr-defined]

@@ -182,7 +182,9 @@ def test_not_found_and_validation(server: Server) -> None:
     assert server.post("/nodes/stop", {}).status_code == 422
     assert server.post("/nodes/stop", {"family": "workers", "all": True}).status_code == 422
     assert server.post("/nodes/spawn", {"family": "nope"}).status_code == 404
-    assert server.post("/nodes/exec", {"family": "nope", "command": "true"}).status_code == 400
+    assert server.post("/nodes/exec", {"family": "nope", "command": "true"}).status_code == 404
+    assert server.post("/nodes/exec", {"targets": ["/nowhere/*"], "command": "true"}).status_code == 404
+    assert server.post("/nodes/exec", {"targets": ["all"], "command": "true", "argv": ["true"]}).status_code == 422
     assert server.get("/events", params={"after": -1}).status_code == 422
 
 
@@ -194,6 +196,10 @@ def test_exec_has_the_shape_of_orch_exec_json(server: Server, spawned: list[str]
     assert one == {spawned[0]: {"exit": 0, "stdout": "one\n", "stderr": ""}}
     cli = server.orch("exec", "--json", spawned[0], "--", "echo", "one")
     assert json.loads(cli.stdout) == one
+    # The CLI's targets and labels, and an argument vector: each argument quoted.
+    vector = server.post("/nodes/exec", {"targets": ["/local/*/work*"], "labels": ["!gpu"],
+                                         "argv": ["printf", "%s|", "a;b", "c d"]}).json()
+    assert vector == {node: {"exit": 0, "stdout": "a;b|c d|", "stderr": ""} for node in spawned}
 
 
 def test_exec_goes_through_the_agents_the_server_holds(server: Server, spawned: list[str]) -> None:

@@ -359,7 +359,7 @@ def test_jobs_status_info_and_delete_without_nodes(cloud: Cloud, job: JobRef) ->
         cloud.add_job("primes:nope", input="0:10")
     with pytest.raises(StateError, match="no ready nodes"):
         cloud.run(job)
-    with pytest.raises(NotFoundError, match="no live node 'n-missing'"):
+    with pytest.raises(NotFoundError, match="no node matches target 'n-missing'"):
         cloud.remove_node("n-missing")
     with pytest.raises(InputError, match="count must be an integer >= 1"):
         cloud.add_node("workers", count=0)

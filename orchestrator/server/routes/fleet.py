@@ -11,7 +11,8 @@ from fastapi import APIRouter, Query
 from orchestrator.errors import InputError
 from orchestrator.server.bodies import ExecRequest, SpawnRequest, StopRequest
 from orchestrator.server.deps import SECURED, ServiceDep, StoreDep, WorkspaceDep
-from orchestrator.state import NodeRecord, NodeState
+from orchestrator.state import NodeRecord, NodeState, Store, targets
+from orchestrator.workspace import Workspace
 
 router = APIRouter(tags=["fleet"], dependencies=SECURED)
 
@@ -46,10 +47,7 @@ def stop(request: StopRequest, ws: WorkspaceDep, db: StoreDep) -> dict[str, Any]
     """Destroy nodes through their providers (as `orch stop`)."""
     from orchestrator import fleet
 
-    if request.family is not None:
-        chosen = fleet.select_nodes(db, family=request.family)
-    else:
-        chosen = fleet.select_nodes(db, node_ids=request.nodes or [], all_nodes=request.all)
+    chosen = _chosen(ws, db, request.named(), request.labels, [s for s in NodeState if s.live])
     return {"stopped": fleet.stop(ws, db, chosen) if chosen else []}
 
 
@@ -57,15 +55,22 @@ def stop(request: StopRequest, ws: WorkspaceDep, db: StoreDep) -> dict[str, Any]
 def exec_(request: ExecRequest, ws: WorkspaceDep, db: StoreDep, service: ServiceDep) -> dict[str, Any]:
     """Run a command on ready nodes in parallel, through their agents when connected, else
     over SSH; per node `{exit, stdout, stderr}` or `{error}` (as `orch exec --json`)."""
-    from orchestrator import fleet
     from orchestrator.remote import fanout
 
-    ready = fleet.select_nodes(db, all_nodes=True, states=[NodeState.READY])
-    chosen = fanout.matching(ready, family=request.family, names=request.nodes or [])
+    chosen = _chosen(ws, db, request.named(), request.labels, [NodeState.READY])
     if not chosen:
-        raise InputError(f"no ready node matches {request.family or ', '.join(request.nodes or [])!r}",
-                         hint="see GET /nodes")
-    return fanout.exec_nodes(ws, service, chosen, request.command, timeout=request.timeout)
+        raise InputError("no ready node to run on", hint="see GET /nodes")
+    return fanout.exec_nodes(ws, service, chosen, request.line(), timeout=request.timeout)
+
+
+def _chosen(ws: Workspace, db: Store, named: list[str], labels: list[str], states: list[NodeState]
+            ) -> list[NodeRecord]:
+    """The one resolver the CLI uses too (orchestrator.state.targets)."""
+    from orchestrator.config import provider_labels
+
+    nodes = db.list_nodes(states=states)
+    by_provider = provider_labels(ws, {n.provider for n in nodes}) if labels else None
+    return targets.resolve(nodes, named, labels, provider_labels=by_provider)
 
 
 def _node(n: NodeRecord) -> dict[str, Any]:
