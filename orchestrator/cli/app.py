@@ -13,7 +13,18 @@ import typer
 from typer.exceptions import TyperException
 
 from orchestrator import __version__
-from orchestrator.cli import autoscale, family, fleet, inventory, job, provider, release, serve, workspace_cmds
+from orchestrator.cli import (
+    autoscale,
+    family,
+    fleet,
+    inventory,
+    job,
+    provider,
+    release,
+    serve,
+    ssh_cmds,
+    workspace_cmds,
+)
 from orchestrator.cli.common import CliState, err_console
 from orchestrator.errors import OrchError
 
@@ -33,6 +44,7 @@ app.add_typer(family.app, name="family")
 workspace_cmds.register(app)
 fleet.register(app)
 inventory.register(app)
+ssh_cmds.register(app)
 job.register(app)
 serve.register(app)
 autoscale.register(app)

@@ -54,6 +54,13 @@ def run(
     task_timeout: Annotated[float | None, typer.Option(help="Seconds before a task's port is killed.")] = None,
     max_attempts: Annotated[int | None, typer.Option(help="Tries of a task before it fails.")] = None,
     on_task_failure: Annotated[str | None, typer.Option(help="continue (default) or fail the job.")] = None,
+    isolate_failures: Annotated[bool | None, typer.Option(
+        "--isolate-failures/--no-isolate-failures",
+        help="Cut a task that failed every attempt in halves that run again, down to --isolate-floor items, "
+             "so only the failing pieces are lost (range, lines, chunks; default on).")] = None,
+    isolate_floor: Annotated[int | None, typer.Option(
+        help="The most items (numbers, lines, bytes) a failing piece holds without being cut again "
+             "(default 1).")] = None,
     ports_per_node: Annotated[int | None, typer.Option(help="Ports per node (default: the node's cpus).")] = None,
     follow: Annotated[bool, typer.Option("--follow/--detach", help="Run it here with a live progress bar "
                                          "(default); --detach only queues it.")] = True,
@@ -64,6 +71,7 @@ def run(
     options = {k: v for k, v in {
         "target_task_seconds": target_task_seconds, "task_size": task_size, "task_timeout": task_timeout,
         "max_attempts": max_attempts, "on_task_failure": on_task_failure, "ports_per_node": ports_per_node,
+        "isolate_failures": isolate_failures, "isolate_floor": isolate_floor,
     }.items() if v is not None}
     with open_store(ws) as store:
         ref = jobs.submit(ws, store, work, input=input, sink=sink, family=family, work_module=work_module,
@@ -146,12 +154,18 @@ def status(ctx: typer.Context, job: Annotated[str, typer.Argument(help="The job 
         ("tasks made", info["generated"]),
         ("done / failed", f"{counters.get('done', 0)} / {counters.get('failed', 0)}"),
         ("retried", counters.get("retried", 0)),
+        ("failed pieces", _pieces_line(info["failed_pieces"], counters.get("split", 0))),
         ("port deaths", counters.get("port_deaths", 0)),
         ("nodes lost", counters.get("nodes_lost", 0)),
         ("late results discarded", counters.get("discarded", 0)),
     ])
     for seq, error in info["failed_tasks"][:20]:
         console.print(f"  failed task {seq}: {error}", markup=False)
+    for piece in info["failed_pieces"][:50]:
+        console.print(f"  failed piece {piece['text']} (task {piece['task']}): {piece['error']}", markup=False)
+    if len(info["failed_pieces"]) > 50:
+        console.print(f"  ... {len(info['failed_pieces']) - 50} more failed pieces (`orch job status "
+                      f"{info['id']} --json`)", markup=False)
 
 
 @app.command("result")
@@ -247,7 +261,8 @@ def _run_with_progress(ws: Any, store: Any, job_id: str, *, quiet: bool) -> Outc
                 last_line[0] = time.monotonic()
                 err_console.print(f"{seconds:7.1f}s  {written} tasks written  {written / seconds:,.0f}/s  {sizes}",
                                   markup=False)
-        elif kind in ("port.died", "node.lost", "task.failed", "node.slow", "agent.excluded"):
+        elif kind in ("port.died", "node.lost", "task.failed", "node.slow", "agent.excluded", "piece.failed",
+                      "job.isolation_stopped"):
             text = data.get("reason", "")
             where = data.get("node", "")
             err_console.print(f"{kind}: {where} {text}".rstrip(), markup=False)
@@ -265,6 +280,8 @@ def _finish(job_id: str, outcome: Outcome, as_json: bool) -> None:
         err_console.print(
             f"job {job_id} {outcome.state.value} in {outcome.seconds:.2f} s: {counters.get('done', 0)} tasks done, "
             f"{counters.get('failed', 0)} failed, {counters.get('retried', 0)} retried"
+            + (f", {counters['pieces_failed']} failed pieces (see `orch job status {job_id}`)"
+               if counters.get("pieces_failed") else "")
             + (f"; {outcome.reason}" if outcome.reason else ""), markup=False)
     if outcome.state.value != "done":
         raise typer.Exit(1)
@@ -272,6 +289,14 @@ def _finish(job_id: str, outcome: Outcome, as_json: bool) -> None:
 
 def register(parent: typer.Typer) -> None:
     parent.add_typer(app, name="job")
+
+
+def _pieces_line(pieces: list[dict[str, Any]], splits: int) -> str:
+    """The failed pieces in one line: how many, and the first few by their place in the input."""
+    if not pieces:
+        return f"none ({splits} tasks cut in pieces)" if splits else "none"
+    shown = ", ".join(p["text"] for p in pieces[:5]) + (", ..." if len(pieces) > 5 else "")
+    return f"{len(pieces)}: {shown}"
 
 
 def _size(info: dict[str, Any], node: str) -> str:

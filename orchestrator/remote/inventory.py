@@ -1,4 +1,5 @@
-"""The fleet as an Ansible inventory, with the host keys still pinned.
+"""The fleet for OpenSSH and Ansible (an inventory, an ssh_config, an ``ssh`` command
+line), with the host keys still pinned.
 
 ``ansible_inventory`` turns node records into Ansible's YAML inventory structure: group
 ``all`` with one child group per family, hosts keyed by node id::
@@ -28,7 +29,13 @@ never disabled.
 ``orch inventory`` writes into that file every node that is up (booting, bootstrapping,
 ready), not only the ones in the inventory it prints, so inventories written for
 different families can share it; a stopped, failed or lost node's key is left out, so
-it cannot vouch for whatever holds its address next.
+it cannot vouch for whatever holds its address next.  ``orch ssh`` rewrites it the same
+way before it runs ``ssh``, so a config exported earlier keeps working for every node up.
+
+``ssh_config`` is the same fleet as an ssh_config(5) file, one ``Host NODE_ID`` block a
+node (``ssh -F FILE NODE_ID``, ``scp -F FILE ...``); ``ssh_command`` is the ``ssh``
+command line that reaches one node (``orch ssh``).  Neither needs paramiko: only the
+node's record, the fleet key and the known_hosts file.
 
 >>> nodes = store.list_nodes(states=[NodeState.READY])                   # doctest: +SKIP
 >>> write_known_hosts(ws, nodes)                                          # doctest: +SKIP
@@ -38,20 +45,43 @@ it cannot vouch for whatever holds its address next.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from orchestrator.errors import InputError
-from orchestrator.remote.fanout import ssh_target
-from orchestrator.state import NodeRecord
+from orchestrator.errors import InputError, RemoteError
+from orchestrator.state import NodeRecord, NodeState
 from orchestrator.workspace import Workspace
 
 PYTHON_INTERPRETER = "/usr/bin/python3"
 RESERVED_GROUPS = frozenset({"all", "ungrouped"})
 _DEFAULT_SSH_PORT = 22
+UP_STATES = (NodeState.BOOTING, NodeState.BOOTSTRAPPING, NodeState.READY)
+"""The states whose nodes' keys go into the known_hosts file (``fleet.UP``)."""
+_HOST_ALIAS = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # no space, glob, negation or comma
+
+
+class Endpoint(NamedTuple):
+    """Where and as whom a node is reached: what ``fanout.ssh_target`` gives orch's own SSH."""
+
+    host: str
+    port: int
+    user: str
+    key_file: Path
+
+
+def endpoint(ws: Workspace, node: NodeRecord) -> Endpoint:
+    """The node's address, port and user from the store, and the fleet key (absolute).
+
+    Raises RemoteError for a node without an address or a pinned host key, as orch's own
+    SSH (``fanout.ssh_target``) would: ssh could not check it.
+    """
+    if not (node.address and node.ssh_user and node.host_key):
+        raise RemoteError(f"node {node.id} has no address or pinned host key", hint="wait for it to boot")
+    return Endpoint(node.address, node.port or _DEFAULT_SSH_PORT, node.ssh_user, ws.ssh_key.absolute())
 
 
 def known_hosts_file(ws: Workspace) -> Path:
@@ -69,15 +99,82 @@ def group_name(family: str) -> str:
     return family.replace("-", "_")
 
 
+def pinning_options(known_hosts: Path, key_file: Path | None = None) -> list[tuple[str, str]]:
+    """The ssh_config(5) options that keep OpenSSH on our pinned keys and our key alone.
+
+    ``key_file``: the fleet key, as ``IdentityFile`` (Ansible passes it on its own).
+    """
+    key = [("IdentityFile", str(key_file))] if key_file is not None else []
+    return [
+        *key,
+        ("IdentitiesOnly", "yes"),  # the fleet key, not whatever an agent holds
+        ("UserKnownHostsFile", str(known_hosts)),
+        ("GlobalKnownHostsFile", "/dev/null"),  # only our pins vouch for a node
+        ("StrictHostKeyChecking", "yes"),  # unknown or changed key: refuse
+        ("UpdateHostKeys", "no"),  # the node may not add keys to our file
+    ]
+
+
+def config_value(text: str, *, what: str = "value") -> str:
+    """``text`` as one ssh_config(5) argument, read back by ssh as exactly ``text``.
+
+    ssh expands ``%`` tokens in paths (``%%`` is a ``%``) and splits on blanks, quotes and
+    ``#``, so anything but plain characters goes in double quotes, ``\\`` and ``"``
+    escaped.  A line break cannot be written at all.
+    """
+    if "\n" in text or "\r" in text or "\0" in text:
+        raise InputError(f"the {what} {text!r} holds a line break, which ssh_config cannot express",
+                         hint="move the workspace to a path without one")
+    text = text.replace("%", "%%")
+    if re.fullmatch(r"[A-Za-z0-9_./:@+%-]+", text):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def ssh_common_args(known_hosts: Path) -> str:
     """The ssh options that keep Ansible on our pinned keys and our key alone."""
-    return " ".join([
-        f"-o UserKnownHostsFile={shlex.quote(str(known_hosts))}",
-        "-o GlobalKnownHostsFile=/dev/null",  # only our pins vouch for a node
-        "-o StrictHostKeyChecking=yes",  # unknown or changed key: refuse
-        "-o UpdateHostKeys=no",  # the node may not add keys to our file
-        "-o IdentitiesOnly=yes",  # the fleet key, not whatever an agent holds
-    ])
+    return " ".join(f"-o {key}={shlex.quote(config_value(value, what=key))}"
+                    for key, value in pinning_options(known_hosts))
+
+
+def ssh_config(ws: Workspace, nodes: Sequence[NodeRecord], *, known_hosts: Path | None = None) -> str:
+    """An ssh_config(5) file with one ``Host NODE_ID`` block per node, sorted by id.
+
+    ``known_hosts``: the file of pinned keys (default: the workspace's, see
+    :func:`write_known_hosts`).  Raises RemoteError for a node without an address or a
+    pinned host key, InputError for a node id ssh would read as a pattern.
+    """
+    known_hosts = (known_hosts or known_hosts_file(ws)).absolute()
+    lines = [
+        "# The fleet's nodes for OpenSSH, written by `orch inventory --format ssh-config`:",
+        "#   ssh -F THIS_FILE NODE_ID    scp -F THIS_FILE FILE NODE_ID:PATH",
+        "# Host keys are pinned in the UserKnownHostsFile below, which orch inventory and orch ssh",
+        "# rewrite from the store; a node whose key differs from its pin is refused.",
+    ]
+    for node in sorted(nodes, key=lambda n: n.id):
+        if not _HOST_ALIAS.match(node.id):
+            raise InputError(f"node id {node.id!r} cannot be an ssh_config Host name",
+                             hint="node ids are letters, digits and _.-")
+        where = endpoint(ws, node)
+        options = [("HostName", where.host), ("Port", str(where.port)), ("User", where.user),
+                   *pinning_options(known_hosts, where.key_file)]
+        lines += ["", f"Host {node.id}", *(f"    {key} {config_value(value, what=key)}" for key, value in options)]
+    return "\n".join(lines) + "\n"
+
+
+def ssh_command(ws: Workspace, node: NodeRecord, command: Sequence[str] = (), *,
+                known_hosts: Path | None = None, ssh: str = "ssh") -> list[str]:
+    """The ``ssh`` command line that reaches ``node`` as ``ssh host command`` would.
+
+    Every option is on the command line, where it beats the user's ssh_config; the
+    destination follows ``--`` so that a command starting with ``-`` stays the command.
+    """
+    where = endpoint(ws, node)
+    known_hosts = (known_hosts or known_hosts_file(ws)).absolute()
+    argv = [ssh]
+    for key, value in pinning_options(known_hosts, where.key_file):
+        argv += ["-o", f"{key}={config_value(value, what=key)}"]
+    return [*argv, "-p", str(where.port), "-l", where.user, "--", where.host, *command]
 
 
 def known_host_line(node: NodeRecord) -> str | None:
@@ -120,7 +217,7 @@ def ansible_inventory(ws: Workspace, nodes: Sequence[NodeRecord], *,
     """
     children: dict[str, dict[str, Any]] = {}
     for node in sorted(nodes, key=lambda n: (n.family, n.id)):
-        target = ssh_target(ws, node)  # the same address, user, key and pin orch itself uses
+        target = endpoint(ws, node)  # the same address, user, key and pin orch itself uses
         hosts = children.setdefault(group_name(node.family), {"hosts": {}})["hosts"]
         hosts[node.id] = {
             "ansible_host": target.host,

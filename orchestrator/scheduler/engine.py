@@ -24,12 +24,15 @@ from typing import Any
 
 from orchestrator.agent import protocol as P
 from orchestrator.agent.frames import (
+    HEADER_LEN,
     TASK_HEADER,
     TASK_MAGIC,
     FrameError,
     decode_result_tuples,
     encode_result,
 )
+from orchestrator.scheduler import isolation as iso_store
+from orchestrator.scheduler.isolation import PIECE_BASE, Isolation, Split, describe
 from orchestrator.scheduler.run import Agent, EventSink, Finished, JobRun, Outcome, Port, Task
 from orchestrator.scheduler.sinks import Record
 from orchestrator.scheduler.sizing import Sizer
@@ -308,6 +311,7 @@ class Engine:
             assert agent.sizer is not None
             size = agent.sizer.size
             count = want - len(out)
+            origin = job.module.origin() if job.isolation is not None else None
             datas = job.module.next_many(size, count)
             if len(datas) < count:
                 job.exhausted = True
@@ -320,6 +324,9 @@ class Engine:
                 fresh.append(task)
                 seq += 1
             job.generated = seq
+            if origin is not None and job.isolation is not None:  # a file module's tasks: where each starts
+                for task, at in zip(fresh, job.isolation.origins(datas, origin), strict=True):
+                    task.origin = at
             made += fresh
             out += fresh
         return out
@@ -360,6 +367,10 @@ class Engine:
                 finished.all_accepted = False
                 continue
             if ok:
+                if seq >= PIECE_BASE:  # a piece of a failing task (isolation.py)
+                    finished.all_accepted = False
+                    self._piece_ok(job, task, elapsed_ns, payload, finished)
+                    continue
                 # The hot path (one pass per task): record, account, adapt.
                 seconds = elapsed_ns * 1e-9
                 if observe is not None:
@@ -409,23 +420,105 @@ class Engine:
         if finished.accepted or finished.failed:
             frames = b"".join([encode_result(seq, True, ns, payload) for seq, ns, payload in finished.accepted])
             self.store.add_results(job.id, node, finished.max_seq, frames, finished.failed)
+        for parent, frame in finished.pieces:  # kept until their task is written, as its own results are
+            self.store.add_results(job.id, node, parent, frame)
 
     def _attempt_failed(self, job: JobRun, task: Task, node: str | None, reason: str, finished: Finished) -> None:
         task.attempts += 1
         task.avoid = node
         task.error = f"attempt {task.attempts}: {reason}"
+        iso = job.isolation
         if task.attempts >= job.spec.max_attempts:
+            if iso is not None and self._isolate(job, iso, task, node):
+                return
+            if iso is not None and task.seq >= PIECE_BASE:
+                self._piece_failed(job, iso, task, node, reason, finished)
+                return
             self._give_up(job, task, finished)
             message = f"task {task.seq} failed after {task.attempts} attempts; last: {reason}"
             self.store.record_event("job.task_failed", job=job.id, node=node, reason=message)
             self.on_event("task.failed", {"seq": task.seq, "reason": message})
+            if iso is not None:  # named in input terms like a failed piece
+                job.counters.pieces_failed += 1
+                iso_store.save(self.store, job.id, iso.whole_failed(
+                    task.seq, task.size, task.frame[HEADER_LEN:], task.origin, task.attempts, task.error))
             if job.spec.on_task_failure == "fail":
                 job.failure = message
                 self._check_done()
             return
         job.counters.retried += 1
-        self.store.count_attempt(job.id, task.seq, task.attempts, task.error)
+        if iso is not None and task.seq >= PIECE_BASE:
+            iso_store.save(self.store, job.id, iso.piece_attempt(task.seq, task.attempts, task.error))
+        else:
+            self.store.count_attempt(job.id, task.seq, task.attempts, task.error)
         job.retry.appendleft(task)
+
+    # -- isolation: a task that failed every attempt runs again in halves (isolation.py) --------
+
+    def _isolate(self, job: JobRun, iso: Isolation, task: Task, node: str | None) -> bool:
+        """Cut the task (or piece) in halves that run next, unless it is at the floor."""
+        label = iso.label(task.seq)
+        if task.seq >= PIECE_BASE:
+            cut = iso.split_piece(task.seq, task.avoid)
+        else:
+            cut = iso.split_task(task.seq, task.size, task.frame[HEADER_LEN:], task.origin, task.avoid)
+        if cut is None:
+            return False
+        split, pieces = cut
+        del job.outstanding[task.seq]
+        made = []
+        for piece in pieces:
+            made.append(Task.make(piece.wire, piece.size, piece.data, piece.attempts))
+            made[-1].avoid = piece.avoid
+            job.outstanding[piece.wire] = made[-1]
+        job.retry.extendleft(reversed(made))
+        job.counters.split += 1
+        iso_store.save(self.store, job.id, split)
+        message = (f"task {label} failed all {task.attempts} attempts ({task.error}); "
+                   f"it runs again in halves: {' and '.join(iso.place(piece.seq) for piece in made)}")
+        self.store.record_event("job.task_split", job=job.id, node=node, reason=message)
+        self.on_event("task.split", {"seq": split.seq, "reason": message})
+        return True
+
+    def _piece_ok(self, job: JobRun, task: Task, elapsed_ns: int, payload: bytes, finished: Finished) -> None:
+        assert job.isolation is not None
+        del job.outstanding[task.seq]
+        split, settled = job.isolation.piece_ok(task.seq, payload)
+        finished.pieces.append((split.seq, encode_result(task.seq, True, elapsed_ns, payload)))
+        if settled:
+            self._settle(job, job.isolation, split, finished)
+
+    def _piece_failed(self, job: JobRun, iso: Isolation, task: Task, node: str | None, reason: str,
+                      finished: Finished) -> None:
+        del job.outstanding[task.seq]
+        split, leaf = iso.piece_failed(task.seq, task.attempts, task.error)
+        job.counters.pieces_failed += 1
+        iso_store.save(self.store, job.id, split)
+        message = (f"task {split.seq}: its piece {describe(leaf.where or {})} failed after {task.attempts} "
+                   f"attempts; last: {reason}")
+        self.store.record_event("job.piece_failed", job=job.id, node=node, reason=message)
+        self.on_event("piece.failed", {"seq": split.seq, "reason": message})
+        if split.settled():
+            self._settle(job, iso, split, finished)
+
+    def _settle(self, job: JobRun, iso: Isolation, split: Split, finished: Finished) -> None:
+        """Every piece of a split task is ok or failed: its record takes its place."""
+        was_stopped = iso.stopped
+        record, message = iso.settle(split)
+        job.records[split.seq] = record
+        job.buffered += len(record.payload)
+        iso_store.save(self.store, job.id, split)
+        if record.ok:
+            job.counters.done += 1
+        else:
+            job.counters.failed += 1
+            finished.failed.append((split.seq, max(leaf.attempts for leaf in split.leaves), message))
+            text = f"task {split.seq} failed: {message}"
+            self.store.record_event("job.task_failed", job=job.id, reason=text)
+            self.on_event("task.failed", {"seq": split.seq, "reason": text})
+        if iso.stopped and not was_stopped:
+            self.store.record_event("job.isolation_stopped", job=job.id, reason=iso.stopped)
+            self.on_event("job.isolation_stopped", {"reason": iso.stopped})
 
     def _requeue(self, job: JobRun, agent: Agent, port: Port, in_flight: int | None, reason: str) -> None:
         """A port's tasks come back: the one in flight has used an attempt, the rest ran never."""
@@ -450,9 +543,12 @@ class Engine:
         port.ready = False
         job.counters.port_deaths += 1
         in_flight = int(seq) if seq is not None else None
-        text = f"port {index} on {agent.name} died ({reason})"
-        self.store.record_event("job.port_died", job=job.id, node=agent.node,
-                                reason=f"{text}; task in flight: {in_flight}")
+        if in_flight is None:
+            text = f"port {index} on {agent.name} died with no task in flight: {reason}"
+        else:
+            label = job.isolation.label(in_flight) if job.isolation is not None else str(in_flight)
+            text = f"port {index} on {agent.name} died during task {label}: {reason}"
+        self.store.record_event("job.port_died", job=job.id, node=agent.node, reason=text)
         self.on_event("port.died", {"node": agent.node, "port": index, "seq": in_flight, "reason": reason})
         self._requeue(job, agent, port, in_flight, text)
         self._write_output(job)

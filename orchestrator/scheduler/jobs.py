@@ -26,6 +26,7 @@ from orchestrator.config.models import ReleaseManifest
 from orchestrator.deploy.builds import ReleaseBuilds, ensure_built_here
 from orchestrator.deploy.releases import find_release, manifest_of, parse_ref, read_release
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
+from orchestrator.scheduler import isolation
 from orchestrator.scheduler.engine import Engine
 from orchestrator.scheduler.run import EventSink, JobRun, Outcome, ReleaseInfo, Task
 from orchestrator.scheduler.sinks import Record, Sink, check_sink_url, open_sink
@@ -164,6 +165,7 @@ def status(store: Store, job_id: str) -> dict[str, Any]:
         "counters": progress.get("counters", {}), "nodes": progress.get("nodes", {}),
         "sizes": progress.get("sizes", {}),
         "scheduler_pid": alive, "failed_tasks": store.failed_tasks(job_id),
+        "failed_pieces": isolation.failed_pieces(store, job_id),
         "created_at": job.created_at, "updated_at": job.updated_at,
     }
 
@@ -189,7 +191,9 @@ def delete(ws: Workspace, store: Store, job_id: str) -> None:
         sink.delete(job_id)
     finally:
         sink.close()
-    store.delete_job(job_id)
+    with store.transaction():
+        store.delete_job(job_id)
+        store.kv_clear(scope=isolation.scope(job_id))
 
 
 # -- running ---------------------------------------------------------------------------------------
@@ -300,17 +304,44 @@ def _job_nodes(store: Store, spec: JobSpec) -> list[NodeRecord]:
 
 def _restore(store: Store, job: JobRun) -> list[Task]:
     """The work the store holds past the sink's end: done tasks go to the output buffer,
-    given-up ones are written as failed, pending ones run again (keeping their attempts)."""
+    given-up ones are written as failed, pending ones run again (keeping their attempts);
+    a task being isolated (cut in pieces) goes on with the pieces still to run."""
     work = stored_work(store, job.id, from_seq=job.next_write)
+    piece_results = {}
     for seq, payload in work.results.items():
+        if seq >= isolation.PIECE_BASE:
+            piece_results[seq] = payload
+            continue
         job.records[seq] = Record(seq, True, payload)
         job.buffered += len(payload)
     for seq, (_attempts, error) in work.failed.items():
         job.records.setdefault(seq, Record(seq, False, error.encode()))
     pending = []
+    split: set[int] = set()
+    origins: dict[int, int] = {}
+    iso = job.isolation
+    if iso is not None:
+        for seq, stored in isolation.load(store, job.id).items():
+            if seq < job.next_write or seq in job.records or seq not in work.tasks:
+                continue  # written, given up whole, or settled and stored as failed
+            restored, pieces = iso.restore(stored, work.tasks[seq][1], piece_results)
+            split.add(seq)
+            for piece in pieces:
+                pending.append(Task.make(piece.wire, piece.size, piece.data, piece.attempts))
+            if restored.settled():  # every piece was done before the stop: the task's record
+                record, message = iso.settle(restored)
+                job.records[seq] = record
+                job.buffered += len(record.payload)
+                if not record.ok:
+                    store.add_results(job.id, None, seq, b"", [(seq, 0, message)])
+        origins = isolation.origins(job.module, work.tasks, job.generated)
     for seq in work.pending():
+        if seq in split:
+            continue
         size, data = work.tasks[seq]
-        pending.append(Task.make(seq, size, data, work.attempts.get(seq, (0, ""))[0]))
+        task = Task.make(seq, size, data, work.attempts.get(seq, (0, ""))[0])
+        task.origin = origins.get(seq)
+        pending.append(task)
     return pending
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.agent.frames import HEADER_LEN, TASK_HEADER, TASK_MAGIC, encode_task
+from orchestrator.scheduler.isolation import Isolation
 from orchestrator.scheduler.sinks import Record, Sink
 from orchestrator.scheduler.sizing import Sizer
 from orchestrator.scheduler.spec import JobSpec
@@ -30,12 +31,14 @@ EventSink = Callable[[str, dict[str, Any]], None]
 class Task:
     """A task, kept as its first frame (attempt 1), which is also how the store keeps it."""
 
-    __slots__ = ("attempts", "avoid", "error", "frame", "seq", "size")
+    __slots__ = ("attempts", "avoid", "error", "frame", "origin", "seq", "size")
 
     def __init__(self, seq: int, size: float, frame: bytes, attempts: int = 0) -> None:
         self.seq, self.size, self.frame, self.attempts = seq, size, frame, attempts
         self.avoid: str | None = None
         self.error = ""
+        self.origin: int | None = None
+        """Where the task starts in the input, when its data does not say (file modules, isolating)."""
 
     @classmethod
     def make(cls, seq: int, size: float, data: bytes, attempts: int = 0) -> Task:
@@ -122,6 +125,8 @@ class Counters:
     discarded: int = 0
     port_deaths: int = 0
     nodes_lost: int = 0
+    split: int = 0  # tasks and pieces cut in halves after failing every attempt
+    pieces_failed: int = 0  # pieces (or whole tasks, when isolating) failed at the floor
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -150,6 +155,10 @@ class JobRun:
         """node id -> "running" or why it left the job (for `orch job status`)."""
         self.sizes: dict[str, float] = {}
         """node id -> its current task size (for `orch job status` and the dashboard)."""
+        self.isolation = (Isolation(module, floor=spec.isolate_floor)
+                          if spec.isolate_failures and spec.on_task_failure == "continue" and module.can_split
+                          else None)
+        """Failing tasks cut in pieces (see isolation.py); None when the job does not isolate."""
 
     def paused(self) -> bool:
         """Backpressure: too much output waits for an earlier task."""
@@ -179,6 +188,7 @@ class Finished:
 
     accepted: list[tuple[int, int, bytes]] = field(default_factory=list)  # ok results: seq, elapsed ns, output
     failed: list[tuple[int, int, str]] = field(default_factory=list)  # seq, attempts, reason
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)  # ok pieces: their task's seq, result frame
     max_seq: int = -1
     all_accepted: bool = True
 

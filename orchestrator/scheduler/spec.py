@@ -27,6 +27,11 @@ class JobSpec(StrictModel):
     max_attempts: int = Field(default=3, ge=1, description="tries of a task before it is failed")
     on_task_failure: Literal["continue", "fail"] = Field(
         default="continue", description="a failed task: keep going (the rest of the output intact) or fail the job")
+    isolate_failures: bool = Field(
+        default=True, description="cut a task that failed every attempt in halves that run again, down to "
+        "isolate_floor items (range, lines, chunks), so only the failing pieces are lost")
+    isolate_floor: int = Field(default=1, ge=1, description="the most items a failing piece may hold without "
+                               "being cut again (numbers, lines or bytes)")
     ports_per_node: int | None = Field(default=None, ge=1, description="default: the agent's slots (its cpus)")
     max_unflushed_bytes: int = Field(default=64 << 20, gt=0, description="pause dispatch past this much output")
     heartbeat_seconds: float = Field(default=1.0, gt=0)

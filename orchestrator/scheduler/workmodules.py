@@ -27,6 +27,14 @@ rights, so it is loaded only from a release, never from a path on the command li
 
 File modules hold their file open: call ``close()`` (or use the module as a context
 manager) when a job stops early; a module closes its file itself once exhausted.
+
+The built-in modules can also cut a task in pieces, for the engine's *isolation* of a
+task that fails every attempt (``scheduler/isolation.py``): ``units(data)`` is how many
+items (numbers, lines, bytes) a task holds, ``cut(data, low, high)`` the data of its
+items [low, high) as a task of their own, and ``locate`` where those items are in the
+job's input (numbers; lines counted from 1; byte offsets from 0), for which a file
+module tells the item index its next task starts at (``origin()``).  A release's own
+module does not split (``can_split`` False) unless it implements these too.
 """
 
 from __future__ import annotations
@@ -112,6 +120,8 @@ class WorkModule(abc.ABC):
     unit: ClassVar[str] = "units"
     option_names: ClassVar[frozenset[str] | None] = None
     min_size: float = 1.0
+    can_split: ClassVar[bool] = False
+    """Whether ``units``, ``cut`` and ``locate`` work: a failing task can be isolated."""
 
     def __init__(self, input: str, options: Mapping[str, Any], position: Mapping[str, Any] | None = None) -> None:
         self.input = input
@@ -148,6 +158,27 @@ class WorkModule(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most modules hold nothing
         """Release what the module holds (an open file); ``next`` returns None afterwards."""
+
+    # -- pieces of a task (for isolating failures; see can_split) ------------------------------
+
+    def origin(self) -> int | None:
+        """The index of the item the next task starts at, when a task's data does not say
+        where it is in the input (the file modules); None otherwise."""
+        return None
+
+    def units(self, data: bytes) -> int:
+        """How many items a task of this module holds."""
+        raise NotImplementedError(f"the {self.name} work module does not cut tasks in pieces")
+
+    def cut(self, data: bytes, low: int, high: int) -> bytes:
+        """The data of items [low, high) of a task's ``data``: a task of their own."""
+        raise NotImplementedError(f"the {self.name} work module does not cut tasks in pieces")
+
+    def locate(self, data: bytes, origin: int | None, low: int, high: int) -> dict[str, Any]:
+        """Where items [low, high) of a task (that starts at item ``origin``) are in the
+        job's input: ``{"unit": "numbers" | "lines" | "bytes", "first": F, "last": L}``,
+        both ends included (lines count from 1, byte offsets from 0)."""
+        raise NotImplementedError(f"the {self.name} work module does not cut tasks in pieces")
 
     def __enter__(self) -> WorkModule:
         return self
@@ -221,6 +252,25 @@ class RangeModule(WorkModule):
 
     def progress(self) -> tuple[float, float | None]:
         return float(self._next - self.start), float(self.end - self.start)
+
+    can_split = True
+
+    @staticmethod
+    def _bounds(data: bytes) -> tuple[int, int]:
+        low, high = data.split()
+        return int(low), int(high)
+
+    def units(self, data: bytes) -> int:
+        low, high = self._bounds(data)
+        return high - low
+
+    def cut(self, data: bytes, low: int, high: int) -> bytes:
+        first, _ = self._bounds(data)
+        return b"%d %d" % (first + low, first + high)
+
+    def locate(self, data: bytes, origin: int | None, low: int, high: int) -> dict[str, Any]:
+        first, _ = self._bounds(data)
+        return {"unit": "numbers", "first": first + low, "last": first + high - 1}
 
 
 # -- files -----------------------------------------------------------------------------
@@ -358,6 +408,33 @@ class LinesModule(_FileModule):
     def lines_done(self) -> int:
         return self._lines
 
+    can_split = True
+
+    def origin(self) -> int | None:
+        return self._lines
+
+    def units(self, data: bytes) -> int:
+        return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+    def cut(self, data: bytes, low: int, high: int) -> bytes:
+        return data[_line_start(data, low):_line_start(data, high)]
+
+    def locate(self, data: bytes, origin: int | None, low: int, high: int) -> dict[str, Any]:
+        if origin is None:
+            return {"unit": "lines of the task", "first": low + 1, "last": high}
+        return {"unit": "lines", "first": origin + low + 1, "last": origin + high}
+
+
+def _line_start(data: bytes, index: int) -> int:
+    """The offset in ``data`` where its line ``index`` (from 0) starts; len(data) past the last."""
+    pos = 0
+    for _ in range(index):
+        found = data.find(b"\n", pos)
+        if found < 0:
+            return len(data)
+        pos = found + 1
+    return pos
+
 
 class ChunksModule(_FileModule):
     """Up to ``max_bytes`` bytes per task; position = byte offset."""
@@ -384,6 +461,22 @@ class ChunksModule(_FileModule):
 
     def position(self) -> dict[str, Any]:
         return {"offset": self._offset, "size": self.size}
+
+    can_split = True
+
+    def origin(self) -> int | None:
+        return self._offset
+
+    def units(self, data: bytes) -> int:
+        return len(data)
+
+    def cut(self, data: bytes, low: int, high: int) -> bytes:
+        return data[low:high]
+
+    def locate(self, data: bytes, origin: int | None, low: int, high: int) -> dict[str, Any]:
+        if origin is None:
+            return {"unit": "bytes of the task", "first": low, "last": high - 1}
+        return {"unit": "bytes", "first": origin + low, "last": origin + high - 1}
 
 
 BUILTIN_MODULES: dict[str, type[WorkModule]] = {m.name: m for m in (RangeModule, LinesModule, ChunksModule)}
