@@ -477,7 +477,7 @@ class Engine:
         message = (f"task {label} failed all {task.attempts} attempts ({task.error}); "
                    f"it runs again in halves: {' and '.join(iso.place(piece.seq) for piece in made)}")
         self.store.record_event("job.task_split", job=job.id, node=node, reason=message)
-        self.on_event("task.split", {"seq": split.seq, "reason": message})
+        self.on_event("task.split", {"seq": split.seq, "node": node or "", "reason": message})
         return True
 
     def _piece_ok(self, job: JobRun, task: Task, elapsed_ns: int, payload: bytes, finished: Finished) -> None:
@@ -497,7 +497,7 @@ class Engine:
         message = (f"task {split.seq}: its piece {describe(leaf.where or {})} failed after {task.attempts} "
                    f"attempts; last: {reason}")
         self.store.record_event("job.piece_failed", job=job.id, node=node, reason=message)
-        self.on_event("piece.failed", {"seq": split.seq, "reason": message})
+        self.on_event("piece.failed", {"seq": split.seq, "node": node or "", "reason": message})
         if split.settled():
             self._settle(job, iso, split, finished)
 

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from orchestrator.agent import protocol as P
@@ -33,6 +34,7 @@ from orchestrator.scheduler.run import JobRun, Outcome, ReleaseInfo, Task
 from orchestrator.scheduler.sinks import Record, open_sink
 from orchestrator.scheduler.spec import JobSpec
 from orchestrator.scheduler.workmodules import ChunksModule, LinesModule, RangeModule, WorkModule, load_work_module
+from orchestrator.server.app import create_app
 from orchestrator.state import JobState, Store
 from orchestrator.workspace import Workspace
 
@@ -440,3 +442,24 @@ def test_status_names_the_failed_pieces_after_the_engine_is_gone(harness: Callab
         reasons = [e.reason for e in store.events(job=h.job_id) if e.kind == "job.task_split"]
     assert reasons[0].startswith("task 4 failed all 2 attempts (attempt 2: w-1: bad number 300); it runs again "
                                  "in halves: numbers 256-287 and numbers 288-319")
+
+
+def test_the_apis_job_view_names_the_failed_pieces(harness: Callable[..., Harness]) -> None:
+    """GET /jobs/{id} (in process, without the server's lifespan) answers what `orch job
+    status --json` prints, the failed pieces included."""
+    h = harness(work_module="range", input="0:640", module_options={"max_span": 64})
+    h.run_job(numbers_work({70, 71}))
+
+    async def view() -> httpx.Response:
+        app = create_app(h.ws, token="t0ken")
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://orch") as client:
+                return await client.get(f"/jobs/{h.job_id}", headers={"Authorization": "Bearer t0ken"})
+        finally:
+            app.state.stores.close()
+
+    response = asyncio.run(view())
+    assert response.status_code == 200
+    assert [(p["task"], p["text"]) for p in response.json()["failed_pieces"]] == [(1, "numbers 70"), (1, "numbers 71")]
+    assert response.json()["failed_pieces"] == h.status()["failed_pieces"]
