@@ -16,6 +16,7 @@ from orchestrator import __version__
 from orchestrator.cli import (
     autoscale,
     family,
+    files,
     fleet,
     inventory,
     job,
@@ -43,6 +44,7 @@ app.add_typer(release.app, name="release")
 app.add_typer(family.app, name="family")
 workspace_cmds.register(app)
 fleet.register(app)
+files.register(app)
 inventory.register(app)
 ssh_cmds.register(app)
 job.register(app)

@@ -319,6 +319,15 @@ class SSHSession:
             if mode is not None:
                 sftp.chmod(remote_path, mode)
 
+    def open_sftp(self) -> paramiko.SFTPClient:
+        """A new SFTP client on this connection, the caller's to close: a long transfer
+        (``remote.transfer``) has its own channel instead of holding the shared one."""
+        with map_ssh_errors(self.target):
+            sftp = paramiko.SFTPClient.from_transport(self._transport)
+            if sftp is None:
+                raise paramiko.SSHException("the node refused the SFTP subsystem")
+        return sftp
+
     def _sftp_client(self) -> paramiko.SFTPClient:
         """The connection's one SFTP client (made on first use; hold ``_sftp_lock``)."""
         if self._sftp is None:
