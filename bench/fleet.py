@@ -22,6 +22,14 @@ Tables:
    and ``ansible all -m command -a true -f 16`` (cold and warm ControlPersist, with and
    without pipelining).  Target: orch in-process with a warm pool <= 150 ms and faster
    than both peers at their best.
+3. A folder of ``--push-mib`` MiB (nested, an executable, a read-only file) pushed to
+   ``--push-nodes`` nodes, median over ``--push-repeat`` runs, each from nothing on the
+   nodes: ``transfer.push`` in-process with a warm ``SSHPool``, ``orch push`` as a
+   subprocess, OpenSSH's ``scp -rp`` (one per node at once, pinned known_hosts, the fleet
+   key) and ``ansible -m copy`` (``mode=preserve``, pipelining; ``--push-ansible-repeat``
+   runs, a minute and more each); then pulled back into a folder per node by
+   ``transfer.pull`` and by ``scp -rp``.  Every method's last copy is checked (untimed):
+   each node's has the folder's modes and sha256s.  No target: the table only.
 
 ``--quick`` (what CI runs, tests/integration/test_benches.py): every table with fleets of
 1 and 2 nodes and a run or two of each; the figures are not worth comparing.
@@ -74,7 +82,8 @@ from tests.helpers.workspace import sample_workspace, stop_everything  # noqa: E
 BIN = Path(sys.executable).parent
 ORCH = BIN / "orch"
 FAMILY = "workers"
-QUICK = {"sizes": "1,2", "repeat": 2, "spawn_repeat": 1, "ansible_repeat": 1, "exec_nodes": 2}
+QUICK = {"sizes": "1,2", "repeat": 2, "spawn_repeat": 1, "ansible_repeat": 1, "exec_nodes": 2,
+         "push_nodes": 2, "push_mib": 2.0, "push_repeat": 1, "push_ansible_repeat": 1}
 """``--quick``: every table, as small as it goes."""
 SPAWN_TARGETS_S = {16: 0.8, 32: 1.5}
 """Nodes -> seconds until all are ready (in-process spawn)."""
@@ -531,6 +540,182 @@ def exec_times(bw: BenchWorkspace, nodes_wanted: int, repeat: int, ansible_repea
     return results
 
 
+# -- 3: push --------------------------------------------------------------------------
+
+
+PUSH_DEST = "bench-push"
+# What a copy holds, the same text wherever it is computed: each file's mode and sha256,
+# each folder's mode, sorted.
+TREE_LISTING = ("find . -mindepth 1 -printf '%P\\n' | LC_ALL=C sort | while read -r p; do "
+                "if [ -d \"$p\" ]; then echo \"$(stat -c %a \"$p\") $p/\"; "
+                "else echo \"$(stat -c %a \"$p\") $p $(sha256sum < \"$p\" | cut -d' ' -f1)\"; fi; done")
+
+
+def push_payload(folder: Path, mib: float) -> Path:
+    """A folder of ``mib`` MiB: four big files in nested folders, an executable, small
+    files, an empty one and a read-only one."""
+    payload = folder / "payload"
+    (payload / "nested" / "deeper").mkdir(parents=True)
+    total = int(mib * 2**20)
+    for path, share in (("big.bin", 0.4), ("nested/middle.bin", 0.3), ("nested/deeper/small.bin", 0.2),
+                        ("tail.bin", 0.1)):
+        (payload / path).write_bytes(os.urandom(int(total * share)))
+    for i in range(8):
+        (payload / "nested" / f"note-{i}.txt").write_text(f"note {i}\n" * 50)
+    (payload / "empty").write_bytes(b"")
+    tool = payload / "nested" / "tool.sh"
+    tool.write_text("#!/bin/sh\necho ok\n")
+    tool.chmod(0o755)
+    (payload / "readonly.cfg").write_text("x = 1\n")
+    (payload / "readonly.cfg").chmod(0o444)
+    return payload
+
+
+def local_listing(folder: Path) -> str:
+    return subprocess.run(["sh", "-c", TREE_LISTING], cwd=folder, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def parallel_commands(argvs: Sequence[Sequence[str | Path]], *, env: dict[str, str] | None = None) -> None:
+    """Run every command at once (one per node) and wait for all; any failure raises."""
+    procs = [subprocess.Popen([str(a) for a in argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for argv in argvs]
+    failures = []
+    for argv, proc in zip(argvs, procs, strict=True):
+        out, _ = proc.communicate(timeout=600)
+        if proc.returncode != 0:
+            failures.append(f"{' '.join(map(str, argv))} exited {proc.returncode}: {out[-1000:]}")
+    if failures:
+        raise RuntimeError("\n".join(failures))
+
+
+def scp_argv(ws: Workspace, known_hosts: Path, node: NodeRecord, source: str, destination: str) -> list[str]:
+    """OpenSSH's scp with the pinned known_hosts and the fleet key alone (no ssh_config)."""
+    return ["scp", "-r", "-p", "-q", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+            "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", "IdentitiesOnly=yes", "-i", str(ws.ssh_key), "-P", str(node.port or 22), source, destination]
+
+
+def push_times(bw: BenchWorkspace, nodes_wanted: int, mib: float, repeat: int, ansible_repeat: int) -> list[Samples]:
+    """Table 3: a folder of ``mib`` MiB to every node (and back), orch against scp and ansible."""
+    from orchestrator.remote import transfer
+
+    log.print(f"push: {nodes_wanted} nodes (untimed spawn), a {mib:g} MiB folder")
+    bw.spawn(nodes_wanted)
+    nodes = bw.ready_nodes()
+    ws = bw.ws
+    payload = push_payload(bw.tmp / "push", mib)
+    size = sum(p.stat().st_size for p in payload.rglob("*") if p.is_file())
+    files = sum(1 for p in payload.rglob("*") if p.is_file())
+    expected = local_listing(payload)
+    pool = SSHPool()
+    bw.closers.append(pool.close_all)
+    homes = {n: r.stdout.strip() for n, r in exec_on(ws, nodes, "echo $HOME", pool=pool).succeeded.items()}
+    if len(homes) != len(nodes):
+        raise RuntimeError("cannot read every node's home")
+    known_hosts = write_known_hosts(ws, nodes)
+    results: list[Samples] = []
+
+    def clear_nodes() -> None:
+        outcome = exec_on(ws, nodes, f"rm -rf {PUSH_DEST}", pool=pool)
+        if outcome.failed:
+            raise RuntimeError(f"cannot clear {PUSH_DEST} on {sorted(outcome.failed)}")
+
+    def check_nodes(label: str) -> None:  # untimed: every node has exactly the folder
+        outcome = exec_on(ws, nodes, f"cd {PUSH_DEST} && {TREE_LISTING}", pool=pool)
+        wrong = sorted(n for n in (n.id for n in nodes)
+                       if n not in outcome.succeeded or outcome.succeeded[n].stdout != expected)
+        if wrong:
+            raise RuntimeError(f"{label}: the copy on {wrong} differs from the folder")
+
+    def timed_push(label: str, runs: int, fn: Callable[[], object], note: str) -> None:
+        results.append(measure(label, runs, fn, before=clear_nodes, note=note))
+        check_nodes(label)  # untimed, after the last run: every row must really copy
+
+    def orch_push() -> None:
+        report = transfer.push(ws, nodes, payload, PUSH_DEST, pool=pool)
+        if report.failed:
+            raise RuntimeError(f"orch push failed on {sorted(report.failed)}")
+
+    timed_push("orch push in-process, warm SSHPool", repeat, orch_push,
+               note="transfer.push: SFTP, 255 KiB pipelined writes, a thread per node")
+    timed_push("orch push (CLI subprocess)", repeat,
+               lambda: run_checked([ORCH, "-w", ws.root, "push", FAMILY, payload, PUSH_DEST, "-q"]),
+               note="start-up + store + connect + push")
+    scp = shutil.which("scp")
+    if scp:
+        timed_push("scp -rp, one per node at once", repeat,
+                   lambda: parallel_commands([scp_argv(ws, known_hosts, n, str(payload),
+                                                       f"{n.ssh_user}@{n.address}:{homes[n.id]}/{PUSH_DEST}")
+                                              for n in nodes]),
+                   note="OpenSSH scp (SFTP protocol), pinned known_hosts, the fleet key")
+    else:
+        results.append(Samples("scp -rp", note="not installed: left out"))
+    if ANSIBLE.exists():
+        inventory_data = ansible_inventory(ws, nodes, known_hosts=known_hosts)
+        for group in inventory_data["all"]["children"].values():
+            for node_id, host in group["hosts"].items():
+                host["orch_home"] = homes[node_id]
+        inventory = bw.tmp / "push-inventory.yml"
+        inventory.write_text(yaml.safe_dump(inventory_data, sort_keys=False))
+        env = bench_ansible_env(bw, bw.tmp / "ansible-push", pipelining=True)
+        argv: list[str | Path] = [ANSIBLE, "all", "-i", inventory, "-m", "copy", "-f", str(len(nodes)), "-a",
+                                  f"src={payload}/ dest={{{{ orch_home }}}}/{PUSH_DEST}/ mode=preserve"]
+        timed_push("ansible -m copy, pipelining", ansible_repeat, functools.partial(run_checked, argv, env=env),
+                   note=f"mode=preserve, -f {len(nodes)}; {ansible_repeat} run(s): its first opens the ssh masters")
+        bw.close_control_masters()
+    else:
+        results.append(Samples("ansible -m copy", note=escape("not installed (pip install -e .[dev]): left out")))
+
+    # and back: every node's folder into a local folder of its own
+    pulled = bw.tmp / "pulled"
+
+    def clear_local() -> None:
+        shutil.rmtree(pulled, ignore_errors=True)
+        pulled.mkdir()
+
+    def check_local(label: str) -> None:
+        wrong = sorted(n.id for n in nodes if local_listing(pulled / n.id / PUSH_DEST) != expected)
+        if wrong:
+            raise RuntimeError(f"{label}: the copies pulled from {wrong} differ from the folder")
+
+    def timed_pull(label: str, runs: int, fn: Callable[[], object], note: str) -> None:
+        results.append(measure(label, runs, fn, before=clear_local, note=note))
+        check_local(label)
+
+    def orch_pull() -> None:
+        report = transfer.pull(ws, nodes, PUSH_DEST, pulled, pool=pool)
+        if report.failed:
+            raise RuntimeError(f"orch pull failed on {sorted(report.failed)}")
+
+    def scp_pull() -> None:
+        for n in nodes:
+            (pulled / n.id).mkdir(exist_ok=True)
+        parallel_commands([scp_argv(ws, known_hosts, n, f"{n.ssh_user}@{n.address}:{homes[n.id]}/{PUSH_DEST}",
+                                    str(pulled / n.id)) for n in nodes])
+
+    timed_pull("orch pull in-process, warm SSHPool", repeat, orch_pull,
+               note="transfer.pull: SFTP, 255 KiB prefetched reads, into DIR/NODE/")
+    if scp:
+        timed_pull("scp -rp back, one per node at once", repeat, scp_pull, note="into DIR/NODE/")
+    clear_nodes()
+    shutil.rmtree(pulled, ignore_errors=True)
+
+    table = Table(title=f"3. push a {size / 2**20:,.1f} MiB folder ({files} files) to {len(nodes)} nodes, and pull "
+                        f"it back: wall time over {repeat} run(s) "
+                        f"({ansible_repeat} for ansible) (s)", title_justify="left", header_style="bold")
+    for column in ("method", "median s", "min s", "MiB/s across nodes", "how"):
+        table.add_column(column, justify="left" if column in ("method", "how") else "right")
+    for s in results:
+        if not s.values:
+            table.add_row(s.label, "-", "-", "-", s.note)
+            continue
+        rate = size * len(nodes) / 2**20 / s.median
+        table.add_row(s.label, f"{s.median:.2f}", f"{min(s.values):.2f}", f"{rate:,.1f}", s.note)
+    console.print(table)
+    return results
+
+
 def verdict(results: Sequence[Samples], startup_s: float, nodes: int) -> None:
     by = {s.label: s for s in results}
     orch = by["orch in-process, warm SSHPool"]
@@ -563,6 +748,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ansible-repeat", type=int, default=None,
                         help="runs per ansible measurement, seconds each (default: --repeat)")
     parser.add_argument("--exec-nodes", type=int, default=16, help="fleet size for the exec table (default 16)")
+    parser.add_argument("--push-nodes", type=int, default=8, help="fleet size for the push table (default 8)")
+    parser.add_argument("--push-mib", type=float, default=100.0, help="MiB in the pushed folder (default 100)")
+    parser.add_argument("--push-repeat", type=int, default=3, help="runs per push and pull method (default 3)")
+    parser.add_argument("--push-ansible-repeat", type=int, default=1,
+                        help="runs of ansible -m copy, a minute and more each (default 1)")
     parser.add_argument("--quick", action="store_true", help="every table, as small as it goes (CI): "
                         + ", ".join(f"{k} {v}" for k, v in QUICK.items()))
     if "--quick" in (sys.argv[1:] if argv is None else argv):
@@ -579,6 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     with bench_workspace() as bw:
         spawn_times(bw, sizes, args.spawn_repeat)
         results = exec_times(bw, args.exec_nodes, args.repeat, args.ansible_repeat or args.repeat)
+        push_times(bw, args.push_nodes, args.push_mib, args.push_repeat, args.push_ansible_repeat)
     verdict(results, version.median, args.exec_nodes)
     return 0
 
