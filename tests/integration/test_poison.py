@@ -208,3 +208,16 @@ def test_a_library_of_another_abi_version_is_refused_by_the_runner_with_both_ver
         assert where.startswith("excluded: the port runner refused the library: work ABI version mismatch: "), where
         assert "says version 99, this runner speaks version 1" in where, where
     assert status["counters"].get("done", 0) == 0 and status["failed_tasks"] == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--isolate-floor", "0"], "--isolate-floor: Input should be greater than or equal to 1"),
+    (["--isolate-floor", "x"], "Invalid value for '--isolate-floor'"),
+])
+def test_a_bad_isolation_option_is_one_line_and_changes_nothing(cluster: Cluster, args: list[str],
+                                                                 message: str) -> None:
+    before = cluster.orch("job", "list", "--json").stdout
+    ran = cluster.orch("job", "run", "poison:listing", "--input", "0:10", *args)
+    assert ran.returncode == 2, ran.stderr
+    assert message in ran.stderr and "Traceback" not in ran.stderr, ran.stderr
+    assert cluster.orch("job", "list", "--json").stdout == before
