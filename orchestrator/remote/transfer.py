@@ -36,9 +36,10 @@ import posixpath
 import secrets
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,11 @@ class _Job:
     parents: list[str] = field(default_factory=list)  # remote folders to make first (push)
     tree: list[Entry] = field(default_factory=list)
     moved: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)  # Ctrl-C: stop at the next MiB
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise TransferError(f"node {self.node.id}: interrupted while {self.doing}")
 
     @property
     def ok(self) -> bool:
@@ -294,6 +300,7 @@ def _each(jobs: Sequence[_Job], step: Callable[[_Job], None], max_parallel: int)
         try:
             with map_ssh_errors(job.target):
                 try:
+                    job.check_stop()
                     step(job)
                 except _CONNECTION:
                     raise
@@ -308,8 +315,18 @@ def _each(jobs: Sequence[_Job], step: Callable[[_Job], None], max_parallel: int)
             job.seconds = time.monotonic() - job.started
 
     with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(going)))) as pool:
-        for future in [pool.submit(guarded, j) for j in going]:
-            future.result()  # a bug (not an OrchError) surfaces here
+        futures = []
+        try:
+            futures += [pool.submit(guarded, j) for j in going]
+            pending = set(futures)
+            while pending:  # a wait without a timeout would not see Ctrl-C that another thread took
+                _, pending = wait(pending, timeout=0.2)
+            for future in futures:
+                future.result()  # a bug (not an OrchError) surfaces here
+        except BaseException:  # Ctrl-C, or a bug: every node stops soon, removing its hidden names
+            for job in going:
+                job.stop.set()
+            raise
 
 
 def _start(ws: Workspace, nodes: Sequence[NodeRecord], pool: SSHPool, max_parallel: int) -> list[_Job]:
@@ -536,6 +553,7 @@ def _write_remote(job: _Job, sftp: paramiko.SFTPClient, source: Path, path: str,
         out.set_pipelined(True)
         out.MAX_REQUEST_SIZE = REQUEST_SIZE
         while count := f.readinto(buffer):
+            job.check_stop()
             out.write(view[:count])
             job.moved += count
             events.advance(job.node.id, count)
@@ -667,6 +685,7 @@ def _read_remote(job: _Job, sftp: paramiko.SFTPClient, source: str, path: Path, 
             f.prefetch(entry.size)
         with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as out:
             while data := f.read(BUFFER_SIZE):
+                job.check_stop()
                 out.write(data)
                 job.moved += len(data)
                 events.advance(job.node.id, len(data))

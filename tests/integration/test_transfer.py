@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import select
+import signal
 import stat
 import subprocess
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator import fleet
+from orchestrator.config import load_provider
+from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import ORCH, Run
@@ -161,6 +164,10 @@ def test_a_single_file_keeps_its_mode_and_replaces_the_old_one(fleet_ws: Workspa
     assert pulled.code == 0, pulled.err
     got = tmp_path / "got" / node / "app.conf"
     assert got.read_text() == "version = 2\n" and stat.S_IMODE(got.stat().st_mode) == 0o640
+    conf.write_text("version = 3\n")
+    assert run("push", node, conf, "single/etc/app.conf").code == 0
+    assert run("pull", node, "single/etc/app.conf", tmp_path / "got").code == 0  # replaces the last copy
+    assert got.read_text() == "version = 3\n" and os.listdir(got.parent) == ["app.conf"]
 
 
 def test_pull_of_a_path_missing_on_one_node_fails_that_node_only(fleet_ws: Workspace, run: Callable[..., Run],
@@ -263,3 +270,55 @@ def test_a_terminal_gets_a_progress_bar(fleet_ws: Workspace, tmp_path: Path) -> 
     assert proc.returncode == 0, text
     assert f"push blob.bin to {NODES} node(s)" in text, text  # the bar's title
     assert f"{8 * NODES}.0/{8 * NODES}.0 MiB" in text, text  # its bytes, across the nodes
+
+
+def node_home(ws: Workspace, node: NodeRecord) -> Path:
+    """Where a local node's home is on this machine (the local driver keeps it in its folder)."""
+    driver = make_driver(ws, load_provider(ws, "local"))
+    found = next(n for n in driver.list_nodes() if n.id == node.provider_node_id)
+    return Path(found.extra["node_dir"]) / "home"
+
+
+def test_an_unreachable_node_fails_alone(fleet_ws: Workspace, run: Callable[..., Run], tmp_path: Path) -> None:
+    nodes = ready_nodes(fleet_ws)
+    victim = nodes[-1]
+    driver = make_driver(fleet_ws, load_provider(fleet_ws, "local"))
+    machine = next(n for n in driver.list_nodes() if n.id == victim.provider_node_id)
+    (tmp_path / "f").write_text("f\n")
+    driver.stop_node(machine)
+    try:
+        pushed = run("push", "workers", tmp_path / "f", "unreachable/", "--json")
+    finally:
+        driver.start_node(machine)
+    assert pushed.code == 5, pushed.err
+    results = json.loads(pushed.out)
+    assert not results[victim.id]["ok"] and "cannot reach" in results[victim.id]["error"]
+    assert all(results[n.id]["ok"] for n in nodes[:-1])
+    assert f"1 of {NODES} node(s) failed: {victim.id}" in pushed.err
+    assert not (node_home(fleet_ws, victim) / "unreachable").exists()
+    assert all((node_home(fleet_ws, n) / "unreachable" / "f").read_text() == "f\n" for n in nodes[:-1])
+
+
+def test_ctrl_c_stops_every_node_and_leaves_no_hidden_file(fleet_ws: Workspace, tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(100 * MiB))
+    homes = [node_home(fleet_ws, n) for n in ready_nodes(fleet_ws)]
+    proc = subprocess.Popen([*ORCH, "-w", str(fleet_ws.root), "push", "workers", str(blob), "interrupted/"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(next(h.glob("interrupted/.blob.bin.orch-*"), None) for h in homes):  # under way
+            assert proc.poll() is None and time.monotonic() < deadline, "the push ended before it was interrupted"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert took < 3, f"{took:.1f} s from Ctrl-C to exit: the nodes did not stop at their next MiB"
+    assert [p for h in homes for p in h.glob("interrupted/*")] + [p for h in homes for p in h.glob("interrupted/.*")] \
+        == [], "a copy or a hidden name was left"
