@@ -17,7 +17,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from orchestrator.workspace import Workspace
 
 HEARTBEAT = 0.2
 """The job's heartbeat: a silent agent is lost after three of them."""
+WAIT = 5.0
+"""Seconds to wait for anything the engine does at once (a broken engine fails fast)."""
 SPAN = 10
 """Numbers per task (``range`` with a fixed task size of 1 and ``max_span`` SPAN)."""
 
@@ -61,7 +63,7 @@ class AgentSide:
     def send(self, data: bytes) -> None:
         self.writer.write(data)
 
-    async def expect(self, kind: int, timeout: float = 10.0) -> bytes:
+    async def expect(self, kind: int, timeout: float = WAIT) -> bytes:
         """The next message but heartbeats, which must be of ``kind``; its body."""
         while True:
             try:
@@ -86,10 +88,14 @@ class AgentSide:
         assert port == 0
         return [(seq, attempt, bytes(data)) for seq, attempt, _size, data in decode_tasks(bytes(frames))]
 
-    def results(self, answers: list[tuple[int, bytes]]) -> None:
-        """One RESULTS message of port 0: (seq, output) each, all ok."""
-        self.send(P.port_message(P.RESULTS, 0, b"".join(encode_result(seq, True, 1_000_000, out)
-                                                           for seq, out in answers)))
+    def results(self, answers: list[tuple[int, bytes]], *, failed: Collection[int] = (), port: int = 0) -> None:
+        """One RESULTS message of ``port``: (seq, output) each, ok unless its seq is in
+        ``failed`` (then the output is the failure's message)."""
+        self.send(P.port_message(P.RESULTS, port, b"".join(encode_result(seq, seq not in failed, 1_000_000, out)
+                                                              for seq, out in answers)))
+
+    def control(self, kind: int, **fields: Any) -> None:
+        self.send(P.control(kind, **fields))
 
     def beat(self) -> None:
         """Heartbeat the scheduler every half interval from now on (a live agent)."""
@@ -117,21 +123,26 @@ class Harness:
     """A workspace, its store, one job (``range`` 0:SPAN*tasks, one task per SPAN) and an
     engine serving it; ``dial(node)`` connects an agent of the ``workers`` family."""
 
-    def __init__(self, folder: Path, tasks: int) -> None:
+    def __init__(self, folder: Path, tasks: int, **spec: Any) -> None:
         self.folder = folder
         self.ws = Workspace.init(folder / "ws")
         self.store = store = Store.open(self.ws.state_db)
         self.job_id = "jinvariant"
-        self.spec = JobSpec(release="inv@1", function="f", symbol="f", work_module="range",
-                            input=f"0:{SPAN * tasks}", module_options={"max_span": SPAN}, sink="sqlite:out.db",
-                            task_size=1, heartbeat_seconds=HEARTBEAT, max_attempts=3, agent_wait_seconds=5)
+        self.spec = JobSpec(**{"release": "inv@1", "function": "f", "symbol": "f", "work_module": "range",
+                               "input": f"0:{SPAN * tasks}", "module_options": {"max_span": SPAN},
+                               "sink": "sqlite:out.db", "task_size": 1, "heartbeat_seconds": HEARTBEAT,
+                               "max_attempts": 3, "agent_wait_seconds": 5, "isolate_failures": False, **spec})
         store.add_job(self.job_id, release=self.spec.release, function="f", spec=self.spec.model_dump(mode="json"))
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.engine = Engine(store, ssl_context=pki.server_ssl_context(self.ws), peer_id=pki.peer_node_id,
                              admit=lambda node: "workers" if node.startswith("w-") else None,
-                             on_event=lambda kind, data: self.events.append((kind, data)))
+                             on_event=self._event)
         self.port = 0
         self.job: JobRun | None = None
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        if kind != "job.tick":  # (every 0.1 s)
+            self.events.append((kind, data))
 
     def client(self, node: str) -> ssl.SSLContext:
         cert, key = pki.issue_node_cert(self.ws, node)
@@ -161,7 +172,7 @@ class Harness:
                 if not run.done():
                     self.engine.suspend("the test ended")
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(run, 10)
+                    await asyncio.wait_for(run, WAIT)
                 await self.engine.close()
         finally:
             sink.close()
@@ -180,7 +191,7 @@ class Harness:
             return
         raise AssertionError("no free port on 127.0.0.1")
 
-    async def until(self, what: str, condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def until(self, what: str, condition: Callable[[], bool], timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert time.monotonic() < deadline, f"not within {timeout} s: {what}; events {self.events}"
@@ -191,8 +202,8 @@ class Harness:
         return self.job.counters.as_dict()
 
     def lost(self, node: str) -> bool:
-        agent = self.engine.agents.get(node)
-        return agent is not None and agent.lost
+        """Whether the engine declared ``node`` lost (its agent may be gone from it since)."""
+        return any(kind == "node.lost" and data["node"] == node for kind, data in self.events)
 
     def records(self) -> list[Record]:
         with open_sink(self.spec.sink, root=self.ws.root) as sink:
@@ -200,12 +211,12 @@ class Harness:
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Callable[[int], Harness]]:
-    """Harness(tasks) in a folder of its own; every store closed at the end."""
+def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    """Harness(tasks, **spec) in a folder of its own; every store closed at the end."""
     made: list[Harness] = []
 
-    def make(tasks: int) -> Harness:
-        made.append(Harness(tmp_path / f"h{len(made)}", tasks))
+    def make(tasks: int, **spec: Any) -> Harness:
+        made.append(Harness(tmp_path / f"h{len(made)}", tasks, **spec))
         return made[-1]
 
     yield make
@@ -245,7 +256,7 @@ def answers(tasks: list[tuple[int, int, bytes]], by: str) -> list[tuple[int, byt
 
 class TestALateResultOfALostNode:
     def test_arriving_while_the_retry_runs_elsewhere_it_wins_and_the_retry_is_discarded(
-            self, harness: Callable[[int], Harness]) -> None:
+            self, harness: Callable[..., Harness]) -> None:
         h = harness(3)
 
         async def main() -> None:
@@ -270,7 +281,7 @@ class TestALateResultOfALostNode:
                     assert h.counters()["discarded"] == 1, "the retry's result for 0 must be discarded"
                     assert stored_work(h.store, h.job_id).results == {0: output(0, "w-a"), 1: output(1, "w-b")}
                     b.results(answers(last, "w-b"))
-                    outcome = await asyncio.wait_for(job, 10)
+                    outcome = await asyncio.wait_for(job, WAIT)
                     assert P.parse_control(P.UNLOAD, await b.expect(P.UNLOAD)) == {"work": h.job_id}
                 finally:
                     await b.close()
@@ -285,7 +296,7 @@ class TestALateResultOfALostNode:
             (0, True, output(0, "w-a")), (1, True, output(1, "w-b")), (2, True, output(2, "w-b"))]
         assert h.store.get_job(h.job_id).state == JobState.DONE
 
-    def test_arriving_after_the_retry_finished_it_is_discarded(self, harness: Callable[[int], Harness]) -> None:
+    def test_arriving_after_the_retry_finished_it_is_discarded(self, harness: Callable[..., Harness]) -> None:
         h = harness(3)
 
         async def main() -> None:
@@ -306,7 +317,7 @@ class TestALateResultOfALostNode:
                     assert h.counters()["done"] == 2
                     assert stored_work(h.store, h.job_id).results == {0: output(0, "w-b"), 1: output(1, "w-b")}
                     b.results(answers(last, "w-b"))
-                    outcome = await asyncio.wait_for(job, 10)
+                    outcome = await asyncio.wait_for(job, WAIT)
                 finally:
                     await b.close()
                     await a.close()
@@ -316,7 +327,7 @@ class TestALateResultOfALostNode:
         run(main)
         assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b"), output(2, "w-b")]
 
-    def test_arriving_before_the_retry_is_sent_the_retry_never_runs(self, harness: Callable[[int], Harness]
+    def test_arriving_before_the_retry_is_sent_the_retry_never_runs(self, harness: Callable[..., Harness]
                                                                      ) -> None:
         h = harness(3)
 
@@ -334,7 +345,7 @@ class TestALateResultOfALostNode:
                     assert tried(sent) == [(1, 1), (2, 1)], "a task finished while it waited in the retry " \
                         f"queue must not run again: {sent}"
                     b.results(answers(sent, "w-b"))
-                    outcome = await asyncio.wait_for(job, 10)
+                    outcome = await asyncio.wait_for(job, WAIT)
                 finally:
                     await b.close()
                     await a.close()
@@ -343,3 +354,233 @@ class TestALateResultOfALostNode:
 
         run(main)
         assert [r.payload for r in h.records()] == [output(0, "w-a"), output(1, "w-b"), output(2, "w-b")]
+
+
+async def loaded(h: Harness, node: str) -> tuple[AgentSide, list[tuple[int, int, bytes]]]:
+    """A live (heartbeating) agent that loaded the job, and its first tasks."""
+    side = await h.dial(node)
+    side.beat()
+    await side.load(h.job_id)
+    return side, await side.tasks()
+
+
+class TestFailedAttempts:
+    def test_a_task_failing_every_attempt_is_written_failed_in_its_place(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(3, max_attempts=2)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    assert tried(first) == [(0, 1), (1, 1)]
+                    a.results([(0, b"boom"), (1, output(1, "w-a"))], failed={0})
+                    again = await a.tasks()  # the only agent: the retry comes back to it
+                    assert tried(again) == [(0, 2), (2, 1)], again
+                    assert (h.counters()["retried"], h.counters()["failed"]) == (1, 0)
+                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: boom")}
+                    assert h.job is not None and h.job.next_write == 0  # 1 waits for 0
+                    a.results([(seq, b"boom again" if seq == 0 else output(seq, "w-a")) for seq, _, _ in again],
+                              failed={0})
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert {k: outcome.counters[k] for k in ("done", "failed", "retried", "discarded")} == {
+                "done": 2, "failed": 1, "retried": 1, "discarded": 0}, outcome.counters
+            assert h.job is not None and (h.job.buffered, h.job.records) == (0, {})
+
+        run(main)
+        assert [(r.seq, r.ok, r.payload) for r in h.records()] == [
+            (0, False, b"attempt 2: w-a: boom again"), (1, True, output(1, "w-a")), (2, True, output(2, "w-a"))]
+        assert h.store.failed_tasks(h.job_id) == [(0, "attempt 2: w-a: boom again")]
+        failed = [e for e in h.store.events(job=h.job_id) if e.kind == "job.task_failed"]
+        assert [(e.node, e.reason) for e in failed] == [
+            ("w-a", "task 0 failed after 2 attempts; last: w-a: boom again")]
+        progress = h.store.job_progress(h.job_id)
+        assert (progress["next_write"], progress["generated"]) == (3, 3)
+
+    def test_on_task_failure_fail_ends_the_job_failed_at_the_first_task_given_up(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(3, max_attempts=1, on_task_failure="fail")
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    a.results([(seq, b"boom") for seq, _, _ in first[:1]], failed={0})
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.FAILED, outcome
+            assert outcome.reason == "task 0 failed after 1 attempts; last: w-a: boom"
+            assert (outcome.counters["failed"], outcome.counters["retried"]) == (1, 0)
+
+        run(main)
+        job = h.store.get_job(h.job_id)
+        assert (job.state, job.reason) == (JobState.FAILED, "task 0 failed after 1 attempts; last: w-a: boom")
+
+    def test_a_failed_attempt_runs_again_on_another_node_when_there_is_one(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
+                    a.results([(0, b"boom")], failed={0})
+                    await h.until("0's attempt counted", lambda: h.counters()["retried"] == 1)
+                    b.results([(2, output(2, "w-b"))])  # b has room now: 0 goes there, not back to a
+                    moved = await b.tasks()
+                    assert tried(moved) == [(0, 2)], moved
+                    b.results([(3, output(3, "w-b")), (0, output(0, "w-b"))])
+                    a.results([(1, output(1, "w-a"))])
+                    outcome = await asyncio.wait_for(job, WAIT)
+                    assert await a.expect(P.UNLOAD)  # and nothing else before it: no task 0 for w-a
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert (outcome.counters["done"], outcome.counters["retried"]) == (4, 1), outcome.counters
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-a"), output(2, "w-b"),
+                                                     output(3, "w-b")]
+
+    def test_a_late_failure_of_a_lost_node_counts_no_second_attempt(self, harness: Callable[..., Harness]) -> None:
+        h = harness(2)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _held = await lose_silent_holder(h)
+                a.results([(0, b"boom")], failed={0})  # that attempt was counted when w-a was lost
+                await h.until("the late failure discarded", lambda: h.counters()["discarded"] == 1)
+                assert h.counters()["retried"] == 1
+                b, retried = await loaded(h, "w-b")
+                try:
+                    assert tried(retried) == [(0, 2), (1, 1)], retried
+                    b.results(answers(retried, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await b.close()
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b")]
+
+
+class TestPorts:
+    def test_a_dead_port_costs_its_task_in_flight_one_attempt_and_the_rest_none(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(3)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    assert tried(first) == [(0, 1), (1, 1)]
+                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
+                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                    assert h.counters()["retried"] == 1
+                    text = "port 0 on w-a died during task 0: killed by SIGSEGV"
+                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, f"attempt 1: {text}")}
+                    died = [e for e in h.store.events(job=h.job_id) if e.kind == "job.port_died"]
+                    assert [(e.node, e.reason) for e in died] == [("w-a", text)]
+                    a.control(P.PORT_READY, port=0)  # restarted: the same tasks come back
+                    again = await a.tasks()
+                    assert tried(again) == [(0, 2), (1, 1)], again
+                    a.results(answers(again, "w-a"))
+                    rest = await a.tasks()
+                    assert tried(rest) == [(2, 1)]
+                    a.results(answers(rest, "w-a"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert {k: outcome.counters[k] for k in ("done", "port_deaths", "retried", "failed")} == {
+                "done": 3, "port_deaths": 1, "retried": 1, "failed": 0}, outcome.counters
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(n, "w-a") for n in range(3)]
+
+    def test_a_port_that_died_between_tasks_costs_no_attempt(self, harness: Callable[..., Harness]) -> None:
+        h = harness(2)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    a.control(P.PORT_DIED, port=0, seq=None, reason="exit 3")
+                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                    assert h.counters()["retried"] == 0
+                    a.control(P.PORT_READY, port=0)
+                    again = await a.tasks()
+                    assert tried(again) == tried(first) == [(0, 1), (1, 1)]
+                    a.results(answers(again, "w-a"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE and outcome.counters["retried"] == 0, outcome
+
+        run(main)
+
+
+class TestOrderAndProtocol:
+    def test_output_is_written_in_seq_order_whatever_order_results_come_in(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    assert h.job is not None
+                    b.results(answers(first_b, "w-b"))  # 2 and 3 before 0 and 1
+                    await h.until("2 and 3 recorded", lambda: h.counters()["done"] == 2)
+                    assert (h.job.next_write, sorted(h.job.records)) == (0, [2, 3])
+                    assert h.job.buffered == len(output(2, "w-b")) + len(output(3, "w-b"))
+                    a.results(answers(first_a, "w-a")[1:])  # out of turn: 1 before 0
+                    assert P.parse_control(P.ERROR, await a.expect(P.ERROR)) == {
+                        "reason": "protocol error: port 0 answered seq 1 out of turn"}
+                    await h.until("w-a lost", lambda: h.lost("w-a"))
+                    assert (h.job.next_write, h.counters()["done"]) == (0, 2)
+                    moved = await b.tasks()
+                    assert tried(moved) == [(0, 2), (1, 1)], moved
+                    b.results(answers(moved, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert h.job.next_write == 4 and h.job.buffered == 0
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(n, "w-b") for n in range(4)]
+        assert h.store.job_progress(h.job_id)["next_write"] == 4
+
+    def test_results_for_a_port_never_loaded_end_the_connection(self, harness: Callable[..., Harness]) -> None:
+        h = harness(2)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _first = await loaded(h, "w-a")
+                a.results([(0, output(0, "w-a"))], port=7)
+                assert P.parse_control(P.ERROR, await a.expect(P.ERROR)) == {
+                    "reason": "protocol error: RESULTS for port 7, which was not loaded"}
+                await h.until("w-a lost", lambda: h.lost("w-a"))
+                await a.close()
+                assert h.counters()["done"] == 0
+                b, retried = await loaded(h, "w-b")
+                try:
+                    b.results(answers(retried, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b")]
