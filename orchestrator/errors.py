@@ -9,7 +9,7 @@ original, so callers only ever catch ``OrchError``.
     ├── FleetIncomplete            1  a family did not reach its count
     ├── InputError                 2  bad input: nothing was changed
     │   ├── ConfigError            2    a YAML file fails validation (file, line, field)
-    │   ├── ValidationFailed       2    several ConfigErrors at once (``orch validate``)
+    │   │   └── ValidationFailed   2      several ConfigErrors at once, one line each
     │   ├── WorkspaceError         2    no workspace here, or a malformed one
     │   ├── CredentialError        2    a credential reference cannot be resolved
     │   ├── ReleaseError           2    a release cannot be accepted
@@ -61,6 +61,15 @@ class OrchError(Exception):
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
+    @property
+    def problems(self) -> list[OrchError]:
+        """The problems this error reports, one line each: itself, or several."""
+        return [self]
+
+    def to_dict(self) -> dict[str, object]:
+        """One problem as JSON (``--json`` output, API bodies)."""
+        return {"message": self.message, "hint": self.hint, "text": str(self)}
+
 
 class InputError(OrchError):
     """Bad input from the user; the command changed nothing."""
@@ -96,14 +105,35 @@ class ConfigError(InputError):
         field = f"{self.field}: " if self.field else ""
         return f"{where}{field}{super().__str__()}"
 
+    def to_dict(self) -> dict[str, object]:
+        return {"file": self.file, "line": self.line, "field": self.field, **super().to_dict()}
 
-class ValidationFailed(InputError):
-    """Several configuration problems, reported one line each."""
 
-    def __init__(self, errors: list[ConfigError]) -> None:
-        self.errors = errors
-        count = len(errors)
-        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the workspace")
+class ValidationFailed(ConfigError):
+    """Several configuration problems, reported one line each (``errors``); ``where``
+    names what was read (a file, or the workspace).
+
+    >>> one = ConfigError("unknown key", file="w.yaml", line=3, field="nodes")
+    >>> str(ValidationFailed([one, one], where="w.yaml"))
+    '2 problems in w.yaml'
+    """
+
+    def __init__(self, errors: list[ConfigError], *, where: str = "the workspace") -> None:
+        self.errors: list[ConfigError] = [p for e in errors for p in (e.errors if isinstance(e, ValidationFailed)
+                                                                      else [e])]
+        count = len(self.errors)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in {where}")
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def problems(self) -> list[OrchError]:
+        return list(self.errors)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"message": self.message, "hint": None, "text": str(self),
+                "problems": [e.to_dict() for e in self.errors]}
 
 
 class WorkspaceError(InputError):

@@ -3,6 +3,7 @@ errors become messages and exit codes."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import traceback
@@ -27,7 +28,7 @@ from orchestrator.cli import (
     workspace_cmds,
 )
 from orchestrator.cli.common import CliState, err_console
-from orchestrator.errors import OrchError
+from orchestrator.errors import InputError, OrchError
 
 INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug in orch, not in the input
 
@@ -71,18 +72,25 @@ def root(
     ] = False,
 ) -> None:
     """Multi-cloud deployment orchestrator."""
-    ctx.obj = CliState(workspace=workspace)
+    state = ctx.ensure_object(CliState)  # main's, when it runs the command
+    state.workspace = workspace
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command and turn every outcome into an exit code."""
     command = typer.main.get_command(app)
+    state = CliState()
     try:
-        result = command.main(args=argv, prog_name="orch", standalone_mode=False)
+        result = command.main(args=argv, prog_name="orch", standalone_mode=False, obj=state)
     except OrchError as exc:
-        for problem in getattr(exc, "errors", ()):
+        problems = exc.problems
+        if state.json and isinstance(exc, InputError):  # bad input with --json: the problems as objects too
+            typer.echo(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code,
+                                   "problems": [p.to_dict() for p in problems]}, indent=2))
+        for problem in problems:  # one line each; several get a summary line
             err_console.print(f"error: {problem}", markup=False)
-        err_console.print(f"error: {exc}", markup=False)
+        if len(problems) > 1:
+            err_console.print(f"error: {exc}", markup=False)
         code = exc.exit_code
     except typer.Abort:
         err_console.print("aborted", markup=False)

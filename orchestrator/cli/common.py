@@ -28,7 +28,15 @@ def _width() -> int | None:
 console = Console(highlight=False, soft_wrap=True, width=_width())
 err_console = Console(stderr=True, highlight=False, soft_wrap=True, width=_width())
 
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+def _json_chosen(ctx: typer.Context, value: bool) -> bool:
+    """--json given: ``cli.app.main`` then prints bad input's problems as JSON too."""
+    if value and isinstance(ctx.find_root().obj, CliState):
+        ctx.find_root().obj.json = True
+    return value
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.", callback=_json_chosen)]
 TargetArg = Annotated[str, typer.Argument(metavar="TARGET", help=targets.TARGET_HELP)]
 TargetsArg = Annotated[list[str] | None, typer.Argument(metavar="[TARGET]...", help=targets.TARGET_HELP)]
 LabelsOpt = Annotated[list[str] | None, typer.Option("--label", "-l", metavar="SELECTOR", help=targets.LABEL_HELP)]
@@ -39,6 +47,7 @@ class CliState:
     """What the top-level callback learned: set once, read by every command."""
 
     workspace: Path | None = None
+    json: bool = False  # --json was given (set by its callback)
 
 
 def workspace(ctx: typer.Context) -> Workspace:

@@ -19,7 +19,7 @@ from orchestrator.cli.common import (
 )
 from orchestrator.cli.lazy import lazy
 from orchestrator.cli.workspace_cmds import existing_store
-from orchestrator.config import known_drivers, load_provider, load_workspace_config
+from orchestrator.config import known_drivers, load_provider, load_workspace_config, safeyaml
 from orchestrator.errors import ConfigError
 from orchestrator.provision.cooldowns import active_cooldowns
 
@@ -43,9 +43,10 @@ def _pairs(values: list[str], option: str) -> dict[str, str]:
 
 
 def _scalar(text: str) -> Any:
-    """Option values typed the way YAML would read them (``5000`` -> 5000, ``false`` -> False)."""
+    """Option values typed the way orch reads YAML (``5000`` -> 5000, ``false`` -> False,
+    ``no`` -> "no": YAML 1.2, see config/safeyaml.py)."""
     try:
-        return yaml.safe_load(text) if text else ""
+        return safeyaml.load(text) if text else ""
     except yaml.YAMLError:
         return text
 

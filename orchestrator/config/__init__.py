@@ -1,7 +1,9 @@
-"""Desired configuration: pydantic models of the workspace's YAML, loaded with lines."""
+"""Desired configuration: pydantic models of the workspace's YAML, loaded with lines (through
+``safeyaml``, the one YAML reader: YAML 1.2 core schema, with limits)."""
 
 from __future__ import annotations
 
+from orchestrator.config import safeyaml
 from orchestrator.config.drivers import OWN_DRIVERS, known_drivers
 from orchestrator.config.load import load_model, validate_document
 from orchestrator.config.models import (
@@ -53,6 +55,7 @@ __all__ = [
     "load_workspace_config",
     "load_yaml",
     "parse_yaml",
+    "safeyaml",
     "validate_document",
     "validate_release_manifest_text",
 ]

@@ -11,15 +11,21 @@ numbers, so a pydantic error at ``("demands", "cpus")`` can be reported as
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import ComposerError
+from yaml.reader import ReaderError
 
+from orchestrator.config import safeyaml
+from orchestrator.config.safeyaml import Loc, Scalar
 from orchestrator.errors import ConfigError
-
-Loc = tuple[str | int, ...]
 
 
 @dataclass
@@ -39,72 +45,92 @@ class LineMap:
 
 @dataclass
 class YamlDocument:
+    """A parsed file: its data, the line of each field path, its scalars as written (for
+    messages and for reading a plain ``1.10`` as text where a string is wanted), and
+    the problems found while reading that did not stop it (duplicate keys...)."""
+
     data: Any
     lines: LineMap
     file: str
+    scalars: dict[Loc, Scalar] = field(default_factory=dict)
+    problems: list[ConfigError] = field(default_factory=list)
 
 
 def parse_yaml(text: str, file: str) -> YamlDocument:
-    """Parse one YAML document, refusing syntax errors and duplicate keys with a line."""
+    """Parse one YAML document with :mod:`safeyaml` (YAML 1.2 core schema, limits);
+    a syntax error or a limit is a ConfigError with its line; duplicate keys are kept
+    as the document's ``problems``."""
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            node = loader.get_single_node()
-            lines = LineMap()
-            if node is not None:
-                _walk(node, (), lines, file)
-                data = loader.construct_document(node)
-            else:
-                data = None
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
+        composed = safeyaml.compose(text, file)
+    except yaml.YAMLError as exc:
+        raise yaml_error(exc, file, text) from None
+    problems = [
+        ConfigError(message, file=file, line=line, field=field_text(loc) or None,
+                    hint="keep one of them" if message.startswith("duplicate") else None)
+        for loc, line, message in composed.problems
+    ]
+    return YamlDocument(data=composed.data, lines=LineMap(composed.lines), file=file, scalars=composed.scalars,
+                        problems=problems)
+
+
+def yaml_error(exc: yaml.YAMLError, file: str, text: str = "") -> ConfigError:
+    """A PyYAML error as one line naming the file and line."""
+    if isinstance(exc, yaml.MarkedYAMLError):
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"YAML syntax error: {problem}", file=file, line=line) from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", file=file) from exc
-    return YamlDocument(data=data, lines=lines, file=file)
+        problem = one_line(exc.problem or exc.context or "invalid YAML")
+        if isinstance(exc, ComposerError):  # the limits, tags, aliases, documents: said as they are
+            said = ", ".join(one_line(p) for p in (exc.context, exc.problem) if p)
+            return ConfigError(said, file=file, line=line)
+        return ConfigError(f"YAML syntax error: {problem}", file=file, line=line)
+    if isinstance(exc, ReaderError):
+        line = text.count("\n", 0, exc.position) + 1 if text else None
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        return ConfigError(f"YAML syntax error: unacceptable character {char}: {exc.reason}", file=file, line=line,
+                           hint="remove control characters; save the file as UTF-8 text")
+    return ConfigError(one_line(str(exc)), file=file)
 
 
 def load_yaml(path: Path, shown_as: str | None = None) -> YamlDocument:
-    """Read and parse ``path``; ``shown_as`` is the name used in messages."""
+    """Read and parse ``path``; ``shown_as`` is the name used in messages.  Only a regular
+    file of at most ``safeyaml.MAX_BYTES`` is read (a FIFO or a device is refused unread)."""
     name = shown_as or str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise ConfigError("file not found", file=name) from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError("not UTF-8 text", file=name, hint="save the file as UTF-8") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", file=name) from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError("not a regular file", file=name, hint="make it a plain YAML file")
+        with os.fdopen(fd, "rb", closefd=False) as source:
+            raw = source.read(safeyaml.MAX_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=name) from exc
+    finally:
+        os.close(fd)
+    if len(raw) > safeyaml.MAX_BYTES:
+        raise ConfigError(f"larger than {safeyaml.MAX_BYTES // 1024} KiB (the limit for a YAML file)", file=name)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError("not UTF-8 text", file=name, line=line, hint="save the file as UTF-8") from None
     return parse_yaml(text, name)
 
 
-def _walk(node: yaml.Node, loc: Loc, lines: LineMap, file: str) -> None:
-    lines.lines.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                where = ".".join(str(p) for p in (*loc, key))
-                raise ConfigError(
-                    f"duplicate key (first on line {seen[key]})",
-                    file=file,
-                    line=line,
-                    field=where,
-                    hint="keep one of them",
-                )
-            seen[key] = line
-            lines.lines[(*loc, key)] = line
-            _walk(value_node, (*loc, key), lines, file)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines.lines[(*loc, index)] = item.start_mark.line + 1
-            _walk(item, (*loc, index), lines, file)
+def field_text(loc: Loc) -> str:
+    """``demands.cpus``; a key with spaces, dots or control characters is quoted, so the
+    message stays one line."""
+    return ".".join(str(p) if isinstance(p, int) or _PLAIN_KEY.match(p) else json.dumps(p) for p in loc)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_/:@+-]{1,200}$")
 
 
 def set_top_level_scalar(text: str, key: str, value: str, file: str) -> str:
@@ -118,17 +144,9 @@ def set_top_level_scalar(text: str, key: str, value: str, file: str) -> str:
     '# mine\\nrelease: primes@1.2.0   # pinned later\\ncount: 4\\n'
     """
     try:
-        loader = yaml.SafeLoader(text)
-        try:
-            root = loader.get_single_node()
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        raise ConfigError(f"YAML syntax error: {exc.problem or exc.context or 'invalid YAML'}", file=file,
-                          line=mark.line + 1 if mark is not None else None) from exc
+        root = safeyaml.compose_node(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", file=file) from exc
+        raise yaml_error(exc, file, text) from None
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError("expected a mapping of keys to values", file=file, line=1)
     for key_node, value_node in root.value:

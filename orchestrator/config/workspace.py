@@ -9,7 +9,7 @@ from pathlib import Path
 from orchestrator.config.load import load_model, validate_document
 from orchestrator.config.models import NodeFamily, ProviderConfig, ReleaseManifest, WorkspaceSettings
 from orchestrator.config.source import load_yaml, parse_yaml
-from orchestrator.errors import ConfigError, NotFoundError
+from orchestrator.errors import ConfigError, NotFoundError, ValidationFailed
 from orchestrator.workspace import Workspace
 
 RELEASE_MANIFEST = "release.yaml"
@@ -26,8 +26,12 @@ class WorkspaceConfig:
     errors: list[ConfigError] = field(default_factory=list)
 
     def raise_first(self) -> None:
-        if self.errors:
+        """Raise the problems found, if any: the one, or every one (ValidationFailed).
+        (The name is older than the listing of every problem.)"""
+        if len(self.errors) == 1:
             raise self.errors[0]
+        if self.errors:
+            raise ValidationFailed(self.errors)
 
 
 def load_settings(ws: Workspace) -> WorkspaceSettings:
@@ -69,7 +73,7 @@ def load_workspace_config(ws: Workspace, *, known_releases: Iterable[str] = ()) 
     try:
         settings = load_settings(ws)
     except ConfigError as exc:
-        errors.append(exc)
+        errors.extend(_each(exc))
         settings = WorkspaceSettings()
     cfg = WorkspaceConfig(settings=settings, errors=errors)
 
@@ -78,14 +82,14 @@ def load_workspace_config(ws: Workspace, *, known_releases: Iterable[str] = ()) 
             provider = load_model(ProviderConfig, path, shown_as=ws.relative(path), name_from_stem=True)
             cfg.providers[provider.name] = provider
         except ConfigError as exc:
-            errors.append(exc)
+            errors.extend(_each(exc))
 
     for path in sorted(ws.releases_src_dir.glob(f"*/{RELEASE_MANIFEST}")):
         try:
             manifest = load_model(ReleaseManifest, path, shown_as=ws.relative(path))
             cfg.release_sources[manifest.name] = manifest
         except ConfigError as exc:
-            errors.append(exc)
+            errors.extend(_each(exc))
 
     family_lines: dict[str, Path] = {}
     for path in _yaml_files(ws.families_dir):
@@ -94,13 +98,17 @@ def load_workspace_config(ws: Workspace, *, known_releases: Iterable[str] = ()) 
             cfg.families[family.name] = family
             family_lines[family.name] = path
         except ConfigError as exc:
-            errors.append(exc)
+            errors.extend(_each(exc))
 
     releases = set(cfg.release_sources) | set(known_releases)
     for name, family in cfg.families.items():
         errors.extend(_check_family(ws, family, family_lines[name], cfg, releases))
     errors.extend(_check_cycles(ws, cfg, family_lines))
     return cfg
+
+
+def _each(exc: ConfigError) -> list[ConfigError]:
+    return list(exc.errors) if isinstance(exc, ValidationFailed) else [exc]
 
 
 def _yaml_files(folder: Path) -> list[Path]:

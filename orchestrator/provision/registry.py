@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
-from orchestrator.config import ProviderConfig, load_provider
+from orchestrator.config import ProviderConfig, load_provider, safeyaml
 from orchestrator.errors import ConfigError, ConflictError, InputError, NotFoundError, ProviderUnavailable
 from orchestrator.provision.catalogue import locations_by_key
 from orchestrator.provision.cloud_errors import map_libcloud_errors
@@ -88,7 +87,7 @@ def add_provider(ws: Workspace, store: Store, config: ProviderConfig, *, replace
     data = config.model_dump(mode="json", exclude_defaults=True)
     data.pop("name", None)
     text = f"# Provider {config.name}: registered with `orch provider add`.\n"
-    text += yaml.safe_dump({"driver": config.driver, **data}, sort_keys=False)
+    text += safeyaml.dump({"driver": config.driver, **data})  # reads back as written, in YAML 1.1 and 1.2
     tmp = path.with_suffix(".yaml.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(text)

@@ -24,6 +24,7 @@ from orchestrator.errors import (
     NotFoundError,
     ReleaseError,
     UnsafeReleaseError,
+    ValidationFailed,
 )
 from tests.helpers.workspace import REPO
 
@@ -342,8 +343,10 @@ def test_invalid_manifest_in_a_tarball_names_the_member(tmp_path: Path) -> None:
     with tarfile.open(tarball, "w:gz") as tar:
         info, data = tar_member("demo/release.yaml", data=b"name: demo\nversion: 1\nlibrary: /abs.so\n")
         tar.addfile(info, io.BytesIO(data))
-    with pytest.raises(ConfigError, match=r"demo.tar.gz:demo/release.yaml:\d+: "):
+    with pytest.raises(ValidationFailed) as caught:  # two problems: the library's path, no functions
         pack_release(tarball, max_bytes=LIMIT)
+    assert [e.field for e in caught.value.errors] == ["functions", "library"]
+    assert all(re.match(r".*demo.tar.gz:demo/release.yaml:\d+: ", str(e)) for e in caught.value.errors)
 
 
 def test_tarball_over_the_limit_is_refused(tmp_path: Path) -> None:
