@@ -31,6 +31,8 @@ def serve(
                                              "0: any free port).")] = None,
     health_grace: Annotated[float, typer.Option(min=0.1, help="Seconds a ready node's agent may be silent "
                                                 "before the node is marked lost (and replaced).")] = 10.0,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="The largest request body the API reads; "
+                                                "a larger one is refused (413).")] = 1 << 20,
 ) -> None:
     """Serve the REST API, /metrics and the job runner in the foreground (Ctrl-C stops)."""
     ws = workspace(ctx)
@@ -39,7 +41,7 @@ def serve(
         err_console.print(f"orch serve: {endpoint.url} (pid {endpoint.pid}); token in "
                           f"{ws.relative(ws.runtime_dir / 'api-token')}; Ctrl-C stops", markup=False)
 
-    server.serve(ws, host=host, port=port, on_ready=ready, health_grace=health_grace)
+    server.serve(ws, host=host, port=port, on_ready=ready, health_grace=health_grace, max_body_bytes=max_body_bytes)
     err_console.print("orch serve: stopped", markup=False)
 
 

@@ -35,7 +35,7 @@ from orchestrator.server.auth import api_token
 from orchestrator.server.autoscaler import Autoscaler
 from orchestrator.server.health import DEFAULT_GRACE, HealthMonitor
 from orchestrator.server.metrics import Metrics
-from orchestrator.server.middleware import Guard, error_response, status_for
+from orchestrator.server.middleware import DEFAULT_MAX_BODY, Guard, orch_error_response
 from orchestrator.server.routes import fleet, jobs, kv, monitor, workspace
 from orchestrator.state import JobState, StorePool
 from orchestrator.workspace import Workspace
@@ -45,12 +45,14 @@ log = logging.getLogger("orch.serve")
 
 def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | None = None,
                on_shutdown: Callable[[], None] | None = None, stop_timeout: float = 10.0,
-               service: SchedulerService | None = None, health_grace: float | None = None) -> FastAPI:
+               service: SchedulerService | None = None, health_grace: float | None = None,
+               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The API of workspace ``ws``; the runner (made when not given) starts and stops
     with the app's lifespan; ``on_shutdown`` runs last (``serve`` removes serve.json).
     With ``service`` (what ``orch serve`` passes), jobs run on its long-lived engine,
     a shutdown suspends the running job, and exec goes through connected agents, and a
-    ``HealthMonitor`` marks nodes lost whose agents are silent past ``health_grace``."""
+    ``HealthMonitor`` marks nodes lost whose agents are silent past ``health_grace``.
+    A request body over ``max_body_bytes`` is refused (413)."""
     token = token or api_token(ws)
     runner = runner or JobRunner(ws, run_job=service.run_job if service is not None else None)
     health = None if service is None else HealthMonitor(ws, service, grace=health_grace or DEFAULT_GRACE)
@@ -94,11 +96,11 @@ def create_app(ws: Workspace, *, runner: JobRunner | None = None, token: str | N
     app.state.service = service
     app.state.metrics = metrics
 
-    app.add_middleware(Guard, token=token, metrics=metrics, routes=app)
+    app.add_middleware(Guard, token=token, metrics=metrics, routes=app, max_body=max_body_bytes)
 
     @app.exception_handler(OrchError)
     async def orch_error(_: Request, exc: OrchError) -> JSONResponse:
-        return error_response(status_for(exc), exc.message, exc.hint)
+        return orch_error_response(exc)
 
     for routes in (monitor, workspace, fleet, jobs, kv):
         app.include_router(routes.router)

@@ -32,6 +32,7 @@ import uvicorn
 
 from orchestrator.errors import ConflictError, InputError
 from orchestrator.server.client import Endpoint, running, serve_file
+from orchestrator.server.middleware import DEFAULT_MAX_BODY
 from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 
@@ -110,16 +111,19 @@ def _log_to_stderr() -> None:
 
 def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
           on_ready: Callable[[Endpoint], None] | None = None, log_level: str = "warning",
-          health_grace: float | None = None) -> Endpoint:
+          health_grace: float | None = None, max_body_bytes: int | None = None) -> Endpoint:
     """Serve the API of ``ws`` in the foreground until SIGINT/SIGTERM; returns the
     endpoint it served on.  ``on_ready`` hears the endpoint once the socket listens.
-    ``health_grace``: seconds a node's agent may be silent before the node is lost."""
+    ``health_grace``: seconds a node's agent may be silent before the node is lost;
+    ``max_body_bytes``: the largest request body (default 1 MiB)."""
     from orchestrator.server.app import create_app
     from orchestrator.server.auth import api_token
 
     resolve(host, 0 if port is None else port)  # bad input fails before the first write
     if health_grace is not None and not health_grace > 0:
         raise InputError(f"--health-grace {health_grace}: must be more than 0 seconds")
+    if max_body_bytes is not None and max_body_bytes < 1:
+        raise InputError(f"--max-body-bytes {max_body_bytes}: must be at least 1")
     ws.ensure_runtime()
     with Store.open(ws.state_db) as store:
         workspace_id = store.workspace_id
@@ -150,7 +154,7 @@ def serve(ws: Workspace, *, host: str = "127.0.0.1", port: int | None = None,
     from orchestrator.scheduler.service import SchedulerService
 
     app = create_app(ws, token=token, on_shutdown=remove_serve_file, service=SchedulerService(ws),
-                     health_grace=health_grace)
+                     health_grace=health_grace, max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", **ssl_files)  # type: ignore[arg-type]
     server = _Server(config)
     try:

@@ -569,3 +569,149 @@ def test_the_runner_takes_queued_jobs_oldest_first_one_at_a_time(tmp_path: Path)
     assert states["j1"][0] == states["j3"][0] == states["j4"][0] == JobState.DONE
     assert states["j2"] == (JobState.FAILED, "no ready nodes to run the job on")
     assert runner.current is None
+
+
+# -- limits: request bodies, streamed results ----------------------------------------------------
+
+
+def _raw_exchange(server: Server, head: bytes, body: bytes = b"", timeout: float = 10) -> tuple[bytes, float]:
+    """Send ``head`` (and ``body``) on a socket of our own; the server's whole answer (it
+    closes the connection) and the seconds it took."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.info["port"]), timeout=timeout) as sock:
+        sock.sendall(head)
+        if body:
+            sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer, time.monotonic() - started
+
+
+def _put_head(server: Server, key: str, framing: str) -> bytes:
+    return (f"PUT /kv/{key} HTTP/1.1\r\nHost: orch\r\nAuthorization: Bearer {server.token}\r\n"
+            f"Content-Type: application/json\r\n{framing}\r\n\r\n").encode()
+
+
+def _chunked(data: bytes, piece: int = 65536, end: bool = True) -> bytes:
+    pieces = [data[i:i + piece] for i in range(0, len(data), piece)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + (b"0\r\n\r\n" if end else b"")
+
+
+def test_a_body_over_the_limit_is_413_by_its_content_length_before_a_byte_is_read(server: Server) -> None:
+    """Content-Length says 10 MiB and no byte of the body is ever sent: the answer comes
+    anyway, so the server did not wait for (read) the body."""
+    answer, took = _raw_exchange(server, _put_head(server, "limit.cl", f"Content-Length: {10 << 20}"))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"connection: close" in head.lower()
+    assert json.loads(body) == {"error": "request body larger than 1048576 bytes (the limit)",
+                                "hint": "send less; `orch serve --max-body-bytes N` sets the limit"}
+    assert took < 5
+    assert server.get("/kv/limit.cl").status_code == 404
+
+
+def test_a_chunked_body_over_the_limit_is_413_once_counted_past_it(server: Server) -> None:
+    """A chunked body has no length: the server counts what arrives and answers 413 when
+    it passes 1 MiB, without the end of the body (which is never sent)."""
+    value = b'"' + b"x" * ((1 << 20) + 65536) + b'"'
+    answer, took = _raw_exchange(server, _put_head(server, "limit.chunked", "Transfer-Encoding: chunked"),
+                                 _chunked(value, end=False))
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    assert b"larger than 1048576 bytes" in answer and took < 5
+    assert server.get("/kv/limit.chunked").status_code == 404
+
+
+def test_a_chunked_body_under_the_limit_reaches_the_route_whole(server: Server) -> None:
+    value = {"text": "y" * 200_000, "n": 7}
+    data = json.dumps(value).encode()
+    answer, _ = _raw_exchange(server, _put_head(server, "limit.ok", "Transfer-Encoding: chunked\r\nConnection: close"),
+                              _chunked(data, piece=4096))
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+    assert server.get("/kv/limit.ok").json() == {"key": "limit.ok", "value": value}
+    assert server.client.delete("/kv/limit.ok").status_code == 200
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_max_body_bytes_is_the_limit_for_both_framings(tmp_path: Path) -> None:
+    """``create_app(max_body_bytes=...)`` (what `orch serve --max-body-bytes` sets), in
+    process: at the limit the body is read, one byte over it is 413, with a
+    Content-Length and chunked (a generator's body) alike."""
+    import asyncio
+
+    from orchestrator.server.app import create_app
+
+    ws = Workspace.init(tmp_path / "lim")
+    app = create_app(ws, token="t", max_body_bytes=64)
+
+    async def put(content: Any) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orch") as client:
+            return await client.put("/kv/k", content=content,
+                                    headers={"Authorization": "Bearer t", "Content-Type": "application/json"})
+
+    def chunks(data: bytes) -> Any:
+        async def gen() -> Any:
+            for i in range(0, len(data), 10):
+                yield data[i:i + 10]
+        return gen()
+
+    at_limit, over = b'"' + b"a" * 62 + b'"', b'"' + b"a" * 63 + b'"'
+    try:
+        for make in (lambda d: d, chunks):
+            assert asyncio.run(put(make(at_limit))).status_code == 200
+            refused = asyncio.run(put(make(over)))
+            assert refused.status_code == 413, refused.text
+            assert refused.json()["error"] == "request body larger than 64 bytes (the limit)"
+    finally:
+        app.state.stores.close()
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident memory so far (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_large_result_is_streamed_in_pieces_and_never_whole_in_memory(tmp_path: Path) -> None:
+    """A job whose file sink holds 128 MiB, served by a server of its own: the answer is
+    chunked (no Content-Length), comes in many pieces, is byte for byte the file, and
+    the server's peak memory grows by far less than the result (holding it whole would
+    add 128 MiB at least)."""
+    import hashlib
+
+    from orchestrator.state import JobState, Store
+
+    ws = Workspace.init(tmp_path / "big")
+    out = ws.root / "big.out"
+    digest = hashlib.sha256()
+    with out.open("wb") as sink:
+        for i in range(128):
+            piece = hashlib.sha256(str(i).encode()).digest() * 32768  # 1 MiB, each one different
+            digest.update(piece)
+            sink.write(piece)
+    (ws.root / "big.out.orch-job").write_text("jbig\n")
+    with Store.open(ws.state_db) as store:
+        store.add_job("jbig", release="primes@1.1.0", function="count_primes", spec={"sink": "file:big.out"})
+        store.set_job_state("jbig", JobState.RUNNING)
+        store.set_job_state("jbig", JobState.DONE)
+    with serving(ws) as srv:
+        before = _peak_rss(srv.proc.pid)
+        got, pieces, size = hashlib.sha256(), 0, 0
+        with srv.client.stream("GET", "/jobs/jbig/result") as response:
+            assert response.status_code == 200
+            assert response.headers["transfer-encoding"] == "chunked"
+            assert "content-length" not in response.headers
+            for chunk in response.iter_raw():
+                got.update(chunk)
+                pieces += 1
+                size += len(chunk)
+        grew = _peak_rss(srv.proc.pid) - before
+        print(f"(128 MiB result in {pieces} pieces; the server's peak memory grew by {grew / 2**20:.1f} MiB)")
+        assert size == 128 << 20 and got.hexdigest() == digest.hexdigest()
+        assert pieces >= 32
+        assert grew < 40 << 20, f"the server's peak memory grew by {grew / 2**20:.1f} MiB"
+        missing = srv.get("/jobs/nope/result")
+        assert missing.status_code == 404 and missing.json()["error"] == "no job 'nope'"

@@ -4,13 +4,19 @@ The app's ``JobRunner`` runs what is queued; a submit or resume wakes it."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from orchestrator.errors import ConflictError
 from orchestrator.server.bodies import JobRequest
 from orchestrator.server.deps import SECURED, RunnerDep, StoreDep, WorkspaceDep
+
+if TYPE_CHECKING:
+    from orchestrator.scheduler.sinks import Record
 
 router = APIRouter(tags=["jobs"], dependencies=SECURED)
 
@@ -46,13 +52,56 @@ def job_status(job_id: str, db: StoreDep) -> dict[str, Any]:
     return jobs.status(db, job_id)
 
 
-@router.get("/jobs/{job_id}/result", response_class=Response)
-def job_result(job_id: str, ws: WorkspaceDep, db: StoreDep) -> Response:
-    """The job's output so far, in task order, failed tasks left out (as `orch job result`)."""
+@router.get("/jobs/{job_id}/result", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def job_result(job_id: str, ws: WorkspaceDep, db: StoreDep) -> StreamingResponse:
+    """The job's output so far, in task order, failed tasks left out (as `orch job result`),
+    streamed from its sink in pieces of about RESULT_PIECE bytes: never whole in memory."""
     from orchestrator.scheduler import jobs
 
-    body = b"".join(r.payload for r in jobs.result(ws, db, job_id) if r.ok)
-    return Response(body, media_type="application/octet-stream")
+    records = jobs.result(ws, db, job_id)
+    try:  # the job and its sink are looked up now, so a missing one is still a 404
+        first = _next_piece(records)
+    except BaseException:
+        _close(records)
+        raise
+    return StreamingResponse(_streamed(first, records), media_type="application/octet-stream")
+
+
+RESULT_PIECE = 256 * 1024
+"""About how much of a result each piece of the streamed answer holds (a record larger
+than this, e.g. a file sink's 1 MiB reads, is one piece)."""
+
+
+def _next_piece(records: Iterator[Record]) -> bytes | None:
+    """The next ok payloads, joined up to about RESULT_PIECE bytes; None at the end."""
+    parts: list[bytes] = []
+    size = 0
+    for record in records:
+        if record.ok and record.payload:
+            parts.append(record.payload)
+            size += len(record.payload)
+            if size >= RESULT_PIECE:
+                break
+    return b"".join(parts) if parts else None
+
+
+async def _streamed(first: bytes | None, records: Iterator[Record]) -> AsyncIterator[bytes]:
+    """The pieces, each read in the thread pool (a sink's reads block)."""
+    try:
+        piece = first
+        while piece is not None:
+            yield piece
+            piece = await run_in_threadpool(_next_piece, records)
+    finally:
+        _close(records)  # the sink is closed at the end, and when the client leaves
+
+
+def _close(records: Iterator[Record]) -> None:
+    """Close the generator of ``jobs.result``, which closes the sink."""
+    close = getattr(records, "close", None)
+    if close is not None:
+        close()
 
 
 @router.post("/jobs/{job_id}/resume")
