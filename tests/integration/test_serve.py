@@ -715,3 +715,30 @@ def test_a_large_result_is_streamed_in_pieces_and_never_whole_in_memory(tmp_path
         assert grew < 40 << 20, f"the server's peak memory grew by {grew / 2**20:.1f} MiB"
         missing = srv.get("/jobs/nope/result")
         assert missing.status_code == 404 and missing.json()["error"] == "no job 'nope'"
+
+
+def test_an_api_answer_for_a_workspace_with_several_problems_lists_them(tmp_path: Path) -> None:
+    """In process: ``GET /families`` of a workspace whose family file has two mistakes is
+    one 400 line plus each problem as an object, as ``orch validate --json`` has them."""
+    import asyncio
+
+    from orchestrator.server.app import create_app
+
+    ws = Workspace.init(tmp_path / "bad")
+    (ws.families_dir / "w.yaml").write_text("release: primes\ncount: many\nnodes: 3\n")
+    app = create_app(ws, token="t")
+
+    async def families() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://orch") as client:
+            return await client.get("/families", headers={"Authorization": "Bearer t"})
+
+    try:
+        answer = asyncio.run(families())
+    finally:
+        app.state.stores.close()
+    assert answer.status_code == 400, answer.text
+    body = answer.json()
+    assert body["error"] == "2 problems in the workspace" and body["hint"] is None
+    assert [(p["file"], p["line"], p["field"]) for p in body["problems"]] == [
+        ("node_families/w.yaml", 2, "count"), ("node_families/w.yaml", 3, "nodes")]
