@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.config.load import load_model, validate_document
-from orchestrator.config.models import NodeFamily, ProviderConfig, ReleaseManifest, WorkspaceSettings
+from orchestrator.config.models import NAME_PATTERN, NodeFamily, ProviderConfig, ReleaseManifest, WorkspaceSettings
 from orchestrator.config.source import load_yaml, parse_yaml
-from orchestrator.errors import ConfigError, NotFoundError, ValidationFailed
+from orchestrator.errors import ConfigError, InputError, NotFoundError, ValidationFailed
 from orchestrator.workspace import Workspace
 
 RELEASE_MANIFEST = "release.yaml"
@@ -38,8 +39,16 @@ def load_settings(ws: Workspace) -> WorkspaceSettings:
     return load_model(WorkspaceSettings, ws.settings_file, shown_as=ws.relative(ws.settings_file))
 
 
+def _named_file(folder: Path, name: str, kind: str, listing: str) -> Path:
+    """``folder/NAME.yaml`` for a name of the names' shape: never a path out of ``folder``."""
+    if not re.fullmatch(NAME_PATTERN.strip("^$"), name):
+        raise InputError(f"{name!r} is not a {kind} name (lower-case letters, digits, '-', '_')",
+                         hint=f"see `{listing}`")
+    return folder / f"{name}.yaml"
+
+
 def load_provider(ws: Workspace, name: str) -> ProviderConfig:
-    path = ws.providers_dir / f"{name}.yaml"
+    path = _named_file(ws.providers_dir, name, "provider", "orch provider list")
     if not path.is_file():
         raise NotFoundError(f"no provider {name!r}", hint=f"see `orch provider list`; expected {ws.relative(path)}")
     return load_model(ProviderConfig, path, shown_as=ws.relative(path), name_from_stem=True)
@@ -57,7 +66,7 @@ def provider_labels(ws: Workspace, names: Iterable[str]) -> dict[str, list[str]]
 
 
 def load_family(ws: Workspace, name: str) -> NodeFamily:
-    path = ws.families_dir / f"{name}.yaml"
+    path = _named_file(ws.families_dir, name, "node family", "orch family list")
     if not path.is_file():
         raise NotFoundError(f"no node family {name!r}", hint=f"see `orch family list`; expected {ws.relative(path)}")
     return load_model(NodeFamily, path, shown_as=ws.relative(path), name_from_stem=True)

@@ -166,6 +166,9 @@ CASES: dict[str, Case] = {
         r"junk\.tar\.gz"),
     "unknown release": Case(_args("release", "show", "nothere@9"), r"no release nothere@9"),
     "unknown provider": Case(_args("provider", "show", "nothere"), r"no provider 'nothere'"),
+    "provider name that is a path": Case(_args("provider", "show", "../../etc/passwd"),
+                                         r"'\.\./\.\./etc/passwd' is not a provider name"),
+    "family name that is a path": Case(_args("family", "show", "../orch"), r"'\.\./orch' is not a node family name"),
 }
 
 
