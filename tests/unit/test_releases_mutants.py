@@ -5,18 +5,21 @@ Written to kill the mutants that survived in docs/mutation.md."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.deploy.packing import pack_release
 from orchestrator.deploy.releases import archive, find_release, remove_release, upload_release
-from orchestrator.errors import ConflictError, InputError, NotFoundError
-from orchestrator.state import Store
+from orchestrator.errors import ConflictError, InputError, IntegrityError, NotFoundError
+from orchestrator.state import JobState, Store
 from orchestrator.state.records import ArtifactRecord
 from orchestrator.workspace import Workspace
 
@@ -103,3 +106,84 @@ def test_a_release_a_live_node_runs_is_not_removed(ws: Workspace, store: Store) 
         "release primes@2.0.0 is running on 1 node(s): w-1",
         "stop those nodes, or roll the family to another release first")
     assert stored(ws, uploaded.sha256) and [r.ref for r in store.list_releases()] == ["primes@2.0.0"]
+
+
+def test_six_users_are_counted_and_five_named(ws: Workspace, store: Store) -> None:
+    upload_release(ws, store, version_of(ws, "2.0.0"))
+    for i in range(6):
+        store.add_node(f"w-{i}", family="workers", provider="local", release="primes@2.0.0")
+    with pytest.raises(ConflictError) as caught:
+        remove_release(ws, store, "primes@2.0.0")
+    assert caught.value.message == "release primes@2.0.0 is running on 6 node(s): w-0, w-1, w-2, w-3, w-4"
+
+
+def test_a_release_an_unfinished_job_names_is_not_removed(ws: Workspace, store: Store) -> None:
+    upload_release(ws, store, version_of(ws, "2.0.0"))
+    for i in range(6):
+        store.add_job(f"j{i}", release="primes@2.0.0", function="count_primes", spec={})
+        time.sleep(0.002)  # (listed by creation time)
+    with pytest.raises(ConflictError) as caught:
+        remove_release(ws, store, "primes@2.0.0")
+    assert (caught.value.message, caught.value.hint) == (
+        "release primes@2.0.0 is the release of 6 unfinished job(s): j0, j1, j2, j3, j4",
+        "let them finish, or delete them (`orch job delete JOB`) first")
+    for i in range(6):
+        store.set_job_state(f"j{i}", JobState.RUNNING)
+        store.set_job_state(f"j{i}", JobState.DONE)
+    assert remove_release(ws, store, "primes@2.0.0").ref == "primes@2.0.0"
+    [event] = [e for e in store.events() if e.kind == "release.removed"]
+    assert event.data == {"release": "primes@2.0.0"}
+
+
+# -- the archive: content-addressed, every read checked ------------------------------------
+
+
+def test_a_malformed_sha_is_no_stored_tarball(ws: Workspace) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        archive(ws).read("ABC")
+    assert (caught.value.message, caught.value.hint) == (
+        "no stored release tarball 'ABC'", "a sha256 is 64 lower-case hex digits")
+
+
+def test_a_missing_tarball_says_to_upload_again(ws: Workspace, store: Store) -> None:
+    record = upload_release(ws, store, version_of(ws, "2.0.0")).record
+    path = archive(ws).path(record.sha256)
+    path.unlink()
+    with pytest.raises(NotFoundError) as caught:
+        archive(ws).read(record.sha256)
+    assert (caught.value.message, caught.value.hint) == (
+        f"{path}: stored release tarball is missing", "re-upload the release with `orch release upload --force`")
+
+
+def test_put_refuses_data_that_is_not_its_sha(ws: Workspace) -> None:
+    packed = pack_release(version_of(ws, "2.0.0"), max_bytes=64 << 20)
+    with pytest.raises(IntegrityError) as caught:
+        archive(ws).put(dataclasses.replace(packed, data=packed.data + b"x"))
+    assert caught.value.message == "release primes@2.0.0: data does not match its sha256"
+    assert not archive(ws).exists(packed.sha256)
+
+
+def test_put_writes_in_the_archive_folder_then_renames(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tarball is written beside its final name, so the rename never crosses a
+    filesystem: with the default temporary folder on another one (tmpfs), put still works."""
+    other = Path("/dev/shm")
+    if not other.is_dir() or other.stat().st_dev == ws.root.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the workspace")
+    elsewhere = Path(tempfile.mkdtemp(dir=other))
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(elsewhere))
+        packed = pack_release(version_of(ws, "2.0.0"), max_bytes=64 << 20)
+        path = archive(ws).put(packed)
+        assert path == archive(ws).path(packed.sha256) and archive(ws).read(packed.sha256) == packed.data
+        assert list(elsewhere.iterdir()) == []
+    finally:
+        shutil.rmtree(elsewhere)
+
+
+def test_a_put_that_cannot_rename_leaves_no_temporary_file(ws: Workspace) -> None:
+    packed = pack_release(version_of(ws, "2.0.0"), max_bytes=64 << 20)
+    blocker = archive(ws).path(packed.sha256)
+    (blocker / "inside").mkdir(parents=True)  # a non-empty folder where the tarball goes
+    with pytest.raises(OSError):
+        archive(ws).put(packed)
+    assert sorted(p.name for p in blocker.parent.iterdir()) == [blocker.name]

@@ -24,7 +24,7 @@ import pytest
 from paramiko.common import AUTH_FAILED, AUTH_SUCCESSFUL
 
 from orchestrator.errors import RemoteError
-from orchestrator.remote.ssh import HostKeyMismatch, SSHSession, SSHTarget, Timeouts, fingerprint
+from orchestrator.remote.ssh import HostKeyMismatch, NodeUnreachable, SSHSession, SSHTarget, Timeouts, fingerprint
 from tests.helpers.keys import make_key_pair
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
@@ -39,7 +39,8 @@ class HostKey:
 
 def host_key(folder: Path, kind: str) -> HostKey:
     path = folder / f"host_{kind}"
-    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", "", "-f", str(path)], check=True)
+    pem = ["-m", "PEM"] if kind == "ecdsa" else []  # (paramiko misreads some OpenSSH-format ECDSA keys)
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, *pem, "-N", "", "-C", "", "-f", str(path)], check=True)
     listed = subprocess.run(["ssh-keygen", "-l", "-f", f"{path}.pub"], check=True, capture_output=True, text=True)
     return HostKey(path, " ".join(path.with_suffix(".pub").read_text().split()[:2]), listed.stdout.split()[1])
 
@@ -47,6 +48,8 @@ def host_key(folder: Path, kind: str) -> HostKey:
 def load(key: HostKey) -> paramiko.PKey:
     if key.line.startswith("ssh-rsa"):
         return paramiko.RSAKey.from_private_key_file(str(key.private))
+    if key.line.startswith("ecdsa-"):
+        return paramiko.ECDSAKey.from_private_key_file(str(key.private))
     return paramiko.Ed25519Key.from_private_key_file(str(key.private))
 
 
@@ -56,12 +59,14 @@ class Server(paramiko.ServerInterface):
 
     allowed: str
     attempts: list[tuple[str, str]] = field(default_factory=list)
+    slow: float = 0.0  # seconds each answer to an authentication takes
 
     def get_allowed_auths(self, username: str) -> str:
         return "publickey"
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         self.attempts.append((username, fingerprint(key.asbytes())))
+        time.sleep(self.slow)
         ok = f"{key.get_name()} {key.get_base64()}" == self.allowed
         return AUTH_SUCCESSFUL if ok else AUTH_FAILED
 
@@ -106,9 +111,9 @@ class SSHServer:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HostKey]:
-    """The server's host keys (ed25519, rsa) and another machine's (other-ed25519, other-rsa)."""
+    """The server's host keys (ed25519, rsa, ecdsa) and another machine's (other-ed25519, other-rsa)."""
     made = {}
-    for name in ("ed25519", "rsa", "other-ed25519", "other-rsa"):
+    for name in ("ed25519", "rsa", "ecdsa", "other-ed25519", "other-rsa"):
         made[name] = host_key(tmp_path_factory.mktemp(name), name.removeprefix("other-"))
     return made
 
@@ -116,7 +121,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HostKey]:
 @pytest.fixture
 def server(tmp_path: Path, keys: dict[str, HostKey]) -> Iterator[tuple[SSHServer, Path]]:
     fleet = make_key_pair(tmp_path)
-    running = SSHServer([keys["ed25519"], keys["rsa"]], allowed=" ".join(fleet.public.split()[:2]))
+    running = SSHServer([keys["ed25519"], keys["rsa"], keys["ecdsa"]], allowed=" ".join(fleet.public.split()[:2]))
     try:
         yield running, fleet.private
     finally:
@@ -145,13 +150,16 @@ RSA_PIN = pytest.mark.xfail(strict=True, reason=(
     "offers the one not pinned (HostKeyMismatch); see docs/mutation.md"))
 
 
-@pytest.mark.parametrize(("kind", "served"), [("ed25519", "ssh-ed25519"),
+@pytest.mark.parametrize(("kind", "served"), [("ed25519", "ssh-ed25519"), ("ecdsa", "ecdsa-sha2-nistp256"),
                                               pytest.param("rsa", "rsa-sha2-512", marks=RSA_PIN)])
 def test_the_pinned_key_opens_a_session_and_only_then_the_fleet_key_is_offered(
         server: tuple[SSHServer, Path], keys: dict[str, HostKey], kind: str, served: str) -> None:
     ssh, key_file = server
-    with SSHSession(target(ssh, key_file, keys[kind].line), timeouts=Timeouts(connect=10)) as session:
-        assert session.is_active
+    pinned = target(ssh, key_file, keys[kind].line)
+    with SSHSession(pinned, timeouts=Timeouts(connect=10)) as session:
+        assert session.is_active and session.target is pinned
+        sock = session._transport.sock
+        assert isinstance(sock, socket.socket) and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     # The server offered the host key of the pinned type (a node with several keys).
     assert wait_offered(ssh) == [served]
     assert [user for user, _ in ssh.interface.attempts] == ["orch"]
@@ -167,20 +175,47 @@ def test_another_host_key_is_refused_before_authenticating(
     assert (caught.value.expected, caught.value.offered) == (pinned.fingerprint, offered.fingerprint)
     assert caught.value.message == (f"node w-1 at 127.0.0.1:{ssh.port} offered host key {name} {offered.fingerprint}, "
                                  f"but {name} {pinned.fingerprint} is pinned")
-    assert caught.value.hint is not None and "never from the node" in caught.value.hint
+    assert caught.value.hint == (
+        "another machine may hold that address, or the node was re-created; if you "
+        "re-created it, take its new key from the provider (`orch reconcile`), never from the node")
     assert isinstance(caught.value, RemoteError) and caught.value.exit_code == 5
     assert ssh.interface.attempts == [], "the fleet key was offered to a machine with the wrong host key"
 
 
-@pytest.mark.parametrize("pinned", ["", "ssh-ed25519", "ssh-ed25519 not*base64", "   "])
+@pytest.mark.parametrize("pinned", ["", "ssh-ed25519", "ssh-ed25519 not*base64", "   ", "the key, one character off"])
 def test_no_usable_pin_is_refused_before_authenticating(
         server: tuple[SSHServer, Path], keys: dict[str, HostKey], pinned: str) -> None:
     ssh, key_file = server
+    if pinned == "the key, one character off":  # a stray character: refused, not decoded around
+        kind, blob = keys["ed25519"].line.split()
+        pinned = f"{kind} {blob[:20]}*{blob[20:]}"
     with pytest.raises(HostKeyMismatch) as caught:
         SSHSession(target(ssh, key_file, pinned))
     offered = keys["ed25519"]
     assert (caught.value.expected, caught.value.offered) == ("(none)", offered.fingerprint)
     assert caught.value.message == (f"no usable host key is pinned for node w-1 at 127.0.0.1:{ssh.port}; "
                                  f"it offers ssh-ed25519 {offered.fingerprint}")
-    assert caught.value.hint is not None and "never accept one unseen" in caught.value.hint
+    assert caught.value.hint == "pin the key the provider reported when it created the node; never accept one unseen"
     assert ssh.interface.attempts == []
+
+
+def test_a_server_that_never_speaks_ssh_fails_within_the_connect_timeout(tmp_path: Path,
+                                                                         keys: dict[str, HostKey]) -> None:
+    fleet = make_key_pair(tmp_path)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel does), never answers
+        port = int(silent.getsockname()[1])
+        started = time.monotonic()
+        with pytest.raises(NodeUnreachable):
+            SSHSession(SSHTarget("w-1", "127.0.0.1", port, "orch", keys["ed25519"].line, fleet.private),
+                       timeouts=Timeouts(connect=0.5))
+        assert time.monotonic() - started < 5, "the handshake waited past the connect timeout"
+
+
+def test_a_server_slow_to_authenticate_fails_within_the_connect_timeout(
+        server: tuple[SSHServer, Path], keys: dict[str, HostKey]) -> None:
+    ssh, key_file = server
+    ssh.interface.slow = 6.0
+    started = time.monotonic()
+    with pytest.raises(RemoteError):
+        SSHSession(target(ssh, key_file, keys["ed25519"].line), timeouts=Timeouts(connect=0.5))
+    assert time.monotonic() - started < 4, "authentication waited past the connect timeout"
