@@ -1,15 +1,35 @@
-"""API auth (orchestrator/server/auth.py, middleware.py): the token file and the bearer
-check, exactly.  Written to kill the mutants that survived in docs/mutation.md."""
+"""API auth (orchestrator/server/auth.py, middleware.py, deps.py): the token file, the
+bearer check and the middleware around every request, exactly.  Written to kill the
+mutants that survived in docs/mutation.md."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 import stat
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from typing import Any
 
+import httpx
 import pytest
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
 
-from orchestrator.errors import StateError
+from orchestrator.errors import (
+    ConflictError,
+    InputError,
+    NotFoundError,
+    OrchError,
+    ProviderError,
+    RemoteError,
+    StateError,
+)
+from orchestrator.server.app import create_app
 from orchestrator.server.auth import api_token, bearer_ok, token_path
+from orchestrator.server.middleware import UnsupportedMediaType, status_for
+from orchestrator.state import Store
 from orchestrator.workspace import Workspace
 
 TOKEN = "s3cret-token_value"
@@ -63,3 +83,128 @@ def test_an_empty_token_file_is_refused(ws: Workspace) -> None:
         api_token(ws)
     assert (caught.value.message, caught.value.hint) == (
         ".orch/api-token is empty", "remove it; the next `orch serve` makes a new one")
+
+
+# -- the middleware around every request (Guard), in process through httpx ------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # what uvicorn runs the app on
+
+
+@contextlib.asynccontextmanager
+async def client(ws: Workspace, *, token: str | None = TOKEN) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app of ``ws`` (no lifespan: no runner thread), and a client sending ``token``."""
+    Store.open(ws.state_db).close()
+    app = create_app(ws, token=TOKEN)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://orch", headers=headers) as http:
+            yield app, http
+    finally:
+        app.state.stores.close()
+
+
+async def metrics(http: httpx.AsyncClient) -> str:
+    response = await http.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    return response.text
+
+
+def count(text: str, method: str, route: str, status: int) -> float:
+    line = f'orch_http_requests_total{{method="{method}",route="{route}",status="{status}"}} '
+    found = [float(row[len(line):]) for row in text.splitlines() if row.startswith(line)]
+    return found[0] if found else 0.0
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (UnsupportedMediaType("x"), 415), (NotFoundError("x"), 404), (ConflictError("x"), 409), (StateError("x"), 409),
+    (InputError("x"), 400), (ProviderError("x"), 502), (RemoteError("x"), 502), (OrchError("x"), 409),
+])
+def test_status_for(error: OrchError, status: int) -> None:
+    assert status_for(error) == status
+
+
+@pytest.mark.anyio
+async def test_a_401_is_one_json_line_counted_under_the_routes_template(ws: Workspace) -> None:
+    async with client(ws, token="wrong") as (_, http):
+        refused = await http.get("/jobs/j0123456789")
+        unknown = await http.get("/no/such/route")
+        text = await metrics(http)
+    for response in (refused, unknown):
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        assert response.json() == {"error": "missing or wrong API token",
+                                   "hint": "send `Authorization: Bearer <token>`; the token is in .orch/api-token"}
+    assert count(text, "GET", "/jobs/{job_id}", 401) == 1.0
+    assert count(text, "GET", "unmatched", 401) == 1.0
+
+
+@pytest.mark.anyio
+async def test_with_the_token_routes_get_the_workspace_the_runner_and_the_body(ws: Workspace) -> None:
+    async with client(ws) as (_, http):
+        assert (await http.get("/info")).status_code == 200  # the workspace
+        deleted = await http.delete("/jobs/jnope")  # the runner is asked first, then the job is not found
+        assert (deleted.status_code, deleted.json()["error"]) == (404, "no job 'jnope'")
+        put = await http.put("/kv/colour", json={"value": "blue"})  # the body reaches the route
+        assert put.status_code == 200, put.text
+        assert (await http.get("/kv/colour")).json()["value"] == {"value": "blue"}
+        text = await metrics(http)
+    assert count(text, "PUT", "/kv/{key}", 200) == 1.0
+
+
+@pytest.mark.anyio
+async def test_a_bug_is_logged_with_the_request(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    async with client(ws) as (app, http):
+        def boom() -> None:
+            raise RuntimeError("a bug in a route")
+
+        app.add_api_route("/boom", boom)
+        with caplog.at_level(logging.ERROR, logger="orch.serve"):
+            response = await http.get("/boom")
+    assert response.status_code == 500
+    [record] = [r for r in caplog.records if r.name == "orch.serve"]
+    assert record.getMessage() == "GET /boom failed" and record.exc_info is not None
+
+
+@pytest.mark.anyio
+async def test_a_failure_after_the_response_started_is_not_answered_twice(ws: Workspace) -> None:
+    async with client(ws) as (app, http):
+        def chunks() -> Iterator[bytes]:
+            yield b"first part\n"
+            raise RuntimeError("failed half way")
+
+        app.add_api_route("/stream", lambda: StreamingResponse(chunks()))
+        response = await http.get("/stream")  # the stream breaks off; no second (500) response is sent
+        text = await metrics(http)
+    assert (response.status_code, response.content) == (200, b"first part\n")
+    assert count(text, "GET", "/stream", 500) == 0.0
+
+
+@pytest.mark.anyio
+async def test_the_lifespan_passes_through_the_guard(ws: Workspace) -> None:
+    """Other ASGI scopes than http (the lifespan: the runner starts and stops) go to the
+    app untouched and need no token."""
+    Store.open(ws.state_db).close()
+    app = create_app(ws, token=TOKEN)
+    sent: list[str] = []
+    started = asyncio.Event()
+    steps = iter(["lifespan.startup", "lifespan.shutdown"])
+
+    async def receive() -> dict[str, Any]:
+        kind = next(steps)
+        if kind == "lifespan.shutdown":
+            await started.wait()
+        return {"type": kind}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message["type"])
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    try:
+        await asyncio.wait_for(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send), 30)
+    finally:
+        app.state.stores.close()
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
