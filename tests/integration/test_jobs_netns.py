@@ -25,7 +25,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from orchestrator.scheduler import jobs
 from orchestrator.scheduler.engine import Engine
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
+from tests.helpers.net import start_on_free_port
 from tests.helpers.netns import free_subnet, netns_usable
 from tests.helpers.netns import leftovers as netns_leftovers
 from tests.helpers.processes import processes_of
@@ -431,26 +431,13 @@ class Scheduler:
             with Store.open(self.ws.state_db) as store:
                 engine = Engine(store, ssl_context=pki.server_ssl_context(self.ws), admit=self.admit,
                                 peer_id=pki.peer_node_id)
-                port = await _listen(engine)
+                port = await start_on_free_port(engine)
                 try:
                     await dial(port, engine)
                 finally:
                     await engine.close()
 
         asyncio.run(main())
-
-
-async def _listen(engine: Engine) -> int:
-    for _ in range(20):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        try:
-            await engine.start(["127.0.0.1"], port)
-            return port
-        except OSError:  # taken meanwhile
-            continue
-    raise AssertionError("no free port on 127.0.0.1")
 
 
 async def _open(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -34,6 +33,7 @@ from orchestrator.scheduler.stored import stored_work
 from orchestrator.scheduler.workmodules import load_work_module
 from orchestrator.state import JobState, Store
 from orchestrator.workspace import Workspace
+from tests.helpers.net import start_on_free_port
 
 HEARTBEAT = 0.2
 """The job's heartbeat: a silent agent is lost after three of them."""
@@ -164,7 +164,7 @@ class Harness:
         try:
             self.job = JobRun(self.job_id, self.spec, module, sink, release,
                               next_write=sink.open(self.job_id, None), generated=0, checkpoint=None)
-            await self._listen()
+            self.port = await start_on_free_port(self.engine)
             run = asyncio.create_task(self.engine.run(self.job))
             try:
                 yield run
@@ -177,19 +177,6 @@ class Harness:
         finally:
             sink.close()
             module.close()
-
-    async def _listen(self) -> None:
-        for _ in range(20):
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = int(probe.getsockname()[1])
-            try:
-                await self.engine.start(["127.0.0.1"], port)
-            except OSError:  # taken meanwhile
-                continue
-            self.port = port
-            return
-        raise AssertionError("no free port on 127.0.0.1")
 
     async def until(self, what: str, condition: Callable[[], bool], timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout

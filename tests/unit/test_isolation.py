@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from orchestrator.scheduler.workmodules import ChunksModule, LinesModule, RangeM
 from orchestrator.server.app import create_app
 from orchestrator.state import JobState, Store
 from orchestrator.workspace import Workspace
+from tests.helpers.net import start_on_free_port
 
 SECOND = 1_000_000_000
 """What the fake port reports as each task's elapsed time: the pipeline stays 2 deep."""
@@ -200,7 +200,7 @@ class Harness:
         job, tasks = self.job_run()
         engine = self.engine()
         try:
-            port = await listen(engine)
+            port = await start_on_free_port(engine)
             run = asyncio.create_task(engine.run(job, tasks))
             try:
                 yield engine, run, port
@@ -250,19 +250,6 @@ class Harness:
     def status(self) -> dict[str, Any]:
         with Store.open(self.ws.state_db) as store:  # a store of its own, as after a restart
             return jobs.status(store, self.job_id)
-
-
-async def listen(engine: Engine) -> int:
-    for _ in range(20):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = int(probe.getsockname()[1])
-        try:
-            await engine.start(["127.0.0.1"], port)
-        except OSError:  # taken meanwhile
-            continue
-        return port
-    raise AssertionError("no free port on 127.0.0.1")
 
 
 @pytest.fixture
