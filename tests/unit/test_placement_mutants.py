@@ -191,3 +191,8 @@ def test_sizes_are_judged_once_per_provider_unless_some_cool_down() -> None:
     assert plan.rejected == (Rejection("p", "1 cpus < 4", "a", "tiny"),
                              Rejection("p", "unavailable (cooling down after a capacity error)", "a", "ok"),
                              Rejection("p", "1 cpus < 4", "b", "tiny"))
+
+
+def test_spread_counts_each_node_once_against_the_quota() -> None:
+    caps = [provider("p", ["a"], [size("s")], max_nodes=3)]
+    assert where(plan_placement(family(placement={"policy": "spread"}), 3, caps, []).requests) == ["p/a/s"] * 3

@@ -187,3 +187,12 @@ def test_a_put_that_cannot_rename_leaves_no_temporary_file(ws: Workspace) -> Non
     with pytest.raises(OSError):
         archive(ws).put(packed)
     assert sorted(p.name for p in blocker.parent.iterdir()) == [blocker.name]
+
+
+def test_the_hint_names_the_last_of_three_versions(ws: Workspace, store: Store) -> None:
+    for version in ("2.0.0", "2.1.0", "2.2.0"):
+        upload_release(ws, store, version_of(ws, version))
+    with pytest.raises(InputError) as caught:
+        remove_release(ws, store, "primes")
+    assert (caught.value.message, caught.value.hint) == (
+        "release primes has 3 versions (2.0.0, 2.1.0, 2.2.0)", "name one: orch release remove primes@2.2.0")

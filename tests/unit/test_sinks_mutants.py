@@ -220,3 +220,42 @@ def test_a_sqlite_sink_may_be_used_from_another_thread(tmp_path: Path) -> None:
         worker.start()
         worker.join(30)
         assert errors == []
+
+
+def test_a_repeat_and_a_gap_are_told_apart(tmp_path: Path) -> None:
+    with open_sink("file:out", root=tmp_path) as sink:
+        sink.open("j1", None)
+        sink.write(records(0, 2))
+        with pytest.raises(ValueError) as repeat:
+            sink.write(records(1, 2))
+        with pytest.raises(ValueError) as gap:
+            sink.write(records(3, 4))
+    assert str(repeat.value) == "sink file:out: record seq 1 where 2 was expected (a repeat)"
+    assert str(gap.value) == "sink file:out: record seq 3 where 2 was expected (a gap)"
+
+
+def test_a_query_without_a_password_is_shown_as_written() -> None:
+    assert redact_url("postgresql://h/db?table=t&flag") == "postgresql://h/db?table=t&flag"
+
+
+def test_a_sqlite_sink_reads_every_record_once(tmp_path: Path) -> None:
+    with open_sink("sqlite:out.db", root=tmp_path) as sink:
+        sink.open("j1", None)
+        sink.write(records(0, 5))
+        sink.commit()
+        assert [r.seq for r in sink.read("j1")] == [0, 1, 2, 3, 4]
+
+
+def test_a_sqlite_checkpoint_without_a_valid_seq_is_named(tmp_path: Path) -> None:
+    with open_sink("sqlite:out.db", root=tmp_path) as sink, pytest.raises(SinkFailed) as caught:
+        sink.open("j1", {"next_seq": "x"})
+    assert caught.value.message == "sink sqlite:out.db: the stored checkpoint {'next_seq': 'x'} has no valid next_seq"
+
+
+def test_a_progress_table_of_another_shape_fails_opening_by_name(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        db.execute("CREATE TABLE orch_output_progress (job TEXT)")
+    db.close()
+    with open_sink("sqlite:out.db", root=tmp_path) as sink, pytest.raises(SinkFailed) as caught:
+        sink.open("j1", None)
+    assert caught.value.message == "sink sqlite:out.db: reading the progress failed: no such column: next_seq"
