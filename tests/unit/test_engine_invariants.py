@@ -354,7 +354,7 @@ async def loaded(h: Harness, node: str) -> tuple[AgentSide, list[tuple[int, int,
 class TestFailedAttempts:
     def test_a_task_failing_every_attempt_is_written_failed_in_its_place(
             self, harness: Callable[..., Harness]) -> None:
-        h = harness(3, max_attempts=2)
+        h = harness(3, max_attempts=3)
 
         async def main() -> None:
             async with h.running() as job:
@@ -369,21 +369,27 @@ class TestFailedAttempts:
                     assert h.job is not None and h.job.next_write == 0  # 1 waits for 0
                     a.results([(seq, b"boom again" if seq == 0 else output(seq, "w-a")) for seq, _, _ in again],
                               failed={0})
+                    last = await a.tasks()
+                    assert tried(last) == [(0, 3)], last
+                    assert h.counters()["retried"] == 2
+                    a.results([(0, b"boom at last")], failed={0})
                     outcome = await asyncio.wait_for(job, WAIT)
                 finally:
                     await a.close()
             assert outcome.state == JobState.DONE, outcome
             assert {k: outcome.counters[k] for k in ("done", "failed", "retried", "discarded")} == {
-                "done": 2, "failed": 1, "retried": 1, "discarded": 0}, outcome.counters
+                "done": 2, "failed": 1, "retried": 2, "discarded": 0}, outcome.counters
             assert h.job is not None and (h.job.buffered, h.job.records) == (0, {})
+            reason = "task 0 failed after 3 attempts; last: w-a: boom at last"
+            assert [data for kind, data in h.events if kind == "task.failed"] == [{"seq": 0, "reason": reason}]
 
         run(main)
         assert [(r.seq, r.ok, r.payload) for r in h.records()] == [
-            (0, False, b"attempt 2: w-a: boom again"), (1, True, output(1, "w-a")), (2, True, output(2, "w-a"))]
-        assert h.store.failed_tasks(h.job_id) == [(0, "attempt 2: w-a: boom again")]
+            (0, False, b"attempt 3: w-a: boom at last"), (1, True, output(1, "w-a")), (2, True, output(2, "w-a"))]
+        assert h.store.failed_tasks(h.job_id) == [(0, "attempt 3: w-a: boom at last")]
         failed = [e for e in h.store.events(job=h.job_id) if e.kind == "job.task_failed"]
         assert [(e.node, e.reason) for e in failed] == [
-            ("w-a", "task 0 failed after 2 attempts; last: w-a: boom again")]
+            ("w-a", "task 0 failed after 3 attempts; last: w-a: boom at last")]
         progress = h.store.job_progress(h.job_id)
         assert (progress["next_write"], progress["generated"]) == (3, 3)
 
@@ -571,3 +577,60 @@ class TestOrderAndProtocol:
 
         run(main)
         assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b")]
+
+
+class TestCommitsAndExec:
+    def test_written_output_is_committed_while_the_job_runs(self, harness: Callable[..., Harness]) -> None:
+        """Every COMMIT_INTERVAL the sink's checkpoint and the job's progress are stored and
+        the batches of what is written are dropped: a scheduler killed now resumes from there."""
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    a.results(answers(first, "w-a"))
+                    rest = await a.tasks()
+                    assert tried(rest) == [(2, 1), (3, 1)]
+                    await h.until("the progress committed", lambda: h.store.job_progress(h.job_id).get(
+                        "checkpoint") == {"next_seq": 2})
+                    progress = h.store.job_progress(h.job_id)
+                    assert (progress["next_write"], progress["generated"]) == (2, 4)
+                    stored = h.store.stored_batches(h.job_id)
+                    assert [[t[0] for t in decode_tasks(b)] for b in stored.task_batches] == [[2, 3]]
+                    assert stored.result_batches == []
+                    assert h.job is not None and not h.job.uncommitted
+                    a.results(answers(rest, "w-a"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE
+
+        run(main)
+
+    def test_an_exec_on_a_node_lost_meanwhile_answers_for_that_node_only(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(2)
+
+        async def main() -> None:
+            async with h.running():
+                a = await h.dial("w-a")  # silent from now on
+                b = await h.dial("w-b")
+                b.beat()
+                try:
+                    await b.expect(P.LOAD)  # (neither loads the job: exec needs none)
+                    asked = asyncio.create_task(h.engine.exec({"w-a": 11, "w-b": 12}, "uname", 5, 1000, wait=WAIT))
+                    request = P.parse_control(P.EXEC, await b.expect(P.EXEC))
+                    assert (request["id"], request["command"]) == (12, "uname")
+                    await h.until("w-a declared lost", lambda: "w-a" in h.engine.agents and h.engine.agents["w-a"].lost)
+                    assert not asked.done()  # w-b has not answered yet
+                    b.control(P.EXEC_DONE, id=12, exit=0, stdout="Linux\n", stderr="")
+                    answers = await asyncio.wait_for(asked, WAIT)
+                finally:
+                    await b.close()
+                    await a.close()
+            lost = answers.pop("w-a")
+            assert lost["exit"] is None and lost["reason"].startswith("node w-a lost: silent for "), lost
+            assert answers == {"w-b": {"id": 12, "exit": 0, "stdout": "Linux\n", "stderr": ""}}
+
+        run(main)
