@@ -361,17 +361,20 @@ class TestFailedAttempts:
                 a, first = await loaded(h, "w-a")
                 try:
                     assert tried(first) == [(0, 1), (1, 1)]
-                    a.results([(0, b"boom"), (1, output(1, "w-a"))], failed={0})
+                    a.results([(0, b"\xffboom"), (1, output(1, "w-a"))], failed={0})  # (not UTF-8)
                     again = await a.tasks()  # the only agent: the retry comes back to it
                     assert tried(again) == [(0, 2), (2, 1)], again
                     assert (h.counters()["retried"], h.counters()["failed"]) == (1, 0)
-                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: boom")}
+                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: \ufffdboom")}
+                    # the store keeps the accepted result only, never the failure beside it
+                    assert stored_work(h.store, h.job_id).results == {1: output(1, "w-a")}
                     assert h.job is not None and h.job.next_write == 0  # 1 waits for 0
                     a.results([(seq, b"boom again" if seq == 0 else output(seq, "w-a")) for seq, _, _ in again],
                               failed={0})
                     last = await a.tasks()
                     assert tried(last) == [(0, 3)], last
                     assert h.counters()["retried"] == 2
+                    assert h.engine.snapshot()["nodes"]["w-a"]["done"] == 2
                     a.results([(0, b"boom at last")], failed={0})
                     outcome = await asyncio.wait_for(job, WAIT)
                 finally:
