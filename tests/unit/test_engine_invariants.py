@@ -88,10 +88,12 @@ class AgentSide:
         assert port == 0
         return [(seq, attempt, bytes(data)) for seq, attempt, _size, data in decode_tasks(bytes(frames))]
 
-    def results(self, answers: list[tuple[int, bytes]], *, failed: Collection[int] = (), port: int = 0) -> None:
+    def results(self, answers: list[tuple[int, bytes]], *, failed: Collection[int] = (), port: int = 0,
+                seconds: float = 0.001) -> None:
         """One RESULTS message of ``port``: (seq, output) each, ok unless its seq is in
-        ``failed`` (then the output is the failure's message)."""
-        self.send(P.port_message(P.RESULTS, port, b"".join(encode_result(seq, seq not in failed, 1_000_000, out)
+        ``failed`` (then the output is the failure's message), each taking ``seconds``."""
+        ns = int(seconds * 1e9)
+        self.send(P.port_message(P.RESULTS, port, b"".join(encode_result(seq, seq not in failed, ns, out)
                                                               for seq, out in answers)))
 
     def control(self, kind: int, **fields: Any) -> None:
@@ -635,5 +637,65 @@ class TestCommitsAndExec:
             lost = answers.pop("w-a")
             assert lost["exit"] is None and lost["reason"].startswith("node w-a lost: silent for "), lost
             assert answers == {"w-b": {"id": 12, "exit": 0, "stdout": "Linux\n", "stderr": ""}}
+
+        run(main)
+
+
+def span(task: tuple[int, int, bytes]) -> int:
+    """How many numbers a range task holds (its data is b"LOW HIGH")."""
+    low, high = task[2].split()
+    return int(high) - int(low)
+
+
+class TestSizing:
+    def test_a_fast_nodes_tasks_grow_and_its_size_is_recorded(self, harness: Callable[..., Harness]) -> None:
+        h = harness(4, task_size=None)  # adaptive: from the smallest size (1 number of the 10 a task may hold)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    assert [span(t) for t in first] == [1, 1]
+                    a.results(answers(first, "w-a"), seconds=0.001)  # far under the 0.2 s target
+                    bigger = await a.tasks()
+                    # x4, then x4 again, up to the largest size: the 38 numbers left in 4 tasks at once
+                    assert [span(t) for t in bigger] == [10, 10, 10, 8], bigger
+                    assert h.job is not None and h.job.sizes == {"w-a": 1.0}
+                    assert h.engine.snapshot()["nodes"]["w-a"]["size"] == 1.0
+                    a.results(answers(bigger, "w-a"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE
+            assert not any(kind == "node.slow" for kind, _ in h.events)
+
+        run(main)
+        assert [r.seq for r in h.records()] == list(range(6))
+
+    def test_a_node_too_slow_even_at_the_smallest_size_is_reported_once(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(1, task_size=None)  # ten tasks of one number each at the smallest size
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, tasks = await loaded(h, "w-a")
+                try:
+                    answered = 0
+                    while True:
+                        a.results(answers(tasks, "w-a"), seconds=1.0)  # the target is 0.2 s
+                        answered += len(tasks)
+                        if answered == 10:
+                            break
+                        tasks = await a.tasks()
+                        assert {span(t) for t in tasks} == {1}
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE
+            reason = "node w-a cannot meet the target of 0.2 s even at the smallest task size (1.000 s per task)"
+            assert [data for kind, data in h.events if kind == "node.slow"] == [{"node": "w-a", "reason": reason}]
+            slow = [e for e in h.store.events(job=h.job_id) if e.kind == "job.node_slow"]
+            assert [(e.node, e.reason) for e in slow] == [("w-a", reason)]
+            assert h.job is not None and h.job.sizes == {"w-a": 0.1}
 
         run(main)
