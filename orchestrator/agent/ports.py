@@ -164,12 +164,17 @@ class Port:
                 break  # the port will refuse the frame (exit 2): PORT_DIED says so
             seqs.append(seq)
             pos += HEADER_LEN + data_len
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None or proc.stdin.is_closing():
+            # A dead port, or one being started again: these tasks reach no process, so they
+            # are owed by none (PORT_DIED must name the task the process really ran), and the
+            # scheduler, which counted them in flight on this port, requeues them when it hears
+            # of the death.
+            return
         if seqs and not self.pending:
             self.head_since = asyncio.get_running_loop().time()
         self.pending.extend(seqs)
-        proc = self.proc
-        if proc is not None and proc.returncode is None and proc.stdin is not None and not proc.stdin.is_closing():
-            proc.stdin.write(data)
+        proc.stdin.write(data)
         self._arm()
 
     def _complete(self, buffer: bytearray) -> int:
