@@ -301,12 +301,12 @@ class TestALateResultOfALostNode:
                     last = await b.tasks()
                     assert tried(last) == [(2, 1)], last
                     assert h.counters()["done"] == 2
-                    a.results([(0, output(0, "w-a"))])  # too late: w-b finished 0 first
-                    await h.until("w-a's late result discarded", lambda: h.counters()["discarded"] == 1)
-                    assert h.counters()["done"] == 2
-                    assert stored_work(h.store, h.job_id).results == {0: output(0, "w-b"), 1: output(1, "w-b")}
-                    b.results(answers(last, "w-b"))
-                    outcome = await asyncio.wait_for(job, WAIT)
+                    # Too late for 0 (w-b finished it), but first for 2, which w-b still runs;
+                    # the one discarded does not stop the message's next result being taken.
+                    a.results([(0, output(0, "w-a")), (2, output(2, "w-a"))])
+                    await h.until("w-a's late results handled", lambda: h.counters()["done"] == 3)
+                    assert h.counters()["discarded"] == 1
+                    outcome = await asyncio.wait_for(job, WAIT)  # every task done: w-b's 2 is not waited for
                 finally:
                     await b.close()
                     await a.close()
@@ -314,7 +314,7 @@ class TestALateResultOfALostNode:
             assert (outcome.counters["done"], outcome.counters["discarded"]) == (3, 1), outcome.counters
 
         run(main)
-        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b"), output(2, "w-b")]
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b"), output(2, "w-a")]
 
     def test_arriving_before_the_retry_is_sent_the_retry_never_runs(self, harness: Callable[..., Harness]
                                                                      ) -> None:
@@ -453,12 +453,14 @@ class TestFailedAttempts:
         async def main() -> None:
             async with h.running() as job:
                 a, _held = await lose_silent_holder(h)
-                a.results([(0, b"boom")], failed={0})  # that attempt was counted when w-a was lost
-                await h.until("the late failure discarded", lambda: h.counters()["discarded"] == 1)
-                assert h.counters()["retried"] == 1
+                # 0's attempt was counted when w-a was lost; 1 is still outstanding: its result counts
+                a.results([(0, b"boom"), (1, output(1, "w-a"))], failed={0})
+                await h.until("the late results handled", lambda: h.counters()["done"] == 1)
+                assert (h.counters()["discarded"], h.counters()["retried"]) == (1, 1)
+                assert stored_work(h.store, h.job_id).results == {1: output(1, "w-a")}, "a failure was stored"
                 b, retried = await loaded(h, "w-b")
                 try:
-                    assert tried(retried) == [(0, 2), (1, 1)], retried
+                    assert tried(retried) == [(0, 2)], retried
                     b.results(answers(retried, "w-b"))
                     outcome = await asyncio.wait_for(job, WAIT)
                 finally:
@@ -467,7 +469,38 @@ class TestFailedAttempts:
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
-        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b")]
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-a")]
+
+
+class TestResultsFromElsewhere:
+    def test_a_result_for_a_task_the_node_was_not_sent_is_still_the_first_completion(
+            self, harness: Callable[..., Harness]) -> None:
+        """As a restarted port answers a task sent to the port that died before the
+        scheduler heard of it: the seq is not in that port's queue, but it is outstanding."""
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
+                    b.results([(0, output(0, "w-b")), (1, output(1, "w-b"))])  # w-b's queue is 2, 3
+                    await h.until("0 and 1 recorded", lambda: h.counters()["done"] == 2)
+                    assert not h.lost("w-b")
+                    a.results(answers(first_a, "w-a"))  # 0 and 1 again: both discarded
+                    await h.until("w-a's results discarded", lambda: h.counters()["discarded"] == 2)
+                    b.results(answers(first_b, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert (outcome.counters["done"], outcome.counters["discarded"], outcome.counters["nodes_lost"]) == (
+                4, 2, 0), outcome.counters
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(n, "w-b") for n in range(4)]
 
 
 class TestPorts:
@@ -658,6 +691,7 @@ class TestSizing:
                     assert [span(t) for t in first] == [1, 1]
                     a.results(answers(first, "w-a"), seconds=0.001)  # far under the 0.2 s target
                     bigger = await a.tasks()
+                    assert h.engine.snapshot()["nodes"]["w-a"]["history"] == [0.001, 0.001]
                     # x4, then x4 again, up to the largest size: the 38 numbers left in 4 tasks at once
                     assert [span(t) for t in bigger] == [10, 10, 10, 8], bigger
                     assert h.job is not None and h.job.sizes == {"w-a": 1.0}
