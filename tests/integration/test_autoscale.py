@@ -20,7 +20,7 @@ from tests.helpers.serving import start_server, stop_server
 from tests.helpers.workspace import primes_workspace
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
-N = 40_000_000
+N = 160_000_000  # long enough for the autoscaler (it ticks each second) to see the job wait
 
 
 def test_a_large_job_scales_the_family_to_its_maximum_and_idle_nodes_go(tmp_path: Path) -> None:
