@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
@@ -230,6 +231,15 @@ async def lose_silent_holder(h: Harness) -> tuple[AgentSide, list[tuple[int, int
     await h.until("w-a declared lost (silent for three heartbeats)", lambda: h.lost("w-a"))
     assert h.counters()["nodes_lost"] == 1
     assert h.counters()["retried"] == 1, "the task in flight on w-a used an attempt"
+    [why] = [data["reason"] for kind, data in h.events if kind == "node.lost" and data == {"node": "w-a",
+                                                                                          "reason": data["reason"]}]
+    assert re.fullmatch(r"silent for \d+\.\d s", why), why
+    assert h.job is not None and h.job.where["w-a"] == f"lost: {why}"
+    assert [(e.job, e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.node_lost"] == [
+        (h.job_id, "w-a", f"node w-a lost: {why}")]
+    assert h.store.stored_batches(h.job_id).attempts == {0: (1, f"attempt 1: node w-a lost: {why}")}
+    agent = h.engine.agents["w-a"]
+    assert (agent.ports, agent.loaded) == ({}, False)
     return a, held
 
 
@@ -605,16 +615,21 @@ class TestOrderAndProtocol:
                 await h.until("w-a lost", lambda: h.lost("w-a"))
                 await a.close()
                 assert h.counters()["done"] == 0
-                b, retried = await loaded(h, "w-b")
+                b, retried = await loaded(h, "w-b")  # the same mistake: lost too
+                b.results([(0, output(0, "w-b"))], port=9)
+                await h.until("w-b lost", lambda: h.lost("w-b"))
+                await b.close()
+                assert h.counters()["nodes_lost"] == 2
+                c, retried = await loaded(h, "w-c")
                 try:
-                    b.results(answers(retried, "w-b"))
+                    c.results(answers(retried, "w-c"))
                     outcome = await asyncio.wait_for(job, WAIT)
                 finally:
-                    await b.close()
+                    await c.close()
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
-        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-b")]
+        assert [r.payload for r in h.records()] == [output(0, "w-c"), output(1, "w-c")]
 
 
 class TestCommitsAndExec:
@@ -667,6 +682,7 @@ class TestCommitsAndExec:
                 finally:
                     await b.close()
                     await a.close()
+            assert h.counters()["nodes_lost"] == 0 and not h.lost("w-a"), "w-a never loaded the job"
             lost = answers.pop("w-a")
             assert lost["exit"] is None and lost["reason"].startswith("node w-a lost: silent for "), lost
             assert answers == {"w-b": {"id": 12, "exit": 0, "stdout": "Linux\n", "stderr": ""}}
@@ -733,3 +749,166 @@ class TestSizing:
             assert h.job is not None and h.job.sizes == {"w-a": 0.1}
 
         run(main)
+
+
+async def serve(side: AgentSide) -> None:
+    """Answer every TASKS until the job is unloaded."""
+    while True:
+        kind, body = await asyncio.wait_for(P.read_message(side.reader), WAIT)
+        if kind == P.UNLOAD:
+            return
+        if kind == P.TASKS:
+            _port, frames = P.parse_port(body)
+            side.results([(seq, output(seq, side.node)) for seq, _attempt, _size, _data in decode_tasks(bytes(frames))])
+
+
+class TestQueues:
+    def test_a_retry_finished_meanwhile_is_skipped_and_the_next_still_taken(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(3)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _held = await lose_silent_holder(h)  # 1 (untouched) and 0 (one attempt) wait
+                a.results([(1, output(1, "w-a"))])  # late, but first: 1 is done
+                await h.until("1 recorded", lambda: h.counters()["done"] == 1)
+                b, sent = await loaded(h, "w-b")
+                try:
+                    assert tried(sent) == [(0, 2), (2, 1)], sent
+                    b.results(answers(sent, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await b.close()
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-a"), output(2, "w-b")]
+
+    def test_a_dead_ports_queue_goes_back_whole_past_a_task_finished_elsewhere(
+            self, harness: Callable[..., Harness]) -> None:
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    b.results([(0, output(0, "w-b"))])  # 0, in w-a's queue, is done by w-b
+                    await h.until("0 recorded", lambda: h.counters()["done"] == 1)
+                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGKILL")
+                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                    assert h.counters()["retried"] == 0, "a task done elsewhere used no attempt"
+                    moved = await b.tasks()  # 1 still runs: on w-b, which has room (w-a's port is down)
+                    assert tried(moved) == [(1, 1)], moved
+                    a.control(P.PORT_READY, port=0)
+                    b.results(answers(first_b + moved, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(n, "w-b") for n in range(4)]
+
+    def test_a_port_death_on_the_last_attempt_writes_the_task_failed(self, harness: Callable[..., Harness]) -> None:
+        h = harness(2, max_attempts=1)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _first = await loaded(h, "w-a")
+                try:
+                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
+                    await h.until("0 given up", lambda: h.counters()["failed"] == 1)
+                    a.control(P.PORT_READY, port=0)
+                    again = await a.tasks()
+                    assert tried(again) == [(1, 1)], again
+                    a.results(answers(again, "w-a"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        error = "attempt 1: port 0 on w-a died during task 0: killed by SIGSEGV"
+        assert [(r.seq, r.ok, r.payload) for r in h.records()] == [(0, False, error.encode()),
+                                                                   (1, True, output(1, "w-a"))]
+        assert h.store.failed_tasks(h.job_id) == [(0, error)]
+
+    def test_a_port_deaths_retry_goes_to_another_node(self, harness: Callable[..., Harness]) -> None:
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
+                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                    a.control(P.PORT_READY, port=0)
+                    back = await a.tasks()
+                    assert tried(back) == [(1, 1)], back  # not 0: it died on w-a
+                    b.results(answers(first_b[:1], "w-b"))
+                    moved = await b.tasks()
+                    assert tried(moved) == [(0, 2)], moved
+                    a.results(answers(back, "w-a"))
+                    b.results(answers(first_b[1:] + moved, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+
+    def test_a_node_lost_with_nothing_in_flight_is_let_go_cleanly(self, harness: Callable[..., Harness]) -> None:
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a = await h.dial("w-a")
+                a.beat()
+                await a.load(h.job_id)
+                first_a = await a.tasks()
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    a.results(answers(first_a, "w-a"))  # all given out: w-a's queue stays empty
+                    await h.until("w-a's results recorded", lambda: h.counters()["done"] == 2)
+                    assert h.job is not None and h.job.exhausted
+                    assert a._beats is not None
+                    a._beats.cancel()  # silent from now on
+                    await h.until("w-a lost", lambda: h.lost("w-a"))
+                    agent = h.engine.agents["w-a"]
+                    assert (agent.ports, agent.loaded, h.counters()["retried"]) == ({}, False, 0)
+                    b.results(answers(first_b, "w-b"))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+
+    def test_output_waiting_past_the_limit_pauses_new_tasks(self, harness: Callable[..., Harness]) -> None:
+        h = harness(8, max_unflushed_bytes=10)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    assert h.job is not None and h.job.generated == 4
+                    b.results(answers(first_b, "w-b"))  # 2 and 3 wait for 0: 18 bytes > 10
+                    await h.until("2 and 3 recorded", lambda: h.counters()["done"] == 2)
+                    assert h.job.paused() and h.job.generated == 4, "new tasks were made while paused"
+                    a.results(answers(first_a, "w-a"))  # 0..3 written: unpaused
+                    await asyncio.gather(serve(a), serve(b))
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.seq for r in h.records()] == list(range(8))
