@@ -12,9 +12,11 @@
 #                                         that file on each, far faster than a group's rerun.)
 #
 # GROUPs: engine sinks placement releases ssh auth recovery (default: all of them).
-# The committed HEAD (or $ORCH_MUTATION_REV) is exported to a copy ($ORCH_MUTATION_DIR, default /tmp/orch-mutation):
-# the checkout is never touched, and mutmut's mutants/ folder and cache live in the copy
-# (kept between runs of one commit, so a second run only tests what it has not tested).
+# A run exports the committed HEAD (or $ORCH_MUTATION_REV) to a copy ($ORCH_MUTATION_DIR,
+# default /tmp/orch-mutation; a run of another commit makes it afresh): the checkout is never
+# touched, and mutmut's mutants/ folder and cache live in the copy (kept between runs of one
+# commit, so a second run only tests what it has not).  results, show and recheck read the
+# copy the last run made, whatever HEAD is now.
 # The tests are tests/unit only (fast, no nodes); $ORCH_MUTATION_CHILDREN mutants run at once
 # (default 2), at nice 19.  mutmut is installed into .venv on first use (it is not in the
 # `dev` extra: `.venv/bin/pip install 'mutmut>=3.3,<4'`).
@@ -59,7 +61,12 @@ all="engine sinks placement releases ssh auth recovery"
 "$repo/.venv/bin/python" -c "import mutmut" 2>/dev/null || "$repo/.venv/bin/pip" install -q 'mutmut>=3.3,<4'
 mutmut() { (cd "$dir" && nice -n 19 "$repo/.venv/bin/mutmut" "$@"); }
 
-commit=$(git rev-parse "${ORCH_MUTATION_REV:-HEAD}^{commit}")
+case "${1:-}" in
+  results|show|recheck)  # these read the copy a run made: never remake it
+    [[ -f "$dir/.orch-mutation-commit" ]] || { echo "no mutation run in $dir yet: scripts/mutation.sh [GROUP...]" >&2; exit 2; }
+    commit=$(cat "$dir/.orch-mutation-commit") ;;
+  *) commit=$(git rev-parse "${ORCH_MUTATION_REV:-HEAD}^{commit}") ;;
+esac
 if [[ ! -f "$dir/.orch-mutation-commit" || $(cat "$dir/.orch-mutation-commit") != "$commit" ]]; then
   rm -rf "$dir"
   mkdir -p "$dir"
