@@ -26,7 +26,7 @@ import pytest
 from orchestrator.agent import protocol as P
 from orchestrator.agent.frames import decode_tasks, encode_result
 from orchestrator.deploy import pki
-from orchestrator.scheduler.engine import Engine
+from orchestrator.scheduler.engine import HISTORY, Engine
 from orchestrator.scheduler.run import JobRun, Outcome, ReleaseInfo
 from orchestrator.scheduler.sinks import Record, open_sink
 from orchestrator.scheduler.spec import JobSpec
@@ -418,6 +418,7 @@ class TestFailedAttempts:
                 try:
                     a.results([(seq, b"boom") for seq, _, _ in first[:1]], failed={0})
                     outcome = await asyncio.wait_for(job, WAIT)
+                    await a.expect(P.UNLOAD)  # and no task sent after the failure
                 finally:
                     await a.close()
             assert outcome.state == JobState.FAILED, outcome
@@ -530,9 +531,18 @@ class TestPorts:
                     assert h.store.stored_batches(h.job_id).attempts == {0: (1, f"attempt 1: {text}")}
                     died = [e for e in h.store.events(job=h.job_id) if e.kind == "job.port_died"]
                     assert [(e.node, e.reason) for e in died] == [("w-a", text)]
+                    assert [data for kind, data in h.events if kind == "port.died"] == [
+                        {"node": "w-a", "port": 0, "seq": 0, "reason": "killed by SIGSEGV"}]
+                    a.control(P.PORT_DIED, port=5, seq=None, reason="no such port")  # not loaded: ignored
                     a.control(P.PORT_READY, port=0)  # restarted: the same tasks come back
                     again = await a.tasks()
                     assert tried(again) == [(0, 2), (1, 1)], again
+                    assert (h.counters()["port_deaths"], h.lost("w-a")) == (1, False)
+                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed again")  # a second death
+                    await h.until("the second death counted", lambda: h.counters()["port_deaths"] == 2)
+                    a.control(P.PORT_READY, port=0)
+                    again = await a.tasks()
+                    assert tried(again) == [(0, 3), (1, 1)], again
                     a.results(answers(again, "w-a"))
                     rest = await a.tasks()
                     assert tried(rest) == [(2, 1)]
@@ -542,7 +552,7 @@ class TestPorts:
                     await a.close()
             assert outcome.state == JobState.DONE, outcome
             assert {k: outcome.counters[k] for k in ("done", "port_deaths", "retried", "failed")} == {
-                "done": 3, "port_deaths": 1, "retried": 1, "failed": 0}, outcome.counters
+                "done": 3, "port_deaths": 2, "retried": 2, "failed": 0}, outcome.counters
 
         run(main)
         assert [r.payload for r in h.records()] == [output(n, "w-a") for n in range(3)]
@@ -912,3 +922,24 @@ class TestQueues:
 
         run(main)
         assert [r.seq for r in h.records()] == list(range(8))
+
+
+class TestLongRuns:
+    def test_more_results_than_the_history_keeps(self, harness: Callable[..., Harness]) -> None:
+        """A node's first HISTORY task times are kept (sizing checks), then no more."""
+        h = harness(120)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    a.results(answers(first, "w-a"))
+                    await serve(a)
+                    outcome = await asyncio.wait_for(job, WAIT)
+                    assert h.engine.agents["w-a"].history == [0.001] * HISTORY
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE and outcome.counters["done"] == 120, outcome
+
+        run(main)
+        assert [r.seq for r in h.records()] == list(range(120))
