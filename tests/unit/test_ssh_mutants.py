@@ -145,7 +145,7 @@ def wait_offered(ssh: SSHServer) -> list[str]:
 
 
 RSA_PIN = pytest.mark.xfail(strict=True, reason=(
-    "paramiko >= 4 has no ssh-rsa key type: SSHSession's key_types list for a pinned ssh-rsa key raises "
+    "the installed paramiko (5.1) has no ssh-rsa key type: SSHSession's key_types list for a pinned ssh-rsa key raises "
     "ValueError, which is suppressed, so the client keeps preferring ed25519 and a node with both keys "
     "offers the one not pinned (HostKeyMismatch); see docs/mutation.md"))
 
