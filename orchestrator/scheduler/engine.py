@@ -88,7 +88,7 @@ class Engine:
         handlers = list(self._handlers)
         if handlers:
             _, stuck = await asyncio.wait(handlers, timeout=2)
-            for task in stuck:  # (cancelling first would make asyncio's streams log the CancelledError)
+            for task in stuck:  # (each ends quietly: see _connection)
                 task.cancel()
             await asyncio.gather(*stuck, return_exceptions=True)
         for writer in list(self._writers):
@@ -106,11 +106,16 @@ class Engine:
         self._writers.add(writer)
         try:
             await self._converse(reader, writer)
+        except asyncio.CancelledError:
+            # close() cancelled a handler whose peer never answered the close.  This task
+            # belongs to asyncio's streams, which (3.11) call task.exception() on it and
+            # log a cancelled one as an error: end it as finished instead.
+            writer.transport.abort()
         finally:
             writer.close()
             if task is not None:
                 self._handlers.discard(task)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(writer.wait_closed(), 2)
             self._writers.discard(writer)
             self._lost_writers.discard(writer)

@@ -943,3 +943,28 @@ class TestLongRuns:
 
         run(main)
         assert [r.seq for r in h.records()] == list(range(120))
+
+
+class TestClose:
+    def test_an_agent_that_never_answers_the_close_is_ended_quietly(self, harness: Callable[..., Harness]) -> None:
+        """``Engine.close`` cancels a handler whose peer never answers the TLS close; the
+        cancelled handler must end without asyncio logging "Exception in callback" (3.11's
+        streams call ``task.exception()`` on it: CI printed that traceback in a bench)."""
+        h = harness(4)
+        logged: list[dict[str, Any]] = []
+
+        async def main() -> None:
+            asyncio.get_running_loop().set_exception_handler(lambda _loop, context: logged.append(context))
+            async with h.running():
+                a = await h.dial("w-a")
+                a.writer.transport.pause_reading()  # the scheduler's close_notify is never read
+                await h.until("w-a admitted", lambda: "w-a" in h.engine.agents)
+                started = time.monotonic()
+                await h.engine.close()
+                assert time.monotonic() - started < WAIT, "close waited for the silent agent"
+                assert not h.engine._handlers, "a handler outlived close()"
+                a.writer.transport.abort()
+            await asyncio.sleep(0.1)  # a done callback runs on the next turns of the loop
+
+        run(main)
+        assert [c.get("message") for c in logged] == [], logged
