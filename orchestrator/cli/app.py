@@ -76,6 +76,12 @@ def root(
     state.workspace = workspace
 
 
+def one_line(text: str) -> str:
+    """``text`` with each unprintable character escaped (``\\n``, ``\\x1b``...): an error
+    echoes the user's input, which may hold a newline, and must stay one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a command and turn every outcome into an exit code."""
     command = typer.main.get_command(app)
@@ -88,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             typer.echo(json.dumps({"ok": False, "error": str(exc), "exit_code": exc.exit_code,
                                    "problems": [p.to_dict() for p in problems]}, indent=2))
         for problem in problems:  # one line each; several get a summary line
-            err_console.print(f"error: {problem}", markup=False)
+            err_console.print(f"error: {one_line(str(problem))}", markup=False)
         if len(problems) > 1:
-            err_console.print(f"error: {exc}", markup=False)
+            err_console.print(f"error: {one_line(str(exc))}", markup=False)
         code = exc.exit_code
     except typer.Abort:
         err_console.print("aborted", markup=False)
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2  # typer has printed the help already
         ctx_help = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        err_console.print(f"error: {message}{ctx_help}", markup=False)
+        err_console.print(f"error: {one_line(message)}{ctx_help}", markup=False)
         code = int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ORCH_DEBUG"):
             traceback.print_exc()
         err_console.print(
-            f"internal error: {type(exc).__name__}: {exc} (a bug in orch; rerun with ORCH_DEBUG=1 for the traceback)",
+            f"internal error: {type(exc).__name__}: {one_line(str(exc))} (a bug in orch; rerun with ORCH_DEBUG=1 for the traceback)",
             markup=False,
         )
         code = INTERNAL_ERROR

@@ -169,6 +169,9 @@ CASES: dict[str, Case] = {
     "provider name that is a path": Case(_args("provider", "show", "../../etc/passwd"),
                                          r"'\.\./\.\./etc/passwd' is not a provider name"),
     "family name that is a path": Case(_args("family", "show", "../orch"), r"'\.\./orch' is not a node family name"),
+    "a newline in a release name": Case(_args("job", "run", "\n:0", "--input", "0:10", "--detach"),
+                                        r"no release \\n is uploaded"),
+    "a terminal escape in a name": Case(_args("release", "show", "x\x1b[2J@1"), r"x\\x1b\[2J"),
 }
 
 
