@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("ORCH_DEBUG"):
             traceback.print_exc()
         err_console.print(
-            f"internal error: {type(exc).__name__}: {one_line(str(exc))} (a bug in orch; rerun with ORCH_DEBUG=1 for the traceback)",
+            f"internal error: {type(exc).__name__}: {one_line(str(exc))} "
+            "(a bug in orch; rerun with ORCH_DEBUG=1 for the traceback)",
             markup=False,
         )
         code = INTERNAL_ERROR
