@@ -45,11 +45,21 @@ def iterated_hash_reference(start: int, end: int) -> bytes:
     return f"{h:016x}\n".encode()
 
 
-def primes_below(n: int) -> int:
-    """How many primes are below ``n`` (a sieve): what a count_primes job over 0:n adds up to."""
+def _sieve(n: int) -> bytearray:
+    """Byte i is 1 when i < ``n`` is prime (Eratosthenes)."""
     sieve = bytearray([1]) * n
     sieve[:2] = b"\0\0"
     for i in range(2, int(n ** 0.5) + 1):
         if sieve[i]:
             sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
-    return sum(sieve)
+    return sieve
+
+
+def primes_below(n: int) -> int:
+    """How many primes are below ``n``: what a count_primes job over 0:n adds up to."""
+    return sum(_sieve(n))
+
+
+def list_primes_output(n: int) -> bytes:
+    """What a list_primes job over 0:n writes: each prime below ``n`` on a line, in order."""
+    return "".join(f"{i}\n" for i, prime in enumerate(_sieve(n)) if prime).encode()

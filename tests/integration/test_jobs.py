@@ -27,8 +27,11 @@ from orchestrator import fleet
 from orchestrator.deploy.releases import upload_release
 from orchestrator.scheduler import jobs
 from orchestrator.scheduler.stored import stored_work
-from orchestrator.state import JobState, NodeRecord, NodeState, Store
+from orchestrator.state import JobState, Store
 from orchestrator.workspace import Workspace
+from tests.helpers.cluster import Cluster as BaseCluster
+from tests.helpers.cluster import agents_of
+from tests.helpers.primes import list_primes_output, primes_below
 from tests.helpers.processes import processes_of
 from tests.helpers.workspace import REPO
 
@@ -38,43 +41,8 @@ NODES = 3
 PORTS = 2
 
 
-def primes_below(n: int) -> list[int]:
-    sieve = bytearray([1]) * n
-    sieve[:2] = b"\0\0"
-    for i in range(2, int(n ** 0.5) + 1):
-        if sieve[i]:
-            sieve[i * i::i] = bytearray(len(range(i * i, n, i)))
-    return [i for i in range(n) if sieve[i]]
-
-
-class Cluster:
+class Cluster(BaseCluster):
     """The module's workspace and nodes."""
-
-    def __init__(self, ws: Workspace) -> None:
-        self.ws = ws
-
-    def store(self) -> Store:
-        return Store.open(self.ws.state_db)
-
-    def nodes(self) -> list[NodeRecord]:
-        with self.store() as store:
-            return store.list_nodes(states=[NodeState.READY])
-
-    def submit(self, work: str, input: str, **options: object) -> str:
-        with self.store() as store:
-            return jobs.submit(self.ws, store, work, input=input, **options).id  # type: ignore[arg-type]
-
-    def run(self, job: str) -> jobs.Outcome:
-        with self.store() as store:
-            return jobs.run(self.ws, store, job)
-
-    def output(self, job: str) -> bytes:
-        with self.store() as store:
-            return b"".join(r.payload for r in jobs.result(self.ws, store, job) if r.ok)
-
-    def status(self, job: str) -> dict[str, object]:
-        with self.store() as store:
-            return jobs.status(store, job)
 
     def orch(self, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*ORCH, *args], cwd=self.ws.root, capture_output=True, text=True, timeout=300,
@@ -94,18 +62,7 @@ class Cluster:
 
     def agents(self) -> list[int]:
         """The agent processes: the children of each node's supervisor (agent.pid)."""
-        found = []
-        for node in self.nodes():
-            pidfile = Path(node.extra["node_dir"]) / "home" / "orch" / "agent" / "agent.pid"
-            supervisor = int(pidfile.read_text().split()[0])
-            for stat in Path("/proc").glob("[0-9]*/stat"):
-                try:
-                    fields = stat.read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(fields[1]) == supervisor and fields[0] not in "ZX":
-                    found.append(int(stat.parent.name))
-        return found
+        return [pid for node in self.nodes() for pid in agents_of(node)[1]]
 
     def journal(self) -> Counter[int]:
         """How many times each seq ran the `journal` function, over every node."""
@@ -156,7 +113,7 @@ def test_a_10000_task_job_equals_the_sequential_computation(cluster: Cluster) ->
     outcome = cluster.run(job)
     assert outcome.state == JobState.DONE, outcome
     assert outcome.counters["done"] == 10_000
-    expected = "".join(f"{p}\n" for p in primes_below(1_000_000)).encode()
+    expected = list_primes_output(1_000_000)
     assert cluster.output(job) == expected
     status = cluster.status(job)
     assert status["state"] == "done" and status["written"] == 10_000
@@ -169,7 +126,7 @@ def test_adaptive_sizes_meet_the_target_and_output_is_independent_of_the_cut(clu
     with cluster.store() as store:
         outcome = jobs.run(cluster.ws, store, job, on_event=lambda k, d: events.append(d) if k == "job.tick" else None)
     assert outcome.state == JobState.DONE
-    assert cluster.output(job) == "".join(f"{p}\n" for p in primes_below(3_000_000)).encode()
+    assert cluster.output(job) == list_primes_output(3_000_000)
     sizes = {n["name"]: n["size"] for n in events[-1]["nodes"].values()}  # type: ignore[union-attr]
     assert len(sizes) == NODES and all(0 < s < 1 for s in sizes.values()), sizes
     # The status (and so the dashboard) has the task size of each node that ran tasks.
@@ -265,7 +222,7 @@ def test_sigkill_of_a_port_or_an_agent_mid_job_loses_nothing(cluster: Cluster, v
     victims = cluster.agents if victim == "agent" else lambda: cluster.processes(b"orch-port")
     killed = _kill_during(cluster, job, victims)
     assert killed, "nothing to kill was found"
-    assert cluster.output(job) == "".join(f"{p}\n" for p in primes_below(SIGKILL_SPAN)).encode()
+    assert cluster.output(job) == list_primes_output(SIGKILL_SPAN)
     counters = cluster.status(job)["counters"]
     with cluster.store() as store:
         events = [(e.kind, e.node, e.reason) for e in store.events(job=job)]
@@ -335,7 +292,7 @@ def test_job_cli_status_list_result_delete(cluster: Cluster, tmp_path: Path) -> 
     job = json.loads(ran.stdout)["job"]
     result = cluster.orch("job", "result", job)
     counts = [int(x) for x in result.stdout.split()]
-    assert len(counts) == 10 and sum(counts) == len(primes_below(100_000))
+    assert len(counts) == 10 and sum(counts) == primes_below(100_000)
     listed = json.loads(cluster.orch("job", "list", "--json").stdout)
     assert any(j["job"] == job and j["state"] == "done" for j in listed)
     shown = cluster.orch("job", "status", job)

@@ -20,7 +20,6 @@ import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -30,6 +29,8 @@ from orchestrator.scheduler import jobs
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import ORCH, orch
+from tests.helpers.cluster import LIVE, agents_of, home
+from tests.helpers.cluster import Cluster as BaseCluster
 from tests.helpers.primes import primes_below
 from tests.helpers.processes import alive
 from tests.helpers.workspace import add_primes_source, file_digest, stop_everything
@@ -56,31 +57,15 @@ SPARE = "release: primes\ncount: 1\nplacement:\n  providers: [local]\n"
 """A family that is never spawned: it has no release history."""
 
 
-class Cluster:
-    """The module's workspace and nodes, seen from outside (the store, /proc, the nodes' files)."""
+class Cluster(BaseCluster):
+    """The module's workspace and the family ``workers``, seen from outside (the store,
+    /proc, the nodes' files)."""
 
     def __init__(self, ws: Workspace) -> None:
-        self.ws = ws
+        super().__init__(ws, family="workers")
 
-    def store(self) -> Store:
-        return Store.open(self.ws.state_db)
-
-    def nodes(self) -> list[NodeRecord]:
-        with self.store() as store:
-            return store.list_nodes(family="workers", states=[s for s in NodeState if s.live])
-
-    def submit(self, work: str, input: str, **options: object) -> str:
-        with self.store() as store:
-            return jobs.submit(self.ws, store, work, input=input, family="workers", **options).id  # type: ignore[arg-type]
-
-    def status(self, job: str) -> dict[str, object]:
-        with self.store() as store:
-            return jobs.status(store, job)
-
-    def total(self, job: str) -> int:
-        """The sum of a count_primes job's output lines."""
-        with self.store() as store:
-            return sum(int(line) for r in jobs.result(self.ws, store, job) if r.ok for line in r.payload.split())
+    def nodes(self, states: list[NodeState] | None = None) -> list[NodeRecord]:
+        return super().nodes(states or LIVE)
 
     def history(self) -> list[tuple[str, str]]:
         with self.store() as store:
@@ -91,25 +76,13 @@ class Cluster:
             return [(e.at, e.node or "") for e in store.events(kind=kind, limit=100_000) if e.at >= after]
 
 
-def home(node: NodeRecord) -> Path:
-    return Path(node.extra["node_dir"]) / "home"
-
-
 def current(node: NodeRecord) -> str:
     return os.readlink(home(node) / "orch" / "current")
 
 
 def agent_processes(node: NodeRecord) -> tuple[int, int]:
     """(supervisor pid, agent pid): the pid in agent.pid and its one live child."""
-    supervisor = int((home(node) / "orch" / "agent" / "agent.pid").read_text().split()[0])
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == supervisor and fields[0] not in "ZX":
-            children.append(int(stat.parent.name))
+    supervisor, children = agents_of(node)
     assert len(children) == 1, f"supervisor {supervisor} of {node.id} has children {children}"
     return supervisor, children[0]
 
