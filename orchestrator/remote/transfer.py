@@ -376,6 +376,30 @@ def _close(jobs: Sequence[_Job]) -> None:
             job.sftp = None
 
 
+def _transfer(ws: Workspace, nodes: Sequence[NodeRecord], pool: SSHPool | None, max_parallel: int, source: str,
+              check: Callable[[_Job], None], copy: Callable[[_Job], None]) -> TransferReport:
+    """Connect to every node (through ``pool``, or one of its own), ``check`` each, and
+    only when no node has a conflict ``copy`` to or from each; the report (``source`` in
+    every node's line, reached or not), with every SFTP channel (and an own pool) closed
+    whatever happens."""
+    started = time.monotonic()
+    own = pool is None
+    pool = pool or SSHPool()
+    jobs: list[_Job] = []
+    try:
+        jobs = _start(ws, nodes, pool, max_parallel)
+        for job in jobs:
+            job.source = source
+        _each(jobs, check, max_parallel)
+        if not any(j.conflict for j in jobs):
+            _each(jobs, copy, max_parallel)
+        return _finish(jobs, started)
+    finally:
+        _close(jobs)
+        if own:
+            pool.close_all()
+
+
 def _rmtree(sftp: paramiko.SFTPClient, path: str) -> None:
     """Remove ``path`` (a file or a folder and all in it) on the node, as far as it goes."""
     try:
@@ -422,29 +446,15 @@ def push(ws: Workspace, nodes: Sequence[NodeRecord], local: Path, remote: str, *
     path, into = remote_path(remote)
     name = local.resolve().name
     total = sum(e.size for e in tree)
-    started = time.monotonic()
-    own = pool is None
-    pool = pool or SSHPool()
-    jobs: list[_Job] = []
-    try:
-        jobs = _start(ws, nodes, pool, max_parallel)
-        for job in jobs:
-            job.source, job.tree = str(local), tree
 
-        def check(job: _Job) -> None:
-            assert job.sftp is not None
-            job.doing = f"checking {path}"
-            _plan_push(job, job.sftp, path, into, name, tree[0].is_dir)
-            events.total(job.node.id, total)
+    def check(job: _Job) -> None:
+        assert job.sftp is not None
+        job.tree = tree
+        job.doing = f"checking {path}"
+        _plan_push(job, job.sftp, path, into, name, tree[0].is_dir)
+        events.total(job.node.id, total)
 
-        _each(jobs, check, max_parallel)
-        if not any(j.conflict for j in jobs):
-            _each(jobs, lambda job: _push_node(job, local, events), max_parallel)
-        return _finish(jobs, started)
-    finally:
-        _close(jobs)
-        if own:
-            pool.close_all()
+    return _transfer(ws, nodes, pool, max_parallel, str(local), check, lambda job: _push_node(job, local, events))
 
 
 def _plan_push(job: _Job, sftp: paramiko.SFTPClient, path: str, into: bool, name: str, is_dir: bool) -> None:
@@ -576,39 +586,26 @@ def pull(ws: Workspace, nodes: Sequence[NodeRecord], remote: str, local_dir: Pat
     if local_dir.exists() and not local_dir.is_dir():
         raise InputError(f"LOCAL_DIR {local_dir} is a file; a folder is needed",
                          hint="give a folder (it is made if missing)")
-    started = time.monotonic()
-    own = pool is None
-    pool = pool or SSHPool()
-    jobs: list[_Job] = []
-    try:
-        jobs = _start(ws, nodes, pool, max_parallel)
 
-        def check(job: _Job) -> None:
-            assert job.sftp is not None
-            job.source = path
-            job.doing = f"reading {path}"
-            found = _stat(job.sftp, path)
-            if found is None:
-                raise TransferError(f"node {job.node.id}: REMOTE {path} does not exist",
-                                    hint=f"see `orch exec {job.node.id} -- ls -la`")
-            job.tree = _remote_tree(job.sftp, path, found, job)
-            name = posixpath.basename(path)
-            if name in ("", ".", ".."):  # the login folder, or above it: named as it really is
-                name = posixpath.basename(job.sftp.normalize(path))
-            folder = local_dir / job.node.id
-            destination = folder / name if name else folder
-            job.destination = str(destination)
-            _plan_pull(job, folder, destination)
-            events.total(job.node.id, sum(e.size for e in job.tree))
+    def check(job: _Job) -> None:
+        assert job.sftp is not None
+        job.doing = f"reading {path}"
+        found = _stat(job.sftp, path)
+        if found is None:
+            raise TransferError(f"node {job.node.id}: REMOTE {path} does not exist",
+                                hint=f"see `orch exec {job.node.id} -- ls -la`")
+        job.tree = _remote_tree(job.sftp, path, found, job)
+        name = posixpath.basename(path)
+        if name in ("", ".", ".."):  # the login folder, or above it: named as it really is
+            name = posixpath.basename(job.sftp.normalize(path))
+        folder = local_dir / job.node.id
+        destination = folder / name if name else folder
+        job.destination = str(destination)
+        _plan_pull(job, folder, destination)
+        events.total(job.node.id, sum(e.size for e in job.tree))
 
-        _each(jobs, check, max_parallel)
-        if not any(j.conflict for j in jobs):
-            _each(jobs, lambda job: _pull_node(job, path, Path(job.destination), events), max_parallel)
-        return _finish(jobs, started)
-    finally:
-        _close(jobs)
-        if own:
-            pool.close_all()
+    return _transfer(ws, nodes, pool, max_parallel, path, check,
+                     lambda job: _pull_node(job, path, Path(job.destination), events))
 
 
 def _plan_pull(job: _Job, folder: Path, destination: Path) -> None:
