@@ -14,52 +14,12 @@
  *   list_primes    writes each prime in the range in decimal on its own line, so the
  *                  job's ordered output is the same however the range was cut.
  */
-#include <ctype.h>
 #include <inttypes.h>
 #include <stdio.h>
 
 #include "orch_work.h"
 
 ORCH_WORK_DEFINE_ABI_VERSION;
-
-/* Parses "START END"; on error writes a reason to `why` and returns -1. */
-static int parse_range(const orch_task *task, uint64_t *start, uint64_t *end, char *why, size_t why_len)
-{
-    const unsigned char *p = task->data, *stop = task->data + task->data_len;
-    uint64_t values[2];
-
-    for (int i = 0; i < 2; i++) {
-        while (p < stop && isspace(*p))
-            p++;
-        if (p == stop || !isdigit(*p)) {
-            snprintf(why, why_len, "range data must be \"START END\" (two decimal integers)");
-            return -1;
-        }
-        uint64_t v = 0;
-        for (; p < stop && isdigit(*p); p++) {
-            unsigned digit = (unsigned)(*p - '0');
-            if (v > (UINT64_MAX - digit) / 10) {
-                snprintf(why, why_len, "range bound does not fit in 64 bits");
-                return -1;
-            }
-            v = v * 10 + digit;
-        }
-        values[i] = v;
-    }
-    while (p < stop && isspace(*p))
-        p++;
-    if (p != stop) {
-        snprintf(why, why_len, "range data must be \"START END\": unexpected text after END");
-        return -1;
-    }
-    if (values[0] > values[1]) {
-        snprintf(why, why_len, "range start %" PRIu64 " is after its end %" PRIu64, values[0], values[1]);
-        return -1;
-    }
-    *start = values[0];
-    *end = values[1];
-    return 0;
-}
 
 static int is_prime(uint64_t n)
 {
@@ -93,7 +53,7 @@ int count_primes(const orch_task *task, orch_output *out)
     uint64_t start, end, count = 0;
     char text[128];
 
-    if (parse_range(task, &start, &end, text, sizeof text) != 0) {
+    if (orch_parse_range(task, &start, &end, text, sizeof text) != 0) {
         orch_fail(out, text);
         return ORCH_WORK_FAILED;
     }
@@ -107,7 +67,7 @@ int iterated_hash(const orch_task *task, orch_output *out)
     uint64_t start, end, h = 0xcbf29ce484222325u;
     char text[128];
 
-    if (parse_range(task, &start, &end, text, sizeof text) != 0) {
+    if (orch_parse_range(task, &start, &end, text, sizeof text) != 0) {
         orch_fail(out, text);
         return ORCH_WORK_FAILED;
     }
@@ -125,7 +85,7 @@ int list_primes(const orch_task *task, orch_output *out)
     char text[4096];
     size_t used = 0;
 
-    if (parse_range(task, &start, &end, text, sizeof text) != 0) {
+    if (orch_parse_range(task, &start, &end, text, sizeof text) != 0) {
         orch_fail(out, text);
         return ORCH_WORK_FAILED;
     }

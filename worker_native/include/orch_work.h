@@ -35,8 +35,10 @@
 #ifndef ORCH_WORK_H
 #define ORCH_WORK_H
 
+#include <inttypes.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -83,6 +85,55 @@ static inline int orch_write(orch_output *out, const void *bytes, size_t len)
 static inline void orch_fail(orch_output *out, const char *message)
 {
     out->fail(out, message);
+}
+
+/*
+ * A helper for functions over the `range` work module's tasks: data is ASCII
+ * "START END", two decimal uint64 separated by whitespace, the half-open range
+ * [START, END) with START <= END. Returns 0 and sets *start, *end; or writes a
+ * one-line reason to `why` (for orch_fail) and returns -1.
+ */
+static inline int orch_parse_range(const orch_task *task, uint64_t *start, uint64_t *end, char *why,
+                                   size_t why_len)
+{
+    const unsigned char *p = task->data, *stop = task->data + task->data_len;
+    uint64_t values[2];
+
+#define ORCH_IS_SPACE(c) ((c) == ' ' || ((c) >= '\t' && (c) <= '\r'))
+#define ORCH_IS_DIGIT(c) ((c) >= '0' && (c) <= '9')
+    for (int i = 0; i < 2; i++) {
+        while (p < stop && ORCH_IS_SPACE(*p))
+            p++;
+        if (p == stop || !ORCH_IS_DIGIT(*p)) {
+            snprintf(why, why_len, "range data must be \"START END\" (two decimal integers)");
+            return -1;
+        }
+        uint64_t v = 0;
+        for (; p < stop && ORCH_IS_DIGIT(*p); p++) {
+            unsigned digit = (unsigned)(*p - '0');
+            if (v > (UINT64_MAX - digit) / 10) {
+                snprintf(why, why_len, "range bound does not fit in 64 bits");
+                return -1;
+            }
+            v = v * 10 + digit;
+        }
+        values[i] = v;
+    }
+    while (p < stop && ORCH_IS_SPACE(*p))
+        p++;
+#undef ORCH_IS_SPACE
+#undef ORCH_IS_DIGIT
+    if (p != stop) {
+        snprintf(why, why_len, "range data must be \"START END\": unexpected text after END");
+        return -1;
+    }
+    if (values[0] > values[1]) {
+        snprintf(why, why_len, "range start %" PRIu64 " is after its end %" PRIu64, values[0], values[1]);
+        return -1;
+    }
+    *start = values[0];
+    *end = values[1];
+    return 0;
 }
 
 #ifdef __cplusplus
