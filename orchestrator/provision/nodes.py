@@ -111,7 +111,10 @@ def adopt(store: Store, node_id: str, node: Node, handle: ProviderHandle) -> Nod
     addresses = list(node.public_ips or node.private_ips or [])
     address = str(addresses[0]) if addresses else None
     current = store.get_node(node_id)
-    state = NodeState.BOOTING if current.state in (NodeState.REQUESTED, NodeState.CREATING) else current.state
+    if current.state == NodeState.REQUESTED:  # found by recovery: its create was made, 'creating' never written
+        current = store.set_node_state(node_id, NodeState.CREATING,
+                                       reason=f"created on {handle.name}; found by its tag")
+    state = NodeState.BOOTING if current.state == NodeState.CREATING else current.state
     return store.set_node_state(
         node_id, state, reason=f"{handle.name} node {node.id}",
         provider_node_id=str(node.id), address=address, port=int(extra.get("port", 22)),
