@@ -9,6 +9,7 @@ fault                              HTTP status  when
 ``InsufficientInstanceCapacity``   500          RunInstances for a configured instance type
 ``InstanceLimitExceeded``          400          RunInstances past N pending+running instances
 ``RequestLimitExceeded``           503          the next K calls (of the configured actions)
+an unheeded terminate              200          TerminateInstances, when told (below)
 =================================  ===========  ==========================================
 
 It can also hold chosen actions for a while before forwarding them (``latency``).
@@ -25,6 +26,11 @@ returned unchanged.  The proxy is the provider's endpoint in those tests:
 ``partial=True`` lets a failing RunInstances reach moto first (an instance is made and
 tagged) and then answers the error anyway: a create that failed but left a machine,
 which orch must find by its tags and destroy.
+
+``unheeded_terminations=True`` answers TerminateInstances as EC2 does (each instance
+``shutting-down``) without forwarding it: moto never hears of it, and DescribeInstances
+still lists the instances as they were, as EC2's eventually consistent reads may for a
+while after a terminate.  A caller that confirms a destroy by listing sees it fail.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlencode, urlsplit
 from xml.sax.saxutils import escape
 
+EC2_NAMESPACE = "http://ec2.amazonaws.com/doc/2016-11-15/"
+"""The namespace of AWS's EC2 answers (the proxy's own answers are in AWS's words)."""
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                         "proxy-authorization", "proxy-authenticate", "content-length"})
 
@@ -59,12 +67,14 @@ class Faults:
     """Which actions throttling applies to; None: every action."""
     latency: dict[str, float] = field(default_factory=dict)
     """Seconds to hold these actions before forwarding them (a slow API widens races)."""
+    unheeded_terminations: bool = False
+    """Answer TerminateInstances as done (shutting-down) without forwarding it: the instances stay."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 @dataclass(frozen=True)
 class Injected:
-    """One answer the proxy made up: the action, the EC2 error code, the instance type."""
+    """One answer the proxy made up: the action, the EC2 error code (or "unheeded"), the instance type."""
 
     action: str
     code: str
@@ -124,10 +134,13 @@ class FaultProxy:
             if throttle:
                 self.faults.throttle_next -= 1
             pause = self.faults.latency.get(action, 0.0)
+            unheeded = self.faults.unheeded_terminations and action == "TerminateInstances"
         if throttle:
             return self._error(action, None, 503, "RequestLimitExceeded", "Request limit exceeded.")
         if pause:
             time.sleep(pause)
+        if unheeded:
+            return self._unheeded_termination(params)
         if action != "RunInstances":
             return self._forward(method, path, headers, body)
         instance_type = params.get("InstanceType")
@@ -158,6 +171,20 @@ class FaultProxy:
                 f"<Response><Errors><Error><Code>{code}</Code><Message>{escape(message)}</Message></Error></Errors>"
                 f"<RequestID>{uuid.uuid4()}</RequestID></Response>").encode()
         return status, [("Content-Type", "text/xml;charset=UTF-8")], body
+
+    def _unheeded_termination(self, params: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+        """EC2's answer to a TerminateInstances (every instance shutting-down), made up here:
+        moto never hears of the call."""
+        self.injected.append(Injected("TerminateInstances", "unheeded", None))
+        ids = [value for key, value in params.items() if key.startswith("InstanceId.")]
+        items = "".join(f"<item><instanceId>{escape(i)}</instanceId>"
+                        "<currentState><code>32</code><name>shutting-down</name></currentState>"
+                        "<previousState><code>16</code><name>running</name></previousState></item>"
+                        for i in ids)
+        body = ('<?xml version="1.0" encoding="UTF-8"?>\n'
+                f'<TerminateInstancesResponse xmlns="{EC2_NAMESPACE}"><requestId>{uuid.uuid4()}</requestId>'
+                f"<instancesSet>{items}</instancesSet></TerminateInstancesResponse>").encode()
+        return 200, [("Content-Type", "text/xml;charset=UTF-8")], body
 
     def _forward(self, method: str, path: str, headers: dict[str, str],
                  body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
