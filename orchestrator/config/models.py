@@ -86,6 +86,8 @@ class ProviderConfig(StrictModel):
     )
     image: str | None = Field(default=None, description="image id or name to boot")
     bootstrap: bool = Field(default=True, description="bootstrap nodes over SSH after boot")
+    ssh_user: Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] = Field(
+        default="root", description="the login user on the cloud's image (ubuntu, debian, azureuser...)")
 
     @field_validator("driver")
     @classmethod

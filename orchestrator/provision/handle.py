@@ -151,14 +151,29 @@ class ProviderHandle:
         )
 
     def key_arguments(self, store: Store) -> dict[str, Any]:
-        """How ``create_node`` gets the fleet key: ``ex_keyname`` of a key pair imported
-        once (drivers that declare ``ssh_key="key_pair"``, like EC2), else ``auth=NodeAuthSSHKey``."""
-        if self.features.ssh_key == "auth":
-            return {"auth": NodeAuthSSHKey(public_key(self.ws))}
-        with self._key_lock:  # parallel creates: one import per handle
-            if self._key_name is None:
-                self._key_name = import_key_pair(self, store.workspace_id)
-            return {"ex_keyname": self._key_name}
+        """How ``create_node`` gets the fleet key, as the driver declares: ``auth=NodeAuthSSHKey``;
+        ``ex_keyname`` of a key pair imported once (EC2, OpenStack); the ``ssh-keys``
+        metadata item ``USER:KEY`` (GCE); ``ex_ssh_key_ids`` of a key imported once into
+        the account (DigitalOcean).  With the login user where the cloud makes it (Azure)."""
+        style, user = self.features.ssh_key, self.config.ssh_user
+        args: dict[str, Any]
+        if style == "auth":
+            args = {"auth": NodeAuthSSHKey(public_key(self.ws))}
+        elif style == "metadata":
+            args = {"ex_metadata": {"ssh-keys": f"{user}:{public_key(self.ws)}"}}
+        else:
+            with self._key_lock:  # parallel creates: one import per handle
+                if self._key_name is None:
+                    importer = import_key_pair if style == "key_pair" else import_account_key
+                    self._key_name = importer(self, store.workspace_id)
+            args = {"ex_keyname": self._key_name} if style == "key_pair" else {"ex_ssh_key_ids": [self._key_name]}
+        if self.features.login_user:
+            args[self.features.login_user] = user
+        return args
+
+    def create_options(self) -> dict[str, Any]:
+        """The registration's options that the driver declares go to ``create_node``."""
+        return {k: v for k, v in self.config.options.items() if k in self.features.create_options}
 
 
 def key_pair_name(workspace_id: str, pubkey: str) -> str:
@@ -190,6 +205,22 @@ def import_key_pair(handle: ProviderHandle, workspace_id: str) -> str:
     return name
 
 
+def import_account_key(handle: ProviderHandle, workspace_id: str) -> str:
+    """The id of the fleet's public key among the account's SSH keys (DigitalOcean),
+    imported under :func:`key_pair_name` when it is not there yet."""
+    pubkey = public_key(handle.ws)
+    name = key_pair_name(workspace_id, pubkey)
+
+    def attempt() -> str:
+        for pair in handle.driver.list_key_pairs():
+            if pair.name == name:
+                return str((pair.extra or {}).get("id") or pair.fingerprint)
+        pair = handle.driver.create_key_pair(name, public_key=pubkey)
+        return str((pair.extra or {}).get("id") or pair.fingerprint)
+
+    return retrying(attempt, handle)
+
+
 def _already_exists(exc: BaseException) -> bool:
     """Whether a key-pair import failed only because the name is taken."""
     if api_error_code(exc) in ("InvalidKeyPair.Duplicate", "KeyPairAlreadyExists"):
@@ -210,7 +241,7 @@ def retrying(call: Callable[[], T], handle: ProviderHandle, *, delays: Sequence[
     """
     for delay in (*delays, None):
         try:
-            with map_libcloud_errors(handle.name):
+            with map_libcloud_errors(handle.name, handle.features.errors):
                 return call()
         except ProviderTransientError:
             if delay is None:

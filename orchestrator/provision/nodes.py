@@ -19,6 +19,7 @@ from orchestrator.provision.cloud_errors import map_libcloud_errors
 from orchestrator.provision.handle import RETRY_DELAYS, ProviderHandle, retrying
 from orchestrator.provision.placement import NodeRequest
 from orchestrator.provision.tags import TAG_FAMILY, TAG_NODE, TAG_WORKSPACE, node_tags, tag_arguments
+from orchestrator.provision.userdata import HostKey, cloud_config, merged, user_data_arguments
 from orchestrator.state import NodeRecord, NodeState, Store
 
 # What a node is doing, in the words of drivers that say more than libcloud's NodeState:
@@ -61,21 +62,26 @@ def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, reques
     cat = handle.catalogue()
     store.set_node_state(record.id, NodeState.CREATING, reason=f"creating on {handle.name}")
     tags = {TAG_WORKSPACE: store.workspace_id, TAG_FAMILY: record.family, TAG_NODE: record.id}
+    features = handle.features
     try:
-        key = handle.key_arguments(store)
+        arguments = merged(handle.key_arguments(store), tag_arguments(features, tags), handle.create_options())
     except ProviderError as exc:
         store.set_node_state(record.id, NodeState.FAILED, reason=str(exc))
         raise
+    if features.user_data is not None:  # the host key is orch's, pinned before the node exists
+        host_key = HostKey.generate()
+        arguments = merged(arguments, user_data_arguments(features, cloud_config(host_key)))
+        store.set_node_state(record.id, NodeState.CREATING, reason=f"host key pinned; creating on {handle.name}",
+                             host_key=host_key.public, ssh_user=handle.config.ssh_user)
     for delay in (*delays, None):
         try:
-            with map_libcloud_errors(handle.name):
+            with map_libcloud_errors(handle.name, features.errors):
                 node = handle.driver.create_node(
                     name=record.id,
                     size=cat["sizes"][request.size],
                     image=cat["images"][request.image],
                     location=cat["locations"].get(request.location),
-                    **key,
-                    **tag_arguments(handle.features, tags),
+                    **arguments,
                 )
             return adopt(store, record.id, node, handle)
         except ProviderTransientError as exc:
@@ -118,7 +124,7 @@ def adopt(store: Store, node_id: str, node: Node, handle: ProviderHandle) -> Nod
     return store.set_node_state(
         node_id, state, reason=f"{handle.name} node {node.id}",
         provider_node_id=str(node.id), address=address, port=int(extra.get("port", 22)),
-        ssh_user=extra.get("ssh_user"), host_key=extra.get("host_key") or current.host_key,
+        ssh_user=extra.get("ssh_user") or current.ssh_user, host_key=extra.get("host_key") or current.host_key,
         extra={k: v for k, v in extra.items() if isinstance(v, (str, int, float, bool))},
     )
 
@@ -175,7 +181,7 @@ def destroy_node(handle: ProviderHandle, store: Store, record: NodeRecord, *, re
     if record.provider_node_id:
         node = find_node(handle, record.provider_node_id)
         if node is not None:
-            with map_libcloud_errors(handle.name):
+            with map_libcloud_errors(handle.name, handle.features.errors):
                 handle.driver.destroy_node(node)
             if find_node(handle, record.provider_node_id) is not None:
                 raise ProviderError(f"provider {handle.name!r} still lists node {record.id} after destroy",
@@ -184,5 +190,5 @@ def destroy_node(handle: ProviderHandle, store: Store, record: NodeRecord, *, re
 
 
 def destroy_orphan(handle: ProviderHandle, node: Node) -> None:
-    with map_libcloud_errors(handle.name):
+    with map_libcloud_errors(handle.name, handle.features.errors):
         handle.driver.destroy_node(node)

@@ -138,7 +138,8 @@ def make_driver(ws: Workspace, config: ProviderConfig) -> Any:
         ) from exc
     features = features_of(cls)
     secrets = resolve_credentials(ws, config)
-    kwargs: dict[str, Any] = {**config.options, **secrets}
+    kwargs: dict[str, Any] = {k: v for k, v in config.options.items() if k not in features.create_options}
+    kwargs.update(secrets)
     if features.node_folders:
         kwargs.setdefault("root", str(driver_root(ws, config)))
         if config.max_nodes is not None:
@@ -146,7 +147,7 @@ def make_driver(ws: Workspace, config: ProviderConfig) -> Any:
     if features.fleet_key_file:  # it reaches machines itself (the hosts driver cleans them) with the fleet key
         kwargs.setdefault("key_file", str(ws.ssh_key))
     key = kwargs.pop("key", None)
-    with map_libcloud_errors(config.name):
+    with map_libcloud_errors(config.name, features.errors):
         try:
             return cls(key, **kwargs) if key is not None else cls(**kwargs)
         except (TypeError, ValueError) as exc:  # the driver refused its arguments
@@ -160,7 +161,7 @@ def check_provider(ws: Workspace, name: str) -> ProviderCheck:
     """Instantiate the driver and ask it for sizes and locations."""
     config = load_provider(ws, name)
     driver = make_driver(ws, config)
-    with map_libcloud_errors(name):
+    with map_libcloud_errors(name, features_of(driver_class(config.driver)).errors):
         sizes = driver.list_sizes()
         locations = driver.list_locations()
     return ProviderCheck(

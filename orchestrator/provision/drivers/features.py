@@ -16,22 +16,53 @@ compares a driver's name or probes a signature.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
-TagArgument = Literal["ex_tags", "ex_metadata", "ex_labels"]
-KeyStyle = Literal["auth", "key_pair"]
+TagArgument = Literal["ex_tags", "ex_metadata", "ex_labels", "ex_create_attr"]
+TagStyle = Literal["dict", "strings"]
+KeyStyle = Literal["auth", "key_pair", "metadata", "account_key"]
+UserDataArgument = Literal["ex_userdata", "ex_user_data", "ex_customdata", "ex_metadata"]
+Meaning = Literal["capacity", "quota", "transient", "auth", "final"]
+
+
+@dataclass(frozen=True)
+class ErrorCodes:
+    """What a cloud's API error codes and HTTP statuses mean to orch, beyond the codes
+    every driver shares (``cloud_errors``): ``codes`` by the code the API names (EC2's
+    ``InsufficientInstanceCapacity``, GCE's ``ZONE_RESOURCE_POOL_EXHAUSTED``, Azure's
+    ``SkuNotAvailable``, DigitalOcean's ``unprocessable_entity``...), ``statuses`` by
+    HTTP status where the cloud gives no code (OpenStack's 413 for a quota).  A code
+    decides before a status."""
+
+    codes: Mapping[str, Meaning] = field(default_factory=dict)
+    statuses: Mapping[int, Meaning] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DriverFeatures:
     """How orch drives one kind of driver.
 
-    ``tags``: the ``create_node`` keyword that takes orch's tags as a dict (None: the
-    driver cannot tag, and orch refuses to create nodes it could not find again).
+    ``tags``: the ``create_node`` keyword that takes orch's tags (None: the driver
+    cannot tag, and orch refuses to create nodes it could not find again);
+    ``ex_create_attr`` means its ``"tags"`` entry (DigitalOcean).  ``tag_style``: a
+    dict of key to value (``"dict"``), or a list of ``key:value`` strings where the
+    cloud's tags are plain strings (``"strings"``: DigitalOcean).
     ``ssh_key``: how ``create_node`` gets the fleet's public key: ``"auth"``, as
     ``auth=NodeAuthSSHKey(...)``; ``"key_pair"``, as ``ex_keyname=`` of a key pair
-    imported once per workspace (EC2, OpenStack).
+    imported once per workspace (EC2, OpenStack); ``"metadata"``, as the instance
+    metadata item ``ssh-keys`` (``USER:KEY``, GCE); ``"account_key"``, as
+    ``ex_ssh_key_ids=`` of a key imported once into the account (DigitalOcean).
+    ``user_data``: the ``create_node`` keyword that takes cloud-init user data
+    (``ex_metadata``: its ``user-data`` item, GCE), by which a cloud node gets the host
+    key orch made for it and pinned before the node existed (None: the driver reports
+    ``host_key`` itself, as ours do, or its nodes cannot be bootstrapped).
+    ``login_user``: the ``create_node`` keyword naming the login user the key is for
+    (Azure's ``ex_user_name``), where the cloud makes it.
+    ``create_options``: the registration's ``options`` that go to ``create_node``
+    rather than to the driver's constructor (Azure's ``ex_resource_group``...).
+    ``errors``: what its API's error codes mean (capacity, quota, throttling, auth).
     ``node_folders``: one of orch's own drivers, which keeps its nodes' folders under
     ``.orch/drivers/DRIVER/PROVIDER`` (it takes ``root=``) and enforces the provider's
     ``max_nodes`` itself (it takes ``max_nodes=``).
@@ -47,17 +78,45 @@ class DriverFeatures:
 
     tags: TagArgument | None
     ssh_key: KeyStyle = "auth"
+    tag_style: TagStyle = "dict"
+    user_data: UserDataArgument | None = None
+    login_user: str | None = None
+    create_options: frozenset[str] = frozenset()
+    errors: ErrorCodes = field(default_factory=ErrorCodes)
     node_folders: bool = False
     fleet_key_file: bool = False
     bootstrap: bool = True
 
 
 STOCK: dict[str, DriverFeatures] = {
-    "ec2": DriverFeatures(tags="ex_metadata", ssh_key="key_pair"),
+    "ec2": DriverFeatures(tags="ex_metadata", ssh_key="key_pair", user_data="ex_userdata"),
+    "openstack": DriverFeatures(
+        tags="ex_metadata", ssh_key="key_pair", user_data="ex_userdata",
+        errors=ErrorCodes(codes={"overLimit": "quota"}, statuses={413: "quota"})),
+    "gce": DriverFeatures(
+        tags="ex_labels", ssh_key="metadata", user_data="ex_metadata",
+        errors=ErrorCodes(codes={
+            "ZONE_RESOURCE_POOL_EXHAUSTED": "capacity", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS": "capacity",
+            "QUOTA_EXCEEDED": "quota", "rateLimitExceeded": "transient", "userRateLimitExceeded": "transient",
+            "RATE_LIMIT_EXCEEDED": "transient"})),
+    "azure_arm": DriverFeatures(
+        tags="ex_tags", ssh_key="auth", user_data="ex_customdata", login_user="ex_user_name",
+        create_options=frozenset({"ex_resource_group", "ex_storage_account", "ex_blob_container", "ex_network",
+                                  "ex_subnet", "ex_nic", "ex_use_managed_disks",
+                                  "ex_storage_account_type", "ex_disk_size", "ex_os_disk_delete"}),
+        errors=ErrorCodes(codes={
+            "SkuNotAvailable": "capacity", "AllocationFailed": "capacity", "ZonalAllocationFailed": "capacity",
+            "OverconstrainedAllocationRequest": "capacity", "QuotaExceeded": "quota",
+            "OperationNotAllowed": "quota", "TooManyRequests": "transient", "ExpiredAuthenticationToken": "auth",
+            "InvalidAuthenticationToken": "auth", "AuthenticationFailed": "auth"})),
+    "digitalocean": DriverFeatures(
+        tags="ex_create_attr", tag_style="strings", ssh_key="account_key", user_data="ex_user_data",
+        errors=ErrorCodes(codes={"too_many_requests": "transient", "unauthorized": "auth"},
+                          statuses={422: "capacity"})),
 }
 """libcloud's stock drivers orch has been proven with, by ``NodeDriver.type``."""
 
-_TAG_ARGUMENTS: tuple[TagArgument, ...] = ("ex_tags", "ex_metadata", "ex_labels")
+_TAG_ARGUMENTS: tuple[TagArgument, ...] = ("ex_tags", "ex_metadata", "ex_labels")  # (each a dict)
 
 
 def features_of(cls: type) -> DriverFeatures:
