@@ -3,6 +3,7 @@ no orphaned processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -19,7 +20,8 @@ from libcloud.compute.types import NodeState
 from orchestrator.provision.drivers.local import LocalNodeDriver
 from orchestrator.provision.drivers.nodefolders import LocalDriverError, QuotaExceededError
 from orchestrator.provision.drivers.processes import SSHD
-from orchestrator.remote.ssh import SSHSession, SSHTarget
+from orchestrator.provision.userdata import HostKey, cloud_config
+from orchestrator.remote.ssh import HostKeyMismatch, SSHSession, SSHTarget
 
 MakeNodes = Callable[..., list[Node]]
 TargetOf = Callable[[Node], SSHTarget]
@@ -171,6 +173,23 @@ def test_a_reused_pid_does_not_count_as_running(driver: LocalNodeDriver, make_no
     meta["pid"] = os.getpid()  # a live process that is not the node's sshd
     meta_file.write_text(json.dumps(meta))
     assert driver.list_nodes()[0].state == NodeState.STOPPED
+
+
+def test_a_cloud_config_host_key_is_the_one_the_node_offers(
+    driver: LocalNodeDriver, make_nodes: MakeNodes, target_of: TargetOf
+) -> None:
+    """As cloud-init does with ``ssh_keys``: the node takes the host key of its user data,
+    so a session that pins the key orch made before asking for the node gets in."""
+    key = HostKey.generate()
+    [node] = make_nodes(1, ex_userdata=cloud_config(key))
+    assert node.extra["host_key"] == key.public
+    with SSHSession(dataclasses.replace(target_of(node), host_key=key.public)) as session:
+        assert session.run("true").ok
+    with pytest.raises(HostKeyMismatch):
+        SSHSession(dataclasses.replace(target_of(node), host_key=HostKey.generate().public))
+    with pytest.raises(ValueError, match="not a readable #cloud-config"):
+        make_nodes(1, name="bad", ex_userdata="#cloud-config\nssh_keys: [\n")
+    assert [n.id for n in driver.list_nodes()] == [node.id]
 
 
 def test_only_ssh_key_auth_is_accepted(driver: LocalNodeDriver) -> None:

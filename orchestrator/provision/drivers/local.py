@@ -53,6 +53,7 @@ from orchestrator.provision.drivers.nodefolders import (
     LocalDriverError,
     QuotaExceededError,
     address_lock,
+    cloud_config_host_key,
     folder_chain_problem,
     leftovers,
     make_node_folder,
@@ -163,7 +164,12 @@ class LocalNodeDriver(NodeDriver):
         location: NodeLocation | None = None,
         auth: NodeAuthSSHKey | NodeAuthPassword | None = None,
         ex_tags: dict[str, str] | None = None,
+        ex_userdata: str | None = None,
     ) -> Node:
+        """A node: an sshd on a free loopback address.  ``ex_userdata``: a
+        ``#cloud-config`` document whose ``ssh_keys`` host key the node takes, as a
+        cloud's node does (the protocol peers of the clouds back their nodes so)."""
+        host_key = cloud_config_host_key(ex_userdata) if ex_userdata else None
         if not isinstance(auth, NodeAuthSSHKey):
             raise ValueError("the local driver needs auth=NodeAuthSSHKey(public_key); no other auth works")
         pubkey = auth.pubkey.strip()
@@ -210,7 +216,8 @@ class LocalNodeDriver(NodeDriver):
             }
             make_node_folder(node_dir, meta, f"{address}:{self.ssh_port}")
         try:
-            meta["host_key"] = write_node_files(node_dir, meta, pubkey, strict_modes=self.strict_modes)
+            meta["host_key"] = write_node_files(node_dir, meta, pubkey, strict_modes=self.strict_modes,
+                                                host_key=host_key)
             write_json(node_dir / META, meta)
             self._start_sshd(meta)
         except BaseException:

@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from libcloud.common.types import LibcloudError
@@ -197,9 +198,31 @@ def sweep_leftovers(root: Path, end_processes: Callable[[str], None], *, recordl
 # -- a node's files ----------------------------------------------------------------------
 
 
-def write_node_files(node_dir: Path, meta: dict[str, Any], pubkey: str, *, strict_modes: bool = True) -> str:
-    """Write host key, authorized_keys, home/ and sshd_config; return the host key line."""
-    host_key = ed25519.Ed25519PrivateKey.generate()
+def cloud_config_host_key(user_data: str) -> ed25519.Ed25519PrivateKey | None:
+    """The ed25519 host key a ``#cloud-config`` document installs (``ssh_keys:
+    ed25519_private``), as cloud-init would; None when it names none.  ValueError when
+    the document or its key cannot be read."""
+    if not user_data.startswith("#cloud-config"):
+        return None
+    try:
+        document = yaml.safe_load(user_data)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"the user data is not a readable #cloud-config document: {exc}") from None
+    keys = document.get("ssh_keys") if isinstance(document, dict) else None
+    private = keys.get("ed25519_private") if isinstance(keys, dict) else None
+    if private is None:
+        return None
+    key = serialization.load_ssh_private_key(str(private).encode(), None)
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise ValueError("ssh_keys.ed25519_private in the user data is not an ed25519 key")
+    return key
+
+
+def write_node_files(node_dir: Path, meta: dict[str, Any], pubkey: str, *, strict_modes: bool = True,
+                     host_key: ed25519.Ed25519PrivateKey | None = None) -> str:
+    """Write host key (``host_key``, else a new one), authorized_keys, home/ and
+    sshd_config; return the host key line."""
+    host_key = host_key or ed25519.Ed25519PrivateKey.generate()
     private = host_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
