@@ -31,7 +31,6 @@ them.  This module is imported by ``orch`` subprocesses: keep it free of heavy i
 
 from __future__ import annotations
 
-import dataclasses
 import gzip
 import json
 import os
@@ -51,7 +50,6 @@ from typing import Any
 
 from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NodeDriver, EC2Response
 
-from orchestrator.provision.drivers.features import STOCK
 from tests.helpers.net import free_port
 
 MOTO_NAMESPACE = NAMESPACE.rstrip("/")
@@ -159,9 +157,9 @@ class MotoEC2NodeDriver(EC2NodeDriver):
 
     connectionCls = MotoEC2Connection
     name = "Amazon EC2 (moto)"
-    # EC2's declaration, but moto's instances have made-up addresses: provisioned only,
-    # never an SSH packet to them.
-    orch_features = dataclasses.replace(STOCK["ec2"], bootstrap=False)
+    # EC2's own declaration (STOCK["ec2"], by the driver's type).  moto's instances have
+    # made-up addresses: a registration bootstraps them only behind tests/peers/ec2.py,
+    # which backs each one with a real node and reports its address.
 
     def __init__(self, key: str, secret: str | None = None, secure: bool = True, host: str | None = None,
                  port: int | None = None, region: str = "us-east-1", token: str | None = None,
@@ -182,12 +180,15 @@ PRICES = {"t4g.nano": 0.0042, "t3a.nano": 0.0047, "t3.nano": 0.0052, "t2.nano": 
 
 
 def ec2_provider_yaml(port: int, *, priority: int = 100, labels: tuple[str, ...] = ("public",),
-                      max_nodes: int | None = None, image: str = UBUNTU_AMI) -> str:
+                      max_nodes: int | None = None, image: str = UBUNTU_AMI, backed: bool = False) -> str:
     """``providers/NAME.yaml`` for an EC2 account served on 127.0.0.1:``port`` (moto, or a
-    fault proxy in front of it).  Its nodes are not bootstrapped: the adapter declares so,
-    as moto's addresses are made up."""
+    fault proxy in front of it).  Its nodes are not bootstrapped (moto's addresses are
+    made up) unless ``backed``: behind tests/peers/ec2.py each instance is a real node,
+    logged in to as root."""
     data: dict[str, Any] = {
         "driver": "ec2moto",
+        "bootstrap": backed,
+        **({"ssh_user": "root"} if backed else {}),
         "labels": list(labels),
         "priority": priority,
         "options": {"region": REGION, "host": "127.0.0.1", "port": port, "secure": False},

@@ -36,6 +36,7 @@ from tests.helpers.local_nodes import MakeNodes, TargetOf, destroy_all
 from tests.helpers.moto_ec2 import FAKE_CREDENTIALS, PLUGIN, Instances, MotoServer, ec2_client, start_moto
 from tests.helpers.processes import processes_of
 from tests.helpers.workspace import REPO
+from tests.peers.ec2 import BackedEC2
 
 
 @pytest.fixture
@@ -133,6 +134,18 @@ def fault_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.stop()
+
+
+@pytest.fixture
+def backed_ec2(moto_server: MotoServer, tmp_path: Path) -> Iterator[BackedEC2]:
+    """The EC2 peer with real nodes: ``moto_server`` behind a fault proxy that backs each
+    instance with a local sshd node (tests/peers/ec2.py); every node gone afterwards."""
+    proxy = BackedEC2(moto_server.port, tmp_path / "instances").start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        assert proxy.backing.driver.list_nodes() == [], "a backing node outlived the test"
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ against each of them through the engine's own calls (``ProviderHandle``,
 The subjects are ``local`` (sshd on loopback), ``netns`` (sshd in network namespaces;
 root), ``hosts`` (a pool of existing machines, here local nodes standing in for bare
 metal) and EC2 (libcloud's stock driver against a moto server, with a fault proxy in
-front of it for capacity and quota errors).  Each gets a fresh workspace with one
+front of it for capacity and quota errors that backs each instance with a real node:
+tests/peers/ec2.py).  Each gets a fresh workspace with one
 provider ``p``; teardown destroys whatever is left and proves nothing of it remains.
 
 What is particular to one driver (netns fault injection, the hosts driver's claims,
@@ -43,12 +44,12 @@ from orchestrator.provision.tags import TAG_FAMILY, TAG_NODE, TAG_WORKSPACE, nod
 from orchestrator.remote.ssh import SSHSession, SSHTarget
 from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.helpers.ec2_faults import FaultProxy
 from tests.helpers.moto_ec2 import ec2_provider_yaml
 from tests.helpers.netns import free_subnet, leftovers, link_names, netns_usable
 from tests.helpers.processes import processes_of
 from tests.helpers.provision import create_as_spawn, workspace_with_provider, write_provider
 from tests.helpers.workspace import REPO
+from tests.peers.ec2 import BackedEC2
 
 SUBJECTS = ["local", "netns", "hosts", "ec2"]
 CAPACITY = 2  # nodes each provider takes before it says no (max_nodes, the pool, the proxy's limit)
@@ -61,7 +62,7 @@ class Subject:
     name: str
     ws: Workspace
     store: Store
-    reachable: bool  # its nodes take SSH with the fleet key (moto's addresses are made up)
+    reachable: bool  # its nodes take SSH with the fleet key (each peer's instances are real nodes)
     capacity_error: Callable[[], None] | None  # makes the next create fail for capacity, where it can
     quota_error: Callable[[], None]  # makes the next create fail for quota
     leftovers: Callable[[NodeRecord], list[str]]  # what of a destroyed node remains, seen around the driver
@@ -175,8 +176,9 @@ def hosts_subject(tmp_path: Path) -> Iterator[Subject]:
 
 
 @pytest.fixture
-def ec2_subject(tmp_path: Path, fault_proxy: FaultProxy, ec2: Any) -> Iterator[Subject]:
-    ws, store = workspace_with_provider(tmp_path / "ws", json.loads(ec2_provider_yaml(fault_proxy.port)))
+def ec2_subject(tmp_path: Path, backed_ec2: BackedEC2, ec2: Any) -> Iterator[Subject]:
+    fault_proxy = backed_ec2  # (the fault proxy, its instances real nodes)
+    ws, store = workspace_with_provider(tmp_path / "ws", json.loads(ec2_provider_yaml(fault_proxy.port, backed=True)))
 
     def capacity() -> None:
         fault_proxy.faults.capacity_types = {s.id for s in subject.handle().capabilities(store).sizes}
@@ -187,10 +189,12 @@ def ec2_subject(tmp_path: Path, fault_proxy: FaultProxy, ec2: Any) -> Iterator[S
     def left(record: NodeRecord) -> list[str]:
         found = ec2.describe_instances(InstanceIds=[record.provider_node_id])["Reservations"]
         states = [i["State"]["Name"] for r in found for i in r["Instances"]]
+        node = backed_ec2.backing.node(str(record.provider_node_id))
         return [f"instance {record.provider_node_id} is {state}" for state in states
-                if state not in ("shutting-down", "terminated")]
+                if state not in ("shutting-down", "terminated")] + \
+            ([f"the node of instance {record.provider_node_id} still runs"] if node is not None else [])
 
-    subject = Subject("ec2", ws, store, reachable=False, capacity_error=capacity, quota_error=quota, leftovers=left)
+    subject = Subject("ec2", ws, store, reachable=True, capacity_error=capacity, quota_error=quota, leftovers=left)
     yield subject
 
 
@@ -222,9 +226,9 @@ def test_registered_with_libcloud_and_declares_its_features(subject: Subject) ->
     driver = subject.handle().driver
     assert driver_class(subject.handle().config.driver) is type(driver)
     features = features_of(type(driver))
-    assert features.tags in ("ex_tags", "ex_metadata", "ex_labels")
-    assert features.ssh_key in ("auth", "key_pair")
-    assert features.bootstrap is subject.reachable
+    assert features.tags in ("ex_tags", "ex_metadata", "ex_labels", "ex_create_attr")
+    assert features.ssh_key in ("auth", "key_pair", "metadata", "account_key")
+    assert subject.handle().bootstraps is subject.reachable
 
 
 def test_catalogue(subject: Subject) -> None:

@@ -2,8 +2,9 @@
 
 Every test starts its own moto server (and, for faults, a proxy in front of it) and
 stops it by pid afterwards.  moto's instances have fake addresses, and nothing connects
-to them: the moto adapter declares its nodes are not bootstrapped.  Workspaces keep their
-default ed25519 fleet key, which orch imports as one key pair per workspace.
+to them: their registrations say ``bootstrap: false``; except behind tests/peers/ec2.py,
+which backs each instance with a real node at a real address (section f).  Workspaces
+keep their default ed25519 fleet key, which orch imports as one key pair per workspace.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from tests.helpers.cli import Run
 from tests.helpers.ec2_faults import FaultProxy
 from tests.helpers.moto_ec2 import PRICES, MotoServer, start_moto
 from tests.helpers.moto_ec2 import ec2_provider_yaml as ec2_provider
+from tests.helpers.primes import primes_below
+from tests.peers.ec2 import BackedEC2
 
 pytestmark = [pytest.mark.slow]
 
@@ -391,3 +394,40 @@ def test_a_quota_error_cools_the_provider_down_and_the_rest_goes_to_the_next(
     planned = json.loads(orch("plan", "workers", "--count", "5", "--json").out)
     assert [r["provider"] for r in planned["requests"]] == ["local"]
     assert "aws: quota used up at the provider (cooling down)" in planned["rejected"]
+
+
+# -- (f) real nodes: bootstrapped, pinned to orch's host key, running C work ---------------
+
+
+@pytest.mark.sshd
+def test_instances_are_real_nodes_that_bootstrap_and_run_a_job(
+        ws: Workspace, backed_ec2: BackedEC2, orch: Callable[..., Run], ec2_instances: Instances) -> None:
+    """EC2 end to end: each instance boots with the host key orch made (its record holds it
+    before the create, and the node offers exactly it), is bootstrapped over SSH at its
+    real address, and runs the primes job with the exact result; stop terminates them all."""
+    (ws.providers_dir / "aws.yaml").write_text(ec2_provider(backed_ec2.port, backed=True))
+    (ws.families_dir / "workers.yaml").write_text(family_yaml(2, ["aws"]))
+    ws.settings_file.write_text(ws.settings_file.read_text() + "scheduler_address: 127.0.0.1\n")
+    spawned = orch("spawn", "workers", "--json", cwd=ws.root)
+    assert spawned.code == 0, spawned.err
+    assert len(json.loads(spawned.out)["ready"]) == 2
+
+    ready = records(ws, NodeState.READY)
+    assert sorted(r.provider_node_id for r in ready) == sorted(backed_ec2.addresses)
+    for record in ready:
+        node = backed_ec2.backing.node(record.provider_node_id)
+        assert node is not None
+        assert record.address == node.public_ips[0] == backed_ec2.addresses[record.provider_node_id]
+        assert record.host_key == node.extra["host_key"], "the node offers another host key than orch pinned"
+        assert record.ssh_user == "root"
+    ran = orch("job", "run", "primes:count_primes", "--input", "0:200000", "--json", cwd=ws.root)
+    assert ran.code == 0, ran.err
+    outcome = json.loads(ran.out)
+    assert outcome["state"] == "done" and outcome["counters"]["failed"] == 0, outcome
+    result = orch("job", "result", outcome["job"], cwd=ws.root)
+    assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
+
+    stopped = orch("stop", "workers", cwd=ws.root)
+    assert stopped.code == 0, stopped.err
+    assert ec2_instances(workspace_id=workspace_id(ws), states=LIVE) == []
+    assert backed_ec2.backing.driver.list_nodes() == [] and backed_ec2.addresses == {}
