@@ -53,6 +53,7 @@ FINAL_CODES = frozenset({
 _SHARED: tuple[tuple[Meaning, frozenset[str]], ...] = (
     ("capacity", CAPACITY_CODES), ("quota", QUOTA_CODES), ("transient", TRANSIENT_CODES), ("final", FINAL_CODES))
 _API_CODE = re.compile(r"[A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*")
+_BRACKETED_CODE = re.compile(r"\[([A-Za-z][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\]")
 
 
 def api_error_code(exc: BaseException) -> str | None:
@@ -66,6 +67,8 @@ def api_error_code(exc: BaseException) -> str | None:
     'InvalidKeyPair.Duplicate'
     >>> api_error_code(Exception('{"error": {"code": "SkuNotAvailable", "message": "..."}}'))
     'SkuNotAvailable'
+    >>> api_error_code(Exception("[SkuNotAvailable] The requested size ..."))  # libcloud's Azure driver
+    'SkuNotAvailable'
     >>> api_error_code(Exception("could not connect: refused")) is None
     True
     """
@@ -76,6 +79,9 @@ def api_error_code(exc: BaseException) -> str | None:
     from_json = _json_code(text)
     if from_json is not None:
         return from_json
+    bracketed = _BRACKETED_CODE.match(text)  # libcloud's Azure driver: "[Code] message"
+    if bracketed is not None:
+        return bracketed.group(1)
     code, sep, _ = text.partition(":")
     return code if sep and _API_CODE.fullmatch(code) else None
 

@@ -75,6 +75,8 @@ def user_data_arguments(features: DriverFeatures, text: str) -> dict[str, Any]:
         return {}
     if features.user_data == "ex_metadata":
         return {"ex_metadata": {"user-data": text}}
+    if features.user_data == "ex_customdata":  # Azure's driver base64-encodes it: bytes (and simplejson)
+        return {"ex_customdata": text.encode()}
     return {features.user_data: text}
 
 

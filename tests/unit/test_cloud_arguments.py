@@ -70,11 +70,16 @@ def test_the_user_data_installs_the_pinned_host_key_and_no_other() -> None:
 
 
 @pytest.mark.parametrize(("driver", "keyword"), [
-    ("ec2", "ex_userdata"), ("openstack", "ex_userdata"), ("azure_arm", "ex_customdata"),
-    ("digitalocean", "ex_user_data"),
+    ("ec2", "ex_userdata"), ("openstack", "ex_userdata"), ("digitalocean", "ex_user_data"),
 ])
 def test_each_cloud_takes_the_user_data_by_its_keyword(driver: str, keyword: str) -> None:
     assert user_data_arguments(STOCK[driver], "#cloud-config\n") == {keyword: "#cloud-config\n"}
+
+
+def test_azure_takes_the_user_data_as_bytes() -> None:
+    """libcloud's Azure driver base64-encodes ``ex_customdata`` with ``b64encode``,
+    which takes bytes only (and sends the result through simplejson)."""
+    assert user_data_arguments(STOCK["azure_arm"], "#cloud-config\n") == {"ex_customdata": b"#cloud-config\n"}
 
 
 def test_gce_takes_the_key_and_the_user_data_in_one_metadata() -> None:
@@ -133,6 +138,13 @@ class _HTTP(BaseHTTPError):
     ("azure_arm", _HTTP(409, '{"error": {"code": "OperationNotAllowed", "message": "quota"}}'), ProviderQuotaError),
     ("azure_arm", _HTTP(401, '{"error": {"code": "ExpiredAuthenticationToken", "message": "x"}}'),
      ProviderAuthError),
+    # What libcloud's Azure driver raises: "[code] message" (AzureJsonResponse.parse_error)
+    ("azure_arm", _HTTP(409, "[SkuNotAvailable] The requested size is not available"), ProviderCapacityError),
+    ("azure_arm", _HTTP(409, "[AllocationFailed] Allocation failed."), ProviderCapacityError),
+    ("azure_arm", _HTTP(409, "[OperationNotAllowed] exceeding approved Cores quota"), ProviderQuotaError),
+    ("azure_arm", _HTTP(401, "[ExpiredAuthenticationToken] The access token expiry"), ProviderAuthError),
+    ("azure_arm", _HTTP(401, "AADSTS7000215: Invalid client secret provided."), ProviderAuthError),
+    ("azure_arm", _HTTP(400, "[InvalidParameter] Required parameter is missing"), ProviderError),
     ("digitalocean", _HTTP(422, '{"id": "unprocessable_entity", "message": "size unavailable"}'),
      ProviderCapacityError),
     ("digitalocean", _HTTP(429, '{"id": "too_many_requests", "message": "slow down"}'), ProviderTransientError),
