@@ -28,6 +28,8 @@ from orchestrator.provision.catalogue import (
     locations_by_key,
     named_image,
     offer_of,
+    sizes_at,
+    sizes_by_key,
 )
 from orchestrator.provision.cloud_errors import api_error_code, map_libcloud_errors
 from orchestrator.provision.cooldowns import unavailable
@@ -94,7 +96,8 @@ class ProviderHandle:
             else:
                 images = {str(i.id): i for i in driver.list_images()}
             return {
-                "sizes": {str(s.id): s for s in driver.list_sizes()},
+                "sizes": sizes_by_key(sizes := driver.list_sizes()),
+                "sizes_at": sizes_at(sizes),  # (GCE: a machine type of each zone)
                 "images": images,
                 "locations": locations_by_key(driver.list_locations()),
             }
@@ -119,7 +122,7 @@ class ProviderHandle:
         catalogue = Catalogue(
             fetched_at=time.time(),
             locations=tuple(sorted(objects["locations"])),
-            sizes=tuple(offer_of(size) for size in objects["sizes"].values()),
+            sizes=tuple(offer_of(size, key) for key, size in objects["sizes"].items()),
             images=tuple(sorted(objects["images"])),
             image_archs={i: a for i, a in sorted(archs.items()) if a},
         )
@@ -153,8 +156,9 @@ class ProviderHandle:
     def key_arguments(self, store: Store) -> dict[str, Any]:
         """How ``create_node`` gets the fleet key, as the driver declares: ``auth=NodeAuthSSHKey``;
         ``ex_keyname`` of a key pair imported once (EC2, OpenStack); the ``ssh-keys``
-        metadata item ``USER:KEY`` (GCE); ``ex_ssh_key_ids`` of a key imported once into
-        the account (DigitalOcean).  With the login user where the cloud makes it (Azure)."""
+        metadata item ``USER:KEY`` (GCE); ``ex_create_attr={"ssh_keys": [ID]}`` of a key
+        imported once into the account (DigitalOcean: libcloud's ``ex_ssh_key_ids`` does the
+        same with a deprecation warning).  With the login user where the cloud makes it (Azure)."""
         style, user = self.features.ssh_key, self.config.ssh_user
         args: dict[str, Any]
         if style == "auth":
@@ -166,7 +170,8 @@ class ProviderHandle:
                 if self._key_name is None:
                     importer = import_key_pair if style == "key_pair" else import_account_key
                     self._key_name = importer(self, store.workspace_id)
-            args = {"ex_keyname": self._key_name} if style == "key_pair" else {"ex_ssh_key_ids": [self._key_name]}
+            args = {"ex_keyname": self._key_name} if style == "key_pair" else \
+                {"ex_create_attr": {"ssh_keys": [account_key_ref(self._key_name)]}}
         if self.features.login_user:
             args[self.features.login_user] = user
         return args
@@ -207,18 +212,30 @@ def import_key_pair(handle: ProviderHandle, workspace_id: str) -> str:
 
 def import_account_key(handle: ProviderHandle, workspace_id: str) -> str:
     """The id of the fleet's public key among the account's SSH keys (DigitalOcean),
-    imported under :func:`key_pair_name` when it is not there yet."""
+    imported under :func:`key_pair_name` when it is not there yet.  The same key under
+    another name (added by hand) is that key: DigitalOcean refuses a second copy."""
     pubkey = public_key(handle.ws)
     name = key_pair_name(workspace_id, pubkey)
+    blob = pubkey.split()[1:2]
 
     def attempt() -> str:
         for pair in handle.driver.list_key_pairs():
-            if pair.name == name:
+            if pair.name == name or (blob and str(pair.public_key or "").split()[1:2] == blob):
                 return str((pair.extra or {}).get("id") or pair.fingerprint)
         pair = handle.driver.create_key_pair(name, public_key=pubkey)
         return str((pair.extra or {}).get("id") or pair.fingerprint)
 
     return retrying(attempt, handle)
+
+
+def account_key_ref(key: str) -> int | str:
+    """An account key as DigitalOcean's ``ssh_keys`` takes it: its id as a JSON number
+    (a string there is read as a fingerprint).
+
+    >>> account_key_ref("512190"), account_key_ref("3b:21:6f")
+    (512190, '3b:21:6f')
+    """
+    return int(key) if key.isdigit() else key
 
 
 def _already_exists(exc: BaseException) -> bool:
