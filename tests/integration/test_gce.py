@@ -45,7 +45,7 @@ from tests.helpers.cli import Run
 from tests.helpers.primes import primes_below
 from tests.helpers.provision import create_as_spawn
 from tests.helpers.workspace import stop_everything
-from tests.peers.gce import IMAGE, IMAGE_PROJECT, GCEPeer, ServiceAccount, start_peer
+from tests.peers.gce import IMAGE, IMAGE_FAMILY, IMAGE_PROJECT, GCEPeer, ServiceAccount, start_peer
 
 pytestmark = [pytest.mark.slow]
 
@@ -272,7 +272,8 @@ def test_a_quota_error_cools_the_provider_down(gce_ws: Workspace, peer: GCEPeer,
     ws = gce_ws
     local_second(ws)
     (ws.families_dir / "workers.yaml").write_text(family(2, f"{PROVIDER}, local"))
-    set_registration(ws, image=IMAGE_LINK, bootstrap=False)
+    family_link = f"https://www.googleapis.com/compute/v1/projects/{IMAGE_PROJECT}/global/images/family/{IMAGE_FAMILY}"
+    set_registration(ws, image=family_link, bootstrap=False)  # (an image family's link: its latest image)
     peer.faults(quota_instances=1)
     spawned = orch("spawn", "workers", "--json", cwd=ws.root)
     assert spawned.code == 0, spawned.err

@@ -98,6 +98,7 @@ ZONES = ("us-central1-a", "us-central1-b", "europe-west1-b")
 MACHINE_TYPES = ("f1-micro", "g1-small", "n1-standard-1", "n1-standard-2", "n1-highcpu-2")
 IMAGE_PROJECT = "debian-cloud"
 IMAGE = "debian-12-bookworm-v20240110"
+IMAGE_FAMILY = "debian-12"
 NAME_RULE = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
 LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
@@ -267,7 +268,7 @@ class Cloud:
     def image(self) -> dict[str, Any]:
         recorded = fixture("global_images.json")["items"][0]
         return {**{k: v for k, v in recorded.items() if not k.startswith("get")},
-                "id": "1514128291730411111", "name": IMAGE, "family": "debian-12", "labels": {},
+                "id": "1514128291730411111", "name": IMAGE, "family": IMAGE_FAMILY, "labels": {},
                 "description": "Debian, Debian GNU/Linux, 12 (bookworm), amd64 built on 20240110",
                 "architecture": "X86_64", "sourceDisk": None, "sourceDiskId": None,
                 "selfLink": f"{API}/projects/{IMAGE_PROJECT}/global/images/{IMAGE}"}
@@ -546,6 +547,8 @@ class Handler(BaseHTTPRequestHandler):
             return 200, {"kind": "compute#imageList", "items": [cloud.image()], "selfLink": API + images[11:]}
         if path.startswith(images + "/") and method == "GET":
             name = path.rpartition("/")[2]
+            if path == f"{images}/family/{IMAGE_FAMILY}":  # the family's latest image
+                name = IMAGE
             if name != IMAGE:
                 return not_found(f"projects/{IMAGE_PROJECT}/global/images/{name}")
             return 200, cloud.image()
