@@ -19,10 +19,11 @@ TAG_NODE = "orch-node"
 
 
 def node_tags(node: Node) -> dict[str, str]:
-    """The node's tags as a dict: from a dict (``extra["tags"]`` or ``extra["labels"]``),
-    or from ``key:value`` strings where the cloud's tags are plain strings."""
+    """The node's tags as a dict: from a dict (``extra["tags"]``, ``extra["labels"]``, or
+    OpenStack's server ``extra["metadata"]``), or from ``key:value`` strings where the
+    cloud's tags are plain strings."""
     extra = node.extra or {}
-    tags = extra.get("tags") or extra.get("labels") or {}
+    tags = extra.get("tags") or extra.get("labels") or extra.get("metadata") or {}
     if isinstance(tags, (list, tuple)):
         pairs = (str(t).partition(":") for t in tags)
         return {key: value for key, sep, value in pairs if sep}
