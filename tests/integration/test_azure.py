@@ -31,11 +31,10 @@ from orchestrator.workspace import Workspace
 from tests.helpers.cli import Run
 from tests.helpers.primes import primes_below
 from tests.helpers.processes import processes_of
-from tests.peers.azure import AzurePeer, start_azure
+from tests.peers.azure import IMAGE, AzurePeer, start_azure
 
 pytestmark = [pytest.mark.slow, pytest.mark.sshd]
 
-IMAGE = "Canonical:0001-com-ubuntu-server-jammy:22_04-lts-gen2:latest"
 CLIENT_ID_ENV = "ORCH_TEST_AZURE_CLIENT_ID"
 
 
@@ -175,9 +174,17 @@ def test_two_vms_bootstrap_with_the_pinned_host_key_and_run_primes(
     result = orch("job", "result", outcome["job"], cwd=ws.root)
     assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
 
+    azure.fault("slow_destroy", seconds=2.5)  # the first VM deleted stays Deleting a while
     stopped = orch("stop", "workers", cwd=ws.root)
     assert stopped.code == 0, stopped.err
     after = azure.state()
+    for record in ready:  # what destroy_node calls, in order: the VM (polled until gone), its NIC, its disk
+        calls = [c for c in after["requests"] if record.id in c and not c.endswith("/InstanceView")]
+        deletes = [c.split("/")[-2] for c in calls if c.startswith("DELETE ")]
+        assert deletes == ["virtualMachines", "networkInterfaces", "disks"], calls
+        polls = calls.index(next(c for c in calls if c.startswith("DELETE ") and "/networkInterfaces/" in c)) - \
+            calls.index(next(c for c in calls if c.startswith("DELETE ") and "/virtualMachines/" in c))
+        assert polls >= 2, calls  # at least one GET of the VM between its delete and its NIC's
     assert [vm for vm in after["vms"] if vm["tags"].get("orch-workspace") == wid] == []
     mine = [f"/{r.id}" for r in ready]
     assert not [n["id"] for n in after["nics"] if any(n["id"].endswith(f"{m}-nic") for m in mine)], "NICs deleted"

@@ -61,6 +61,7 @@ import datetime
 import ipaddress
 import json
 import os
+import pwd
 import random
 import re
 import signal
@@ -85,6 +86,8 @@ LOCATIONS = ("East US", "West US 2")
 MORE_SIZES = (  # beside libcloud's recorded A0-A2, in the same shape: (name, cores, memory MB, resource disk MB)
     ("Standard_B1s", 1, 1024, 4096), ("Standard_B2s", 2, 4096, 8192), ("Standard_D2s_v3", 2, 8192, 16384),
     ("Standard_F4s_v2", 4, 8192, 32768))
+IMAGE = "Canonical:0001-com-ubuntu-server-jammy:22_04-lts-gen2:latest"
+"""The image the tests' registrations boot (a Marketplace URN: libcloud makes no call for it)."""
 SIZES = ("Standard_A0", "Standard_A1", "Standard_A2", *(name for name, *_ in MORE_SIZES))
 """The sizes the peer offers."""
 
@@ -633,6 +636,29 @@ class AzurePeer:
         """The driver's ``cloud_environment`` for this peer (as for Azure Stack)."""
         return {"resourceManagerEndpointUrl": f"{self.base}/", "activeDirectoryEndpointUrl": self.base,
                 "activeDirectoryResourceId": f"{self.base}/", "storageEndpointSuffix": ".core.windows.net"}
+
+    def registration(self, client_id_env: str, *, ssh_user: str | None = None) -> dict[str, Any]:
+        """``providers/NAME.yaml`` (as JSON) for this peer: docs/clouds/azure.md's
+        registration plus ``cloud_environment``; the client id read from the environment
+        variable ``client_id_env``, the secret from the peer's 0600 file; the login user
+        the backing nodes take (this process's user)."""
+        return {"driver": "azure_arm", "image": IMAGE, "ssh_user": ssh_user or pwd.getpwuid(os.geteuid()).pw_name,
+                "options": {"tenant_id": self.tenant, "subscription_id": self.subscription, "region": "eastus",
+                            "ex_resource_group": "orch", "ex_network": "orch-vnet", "ex_subnet": "default",
+                            "ex_use_managed_disks": True, "cloud_environment": self.cloud_environment()},
+                "credentials": {"key": f"env:{client_id_env}", "secret": f"file:{self.secret_file}"}}
+
+    def leftovers(self, vm_name: str) -> list[str]:
+        """What of the VM ``vm_name`` (of resource group ``orch``) is still here: the VM
+        (not deleting), its NIC, its disk, its node's folder."""
+        state = self.state()
+        found = [f"VM {vm['id']} ({vm['properties']['provisioningState']})" for vm in state["vms"]
+                 if vm["name"] == vm_name and vm["properties"]["provisioningState"] != "Deleting"]
+        found += [f"NIC {nic['id']}" for nic in state["nics"] if nic["name"] == f"{vm_name}-nic"]
+        found += [f"disk {disk['id']}" for disk in state["disks"] if disk["name"] == vm_name]
+        folder = self.root / _backing_name(f"/subscriptions/{self.subscription}/resourceGroups/orch/providers/"
+                                           f"Microsoft.Compute/virtualMachines/{vm_name}")
+        return found + ([f"the node's folder {folder}"] if folder.exists() else [])
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()
