@@ -464,6 +464,7 @@ class Cloud:
                 "instances": [{"id": i.id, "name": i.name, "zone": i.zone, "machineType": i.machine_type,
                                "labels": i.labels, "metadata": {m["key"]: m["value"] for m in i.metadata},
                                "status": i.status, "address": i.address} for i in self.instances.values()],
+                "backing": sorted(str(n.name) for n in self.backing.driver.list_nodes()),
                 "tokens_issued": self.tokens_issued,
                 "calls": list(self.calls),
                 "faults": dict(self.faults.__dict__),
@@ -724,6 +725,13 @@ class GCEPeer:
         result: dict[str, Any] = self._call("GET", "/_orch/state")
         return result
 
+    def leftovers(self, instance_id: str) -> list[str]:
+        """What of that instance remains: the instance listed, or its node running."""
+        state = self.state()
+        listed = [i for i in state["instances"] if i["id"] == instance_id]
+        return [f"instance {i['name']} ({i['id']}) is {i['status']}" for i in listed] + \
+            [f"the node of instance {i['name']} still runs" for i in listed if i["name"] in state["backing"]]
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM by pid (the peer stops every node), then SIGKILL if it hangs."""
         if self.process.poll() is None:
@@ -733,6 +741,19 @@ class GCEPeer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout)
+
+
+IMAGE_LINK = f"{API}/projects/{IMAGE_PROJECT}/global/images/{IMAGE}"
+
+
+def registration(peer: GCEPeer, account: ServiceAccount, key_file: Path) -> dict[str, Any]:
+    """``providers/NAME.yaml`` (as YAML's JSON subset) for ``account``'s project on this
+    peer, its key written to ``key_file`` (0600): docs/clouds/gce.md's registration, plus
+    the driver's own ``proxy_url`` and ``secure`` options that reach the peer."""
+    account.key_file(key_file)
+    return {"driver": "gce", "credentials": {"key": f"file:{key_file}"}, "image": IMAGE_LINK,
+            "options": {"project": account.project, "user_id": account.email, "auth_type": "SA",
+                        "proxy_url": peer.proxy_url, "secure": False}}
 
 
 def start_peer(root: Path, account: ServiceAccount, *, port: int = 0, token_ttl: int = 3600,
