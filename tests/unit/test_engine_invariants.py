@@ -26,7 +26,9 @@ import pytest
 from orchestrator.agent import protocol as P
 from orchestrator.agent.frames import decode_tasks, encode_result
 from orchestrator.deploy import pki
+from orchestrator.scheduler import isolation
 from orchestrator.scheduler.engine import HISTORY, Engine
+from orchestrator.scheduler.isolation import PIECE_BASE
 from orchestrator.scheduler.run import JobRun, Outcome, ReleaseInfo
 from orchestrator.scheduler.sinks import Record, open_sink
 from orchestrator.scheduler.spec import JobSpec
@@ -481,6 +483,37 @@ class TestFailedAttempts:
 
         run(main)
         assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-a")]
+
+    def test_two_new_results_beside_a_failed_attempt_are_stored_intact(self, harness: Callable[..., Harness]) -> None:
+        """A message of a failed attempt and two new results is stored result by result (the
+        failure left out); the batch is read back whole while 0, unwritten, keeps it there."""
+        h = harness(8)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, _first = await loaded(h, "w-a")
+                try:
+                    a.results([(0, b"boom"), (1, output(1, "w-a"))], failed={0}, seconds=0.02)
+                    again = await a.tasks()  # 3 deep now (0.05 s of work queued at 0.02 s a task)
+                    assert [(seq, attempt) for seq, attempt, _ in again] == [(0, 2), (2, 1), (3, 1)], again
+                    a.results([(0, b"boom again"), (2, output(2, "w-a")), (3, output(3, "w-a"))], failed={0},
+                              seconds=0.02)
+                    more = await a.tasks()
+                    assert tried(more) == [(0, 3), (4, 1), (5, 1)], more
+                    assert h.job is not None and h.job.next_write == 0
+                    assert stored_work(h.store, h.job_id).results == {
+                        1: output(1, "w-a"), 2: output(2, "w-a"), 3: output(3, "w-a")}
+                    assert h.store.stored_batches(h.job_id).attempts == {0: (2, "attempt 2: w-a: boom again")}
+                    a.results(answers(more, "w-a"), seconds=0.02)
+                    rest = await a.tasks()
+                    a.results(answers(rest, "w-a"), seconds=0.02)
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(n, "w-a") for n in range(8)]
 
 
 class TestResultsFromElsewhere:
@@ -968,3 +1001,219 @@ class TestClose:
 
         run(main)
         assert [c.get("message") for c in logged] == [], logged
+
+    def test_a_lost_node_that_never_answers_the_close_is_cut_off_at_once(
+            self, harness: Callable[..., Harness]) -> None:
+        """A node declared lost may be cut off from the network: ``close`` aborts its
+        connection instead of waiting (up to 2 s) for an answer to the TLS close that the
+        node never sends."""
+        h = harness(4)
+
+        async def main() -> None:
+            async with h.running():
+                a, _held = await lose_silent_holder(h)
+                transport = a.writer.transport
+                assert isinstance(transport, asyncio.Transport)
+                transport.pause_reading()  # it never reads the scheduler's close_notify
+                started = time.monotonic()
+                await h.engine.close()
+                assert time.monotonic() - started < 1.0, "close waited for the lost node"
+                transport.abort()
+
+        run(main)
+
+
+def numbers_out(data: bytes) -> bytes:
+    """What the tests' work makes of a range task or piece (b"LOW HIGH"): each number on a line."""
+    low, high = (int(x) for x in data.split())
+    return b"".join(b"%d\n" % n for n in range(low, high))
+
+
+class TestIsolation:
+    """Poison isolation (scheduler/isolation.py) through the engine, one message at a time:
+    a task that fails every attempt is cut in halves that run as pieces (wire seqs from
+    PIECE_BASE), a piece failing its last attempt at the floor is failed and named, and
+    the task's record is its ok pieces' output, in its place.  Tasks of two numbers
+    (``max_span`` 2), so the first cut is at the floor."""
+
+    def test_the_first_piece_failing_at_the_floor_is_failed_and_its_neighbour_takes_the_tasks_place(
+            self, harness: Callable[..., Harness]) -> None:
+        """Every event of the cut and of the failed piece names the node and the last error;
+        the very first piece (wire seq PIECE_BASE itself) is a piece, not a task given up."""
+        h = harness(3, input="0:6", module_options={"max_span": 2}, isolate_failures=True, max_attempts=1)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    assert tried(first) == [(0, 1), (1, 1)]
+                    a.results([(0, b"bad number 0")], failed={0})
+                    cut = await a.tasks()  # the first half of 0 (the second waits: the port is 2 deep)
+                    assert cut == [(PIECE_BASE, 1, b"0 1")], cut
+                    split = ("task 0 failed all 1 attempts (attempt 1: w-a: bad number 0); it runs again in halves: "
+                             "numbers 0 and numbers 1")
+                    assert [data for kind, data in h.events if kind == "task.split"] == [
+                        {"seq": 0, "node": "w-a", "reason": split}]
+                    assert [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.task_split"] == [
+                        ("w-a", split)]
+                    assert h.counters()["split"] == 1
+
+                    a.results([(1, numbers_out(b"2 4")), (PIECE_BASE, b"bad number 0")], failed={PIECE_BASE},
+                              seconds=1.0)
+                    rest = await a.tasks()
+                    assert tried(rest) == [(2, 1), (PIECE_BASE + 1, 1)], rest
+                    failed = "task 0: its piece numbers 0 failed after 1 attempts; last: w-a: bad number 0"
+                    assert [data for kind, data in h.events if kind == "piece.failed"] == [
+                        {"seq": 0, "node": "w-a", "reason": failed}]
+                    stored = [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.piece_failed"]
+                    assert stored == [("w-a", failed)]
+                    assert not any(kind == "task.failed" for kind, _ in h.events)
+                    assert (h.counters()["pieces_failed"], h.counters()["failed"]) == (1, 0)
+
+                    a.results([(seq, numbers_out(data)) for seq, _, data in rest], seconds=1.0)
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert {k: outcome.counters[k] for k in ("done", "failed", "pieces_failed", "split", "retried")} == {
+                "done": 3, "failed": 0, "pieces_failed": 1, "split": 1, "retried": 0}, outcome.counters
+
+        run(main)
+        assert [(r.seq, r.ok, r.payload) for r in h.records()] == [
+            (0, True, b"1\n"), (1, True, b"2\n3\n"), (2, True, b"4\n5\n")]
+        assert [(p["task"], p["first"], p["last"], p["attempts"], p["error"])
+                for p in isolation.failed_pieces(h.store, h.job_id)] == [(0, 0, 0, 1, "attempt 1: w-a: bad number 0")]
+
+    def test_the_store_holds_a_pieces_result_under_its_task_and_each_failed_attempt_of_a_piece(
+            self, harness: Callable[..., Harness]) -> None:
+        """What a resume would read, after each message: an ok piece's result is a batch of
+        its own whose max_seq is its task's (it goes when the task is written, not when the
+        ordinary result beside it in the message is), a piece's failed attempt is in the
+        stored split; a port dying during a piece names the piece, and that death on the
+        piece's last attempt fails it."""
+        h = harness(4, input="0:8", module_options={"max_span": 2}, isolate_failures=True, max_attempts=2)
+        piece, other = PIECE_BASE, PIECE_BASE + 1  # 0's halves: number 0 (good) and number 1 (bad)
+        died = "port 0 on w-a died during task 0 (its piece numbers 1): killed by SIGSEGV"
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first = await loaded(h, "w-a")
+                try:
+                    assert tried(first) == [(0, 1), (1, 1)]
+                    a.results([(0, b"bad number 1")], failed={0})
+                    assert tried(await a.tasks()) == [(0, 2)]
+                    a.results([(1, b"2\n3\n")], seconds=1.0)
+                    assert tried(await a.tasks()) == [(2, 1)]
+                    a.results([(0, b"bad number 1")], failed={0})  # 0's last attempt: cut in two
+                    assert await a.tasks() == [(piece, 1, b"0 1")]
+
+                    # An ordinary result and a piece's in one message, both new and ok.
+                    a.results([(2, b"4\n5\n"), (piece, b"0\n")], seconds=1.0)
+                    assert tried(await a.tasks()) == [(3, 1), (other, 1)]
+                    assert h.job is not None and h.job.next_write == 0, "0 waits for its other piece"
+                    assert stored_work(h.store, h.job_id).results == {1: b"2\n3\n", 2: b"4\n5\n", piece: b"0\n"}
+                    assert stored_work(h.store, h.job_id, from_seq=1).results == {1: b"2\n3\n", 2: b"4\n5\n"}, \
+                        "the piece's result must be stored under its task's seq (0)"
+
+                    # The other piece fails its first attempt: the stored split says so.
+                    a.results([(other, b"bad number 1")], failed={other})
+                    assert tried(await a.tasks()) == [(other, 2)]
+                    [(seq, split)] = isolation.load(h.store, h.job_id).items()
+                    assert seq == 0
+                    leaves = [(f["wire"], f["state"], f["attempts"], f["error"]) for f in split["leaves"]]
+                    assert leaves == [(piece, "ok", 0, ""), (other, "pending", 1, "attempt 1: w-a: bad number 1")]
+                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: bad number 1")}
+                    assert h.counters()["retried"] == 2
+
+                    # 3 done; then the port dies running the piece's second (last) attempt.
+                    a.results([(3, b"6\n7\n")], seconds=1.0)
+                    await h.until("3 recorded", lambda: h.counters()["done"] == 3)
+                    a.control(P.PORT_DIED, port=0, seq=other, reason="killed by SIGSEGV")
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.port_died"] == [
+                ("w-a", died)]
+            failed = f"task 0: its piece numbers 1 failed after 2 attempts; last: {died}"
+            assert [data for kind, data in h.events if kind == "piece.failed"] == [
+                {"seq": 0, "node": "w-a", "reason": failed}]
+            assert {k: outcome.counters[k] for k in ("done", "failed", "pieces_failed", "split", "retried",
+                                                     "port_deaths")} == {
+                "done": 4, "failed": 0, "pieces_failed": 1, "split": 1, "retried": 2, "port_deaths": 1}
+
+        run(main)
+        assert [(r.seq, r.ok, r.payload) for r in h.records()] == [
+            (0, True, b"0\n"), (1, True, b"2\n3\n"), (2, True, b"4\n5\n"), (3, True, b"6\n7\n")]
+        assert isolation.failed_pieces(h.store, h.job_id) == [{
+            "task": 0, "unit": "numbers", "first": 1, "last": 1, "items": 1, "attempts": 2,
+            "error": f"attempt 2: {died}", "text": "numbers 1"}]
+
+
+class TestFilling:
+    def test_a_nodes_second_port_is_filled_while_its_first_is_full(self, harness: Callable[..., Harness]) -> None:
+        """A node with two ports: when port 1 answers while port 0 still holds its tasks,
+        port 1 is topped up at once, not only at port 0's next answer."""
+        h = harness(8, ports_per_node=2)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a = await h.dial("w-a")
+                a.beat()
+                try:
+                    assert P.parse_control(P.LOAD, await a.expect(P.LOAD))["ports"] == [0, 1]
+                    a.control(P.LOADED, work=h.job_id, ports=[0, 1])
+
+                    async def sent() -> tuple[int, list[int]]:
+                        """The next TASKS, within WAIT (expect's own wait restarts at each heartbeat)."""
+                        port, frames = P.parse_port(await asyncio.wait_for(a.expect(P.TASKS), WAIT))
+                        return port, [seq for seq, *_ in decode_tasks(bytes(frames))]
+
+                    assert sorted([await sent(), await sent()]) == [(0, [0, 1]), (1, [2, 3])]
+                    a.results([(2, output(2, "w-a")), (3, output(3, "w-a"))], port=1, seconds=1.0)
+                    assert await sent() == (1, [4, 5]), "port 1 was not filled while port 0 was full"
+                    a.results([(0, output(0, "w-a")), (1, output(1, "w-a"))], port=0, seconds=1.0)
+                    assert await sent() == (0, [6, 7])
+                    a.results([(4, output(4, "w-a")), (5, output(5, "w-a"))], port=1, seconds=1.0)
+                    a.results([(6, output(6, "w-a")), (7, output(7, "w-a"))], port=0, seconds=1.0)
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+            assert outcome.state == JobState.DONE, outcome
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(n, "w-a") for n in range(8)]
+
+    def test_a_retry_this_node_must_avoid_is_passed_over_for_the_next_one(
+            self, harness: Callable[..., Harness]) -> None:
+        """The retry queue holds 2 (failed on w-b) before 0 (failed on w-a): w-b, with room,
+        passes 2 over and takes 0, rather than stopping at 2 and making a new task."""
+        h = harness(6)
+
+        async def main() -> None:
+            async with h.running() as job:
+                a, first_a = await loaded(h, "w-a")
+                b, first_b = await loaded(h, "w-b")
+                try:
+                    assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
+                    a.results([(0, b"boom")], failed={0})
+                    more_a = await a.tasks()
+                    assert tried(more_a) == [(4, 1)], more_a  # 0 is left for another node
+                    b.results([(2, b"boom")], failed={2})
+                    more_b = await b.tasks()
+                    assert tried(more_b) == [(0, 2)], more_b
+                    a.results([(1, output(1, "w-a")), (4, output(4, "w-a"))], seconds=1.0)
+                    last_a = await a.tasks()
+                    assert tried(last_a) == [(2, 2), (5, 1)], last_a
+                    b.results([(3, output(3, "w-b")), (0, output(0, "w-b"))], seconds=1.0)
+                    a.results([(seq, output(seq, "w-a")) for seq, _, _ in last_a], seconds=1.0)
+                    outcome = await asyncio.wait_for(job, WAIT)
+                finally:
+                    await a.close()
+                    await b.close()
+            assert outcome.state == JobState.DONE, outcome
+            assert (outcome.counters["done"], outcome.counters["retried"]) == (6, 2), outcome.counters
+
+        run(main)
+        assert [r.payload for r in h.records()] == [output(0, "w-b"), output(1, "w-a"), output(2, "w-a"),
+                                                     output(3, "w-b"), output(4, "w-a"), output(5, "w-a")]

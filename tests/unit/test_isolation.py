@@ -359,6 +359,33 @@ def test_a_failing_task_of_one_number_is_named_too(harness: Callable[..., Harnes
     assert pieces(status) == [(7, 7, 7)] and [seq for seq, _ in status["failed_tasks"]] == [7]
 
 
+def test_tasks_of_one_line_are_failed_whole_and_named_by_line(harness: Callable[..., Harness], tmp_path: Path) -> None:
+    """A task at the floor is not cut: it is failed whole, and still named in input terms
+    (its line, from where the task starts in the file), each such task counted once in
+    ``pieces_failed``; the store keeps it as a split of one failed leaf (its size and origin)."""
+    path = tmp_path / "in.txt"
+    path.write_bytes(b"a\npoison\nc\npoison\ne\n")
+
+    def echo_lines(data: bytes) -> tuple[bool, bytes]:
+        return (False, b"poisoned") if data == b"poison\n" else (True, data)
+
+    h = harness(work_module="lines", input=str(path), module_options={"max_lines": 1})
+    outcome, port = h.run_job(echo_lines)
+    assert outcome.state == JobState.DONE
+    assert (outcome.counters["failed"], outcome.counters["pieces_failed"], outcome.counters["split"]) == (2, 2, 0)
+    assert all(seq < PIECE_BASE for seq, *_ in port.ran)
+    assert [(r.seq, r.ok, r.payload) for r in h.records()] == [
+        (0, True, b"a\n"), (1, False, b"attempt 2: w-1: poisoned"), (2, True, b"c\n"),
+        (3, False, b"attempt 2: w-1: poisoned"), (4, True, b"e\n")]
+    assert h.status()["failed_pieces"] == [
+        {"task": seq, "unit": "lines", "first": seq + 1, "last": seq + 1, "items": 1, "attempts": 2,
+         "error": "attempt 2: w-1: poisoned", "text": f"lines {seq + 1}"} for seq in (1, 3)]
+    with Store.open(h.ws.state_db) as store:
+        stored = isolation.load(store, h.job_id)
+    assert [(seq, s["size"], s["origin"], s["units"]) for seq, s in sorted(stored.items())] == [
+        (1, 1.0, 1, 1), (3, 1.0, 3, 1)]
+
+
 def test_lines_are_named_by_line_number(harness: Callable[..., Harness], tmp_path: Path) -> None:
     lines = [b"poison\n" if i in (6, 63, 64) else b"line %d\n" % i for i in range(150)]
     path = tmp_path / "in.txt"
