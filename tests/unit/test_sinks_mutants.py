@@ -4,7 +4,10 @@ mutants that survived in docs/mutation.md (tests/unit/test_sinks.py holds the co
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
+import signal
 import sqlite3
 import stat
 import threading
@@ -14,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.scheduler.sinks import Record, SinkError, SinkFailed, open_sink, redact_url
+from orchestrator.scheduler.sinks.file import FileSink
+from orchestrator.scheduler.sinks.sqlite import SqliteSink
 
 
 @pytest.fixture
@@ -259,3 +264,97 @@ def test_a_progress_table_of_another_shape_fails_opening_by_name(tmp_path: Path)
     with open_sink("sqlite:out.db", root=tmp_path) as sink, pytest.raises(SinkFailed) as caught:
         sink.open("j1", None)
     assert caught.value.message == "sink sqlite:out.db: reading the progress failed: no such column: next_seq"
+
+
+# -- failures of the disk, and what the sinks hold on to ----------------------------------------
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Within: this process cannot grow a file past ``limit`` bytes (RLIMIT_FSIZE, with
+    SIGXFSZ ignored), so such a write fails with EFBIG, as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
+
+
+def test_a_write_the_disk_refuses_is_one_line_naming_the_sink(tmp_path: Path) -> None:
+    """A write larger than the file's buffer goes to the disk at once; its failure is a
+    SinkFailed naming the sink and the error (not the errno's repr), and nothing counts as written."""
+    with open_sink("file:out", root=tmp_path) as sink:
+        sink.open("j1", None)
+        with file_size_limit(1000), pytest.raises(SinkFailed) as caught:
+            sink.write([Record(0, True, b"x" * (2 << 20))])
+        assert caught.value.message == "sink file:out: writing failed: File too large"
+        assert isinstance(sink, FileSink) and (sink.offset, sink.next_seq) == (0, 0)
+
+
+def test_a_commit_the_disk_refuses_is_one_line_naming_the_sink(tmp_path: Path) -> None:
+    """A small write waits in the buffer; the commit's flush is where the disk refuses it."""
+    with open_sink("file:out", root=tmp_path) as sink:
+        sink.open("j1", None)
+        sink.write(records(0, 3))
+        with file_size_limit(4), pytest.raises(SinkFailed) as caught:
+            sink.commit()
+        assert caught.value.message == "sink file:out: committing failed: File too large"
+
+
+def test_a_resume_makes_its_truncation_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resume cuts what was written after the checkpoint away, and fsyncs the file at
+    that size before anything is written after it (else a crash could bring the cut
+    output back, behind the resumed output)."""
+    with open_sink("file:out", root=tmp_path) as sink:
+        sink.open("j1", None)
+        sink.write(records(0, 3))
+        checkpoint = sink.commit()
+        sink.write(records(3, 5))  # never committed: the scheduler crashed here
+    path = tmp_path / "out"
+    assert path.stat().st_size > checkpoint["offset"]
+    synced: list[tuple[int, int]] = []  # (inode, size) of every file fsynced
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        status = os.fstat(fd)
+        synced.append((status.st_ino, status.st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with open_sink("file:out", root=tmp_path) as sink:
+        assert sink.open("j1", checkpoint) == 3
+        assert (path.stat().st_ino, checkpoint["offset"]) in synced, synced
+    assert path.stat().st_size == checkpoint["offset"]
+
+
+def test_a_sqlite_sink_waits_30_s_for_a_database_another_writer_holds(tmp_path: Path) -> None:
+    with open_sink("sqlite:out.db", root=tmp_path) as sink:
+        sink.open("j1", None)
+        assert isinstance(sink, SqliteSink)
+        assert sink._connect().execute("PRAGMA busy_timeout").fetchone() == (30000,)
+
+
+def test_a_sqlite_sink_keeps_one_connection_until_it_is_closed(tmp_path: Path) -> None:
+    with open_sink("sqlite:out.db", root=tmp_path) as sink:
+        sink.open("j1", None)
+        assert isinstance(sink, SqliteSink)
+        db = sink._connect()
+        sink.write(records(0, 2))
+        sink.commit()
+        assert sink._connect() is db and sink._db is db
+    assert sink._db is None
+
+
+def test_tables_that_cannot_be_created_are_named(tmp_path: Path) -> None:
+    """An index that has the output table's name: CREATE TABLE IF NOT EXISTS still fails."""
+    with sqlite3.connect(tmp_path / "out.db") as db:
+        db.execute("CREATE TABLE other (x)")
+        db.execute("CREATE INDEX orch_output ON other (x)")
+    db.close()
+    with open_sink("sqlite:out.db", root=tmp_path) as sink, pytest.raises(SinkError) as caught:
+        sink.open("j1", None)
+    assert caught.value.message == ("--sink: cannot create the tables of sqlite:out.db: "
+                                    "there is already an index named orch_output")
