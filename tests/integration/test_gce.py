@@ -231,7 +231,8 @@ def test_a_key_the_account_does_not_have_exits_3_naming_the_provider(gce_ws: Wor
     for args in (["provider", "check", PROVIDER], ["spawn", "workers"]):
         result = _cli(gce_ws, *args)
         assert result.returncode == 3, (args, result.stderr)
-        assert "provider 'gce'" in result.stderr and "Invalid JWT Signature" in result.stderr, result.stderr
+        assert "provider 'gce' rejected the credentials: Invalid JWT Signature." in result.stderr, result.stderr
+        assert "check the credential references in providers/gce.yaml" in result.stderr
         assert len([line for line in result.stderr.splitlines() if line.startswith("error")]) <= 1
         assert "Traceback" not in result.stderr + result.stdout and "internal error" not in result.stderr
     assert peer.state()["instances"] == []
@@ -344,6 +345,7 @@ def test_a_slow_delete_is_waited_for(gce_ws: Workspace, peer: GCEPeer) -> None:
     (GoogleBaseError({"message": "Invalid Credentials", "reason": "authError"}, 401, "authError"),
      ProviderAuthError),
     (InvalidRequestError("Invalid value for field 'resource.name'", 400, "invalid"), ProviderError),
+    (InvalidRequestError("Invalid JWT Signature.", 400, None), ProviderAuthError),  # the token endpoint's 400
     (GoogleBaseError("Backend Error", 503, "backendError"), ProviderTransientError),
 ])
 def test_gce_errors_are_read(error: Exception, expected: type[ProviderError]) -> None:
