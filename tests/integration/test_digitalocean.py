@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -58,8 +59,10 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
         yield started
     finally:
         started.stop()
-        assert started.process.returncode == 0, (root / "peer.log").read_text()[-2000:]
+        log = (root / "peer.log").read_text()[-2000:]
         assert _processes_under(root) == [], "a droplet's node outlived the peer"
+        shutil.rmtree(root)
+        assert started.process.returncode == 0, log
 
 
 def _processes_under(root: Path) -> list[int]:
@@ -286,6 +289,25 @@ def test_the_droplet_limit_fails_over_too(do_ws: Workspace, orch: Callable[..., 
     assert any("will exceed your droplet limit" in f for f in report["failures"])
     assert all("out of capacity" in f and "(code: 422)" in f for f in report["failures"])
     assert len(ours(peer, workspace_id(do_ws))) == 1
+
+
+def test_max_nodes_at_the_droplet_limit_sends_the_rest_elsewhere_unasked(
+        do_ws: Workspace, orch: Callable[..., Run], peer: Peer) -> None:
+    """What docs/clouds/digitalocean.md advises: the registration's max_nodes at the
+    account's droplet limit, so orch's own quota places the rest before DigitalOcean
+    has to refuse anything."""
+    with_local_second(do_ws)
+    added = orch(*REGISTER, "--option", "host=127.0.0.1", "--option", f"port={peer.port}", "--option",
+                 "secure=false", "--max-nodes", "1", "--replace", cwd=do_ws.root)
+    assert added.code == 0, added.err
+    with (do_ws.providers_dir / "do.yaml").open("a") as out:
+        out.write(f"image: {IMAGE}\nbootstrap: false\n")
+    peer.faults(droplet_limit=1)
+    before = len(peer.state()["injected"])
+    spawned = orch("spawn", "workers", "--json")
+    assert spawned.code == 0, spawned.err
+    assert json.loads(spawned.out)["failures"] == [] and providers_of(orch) == ["do", "local"]
+    assert peer.state()["injected"][before:] == []
 
 
 def test_throttled_creates_are_retried(do_ws: Workspace, orch: Callable[..., Run], peer: Peer,
