@@ -117,6 +117,22 @@ def test_the_fleet_key_for_azure_with_its_login_user_and_the_create_options(tmp_
     assert handle.create_options() == {"ex_resource_group": "rg", "ex_network": "net"}
 
 
+@pytest.mark.parametrize("missing", ["ex_resource_group", "ex_network"])
+def test_azure_without_its_resource_group_or_network_is_refused_naming_the_option(tmp_path: Path,
+                                                                                 missing: str) -> None:
+    """libcloud's create_node would fail each node alone (a TypeError, a ValueError):
+    the registration is refused when its driver is made, before anything is created."""
+    from orchestrator.errors import ConfigError
+    from orchestrator.provision.registry import make_driver
+    options = {"tenant_id": "t", "subscription_id": "s", "ex_resource_group": "rg", "ex_network": "net"}
+    del options[missing]
+    ws, handle = _handle(tmp_path, "azure_arm", options=options, credentials={"key": "env:HOME"})
+    with pytest.raises(ConfigError) as caught:
+        make_driver(ws, handle.config)
+    assert str(caught.value).startswith(f"providers/p.yaml: options: driver 'azure_arm' needs the option {missing} ")
+    assert "\n" not in str(caught.value) and f"add `{missing}: ...` under options" in str(caught.value)
+
+
 def test_the_login_user_must_look_like_one(tmp_path: Path) -> None:
     from orchestrator.errors import ConfigError
     with pytest.raises(ConfigError, match="ssh_user"):
