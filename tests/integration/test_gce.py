@@ -43,6 +43,7 @@ from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import Run
 from tests.helpers.primes import primes_below
+from tests.helpers.processes import processes_of
 from tests.helpers.provision import create_as_spawn
 from tests.helpers.workspace import stop_everything
 from tests.peers.gce import IMAGE, IMAGE_FAMILY, IMAGE_PROJECT, GCEPeer, ServiceAccount, start_peer
@@ -66,6 +67,19 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCEPeer]:
         nodes = started.root / "nodes"
         leftover = [p.name for p in nodes.iterdir() if not p.name.startswith(".")] if nodes.exists() else []
         assert leftover == [], f"backing nodes outlived the peer: {leftover}"
+        assert _running_under(started.root) == [], "processes of the peer's nodes outlived it"
+
+
+def _running_under(root: Path) -> list[int]:
+    """Live pids whose command line names a path under ``root`` (the nodes' sshd)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(root).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
 
 
 def add_lines(peer: GCEPeer, ws: Workspace, name: str = PROVIDER) -> list[str]:
@@ -205,9 +219,12 @@ def test_gce_end_to_end(gce_ws: Workspace, peer: GCEPeer, orch: Callable[..., Ru
     result = orch("job", "result", outcome["job"])
     assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
 
+    backing = peer.state()["backing_nodes"]
+    assert sorted(backing) == sorted(instances) and all(processes_of(n["id"], n["dir"]) for n in backing.values())
     stopped = orch("stop", "workers")
     assert stopped.code == 0, stopped.err
     assert peer.state()["instances"] == [], "nothing left at the peer"
+    assert [pid for n in backing.values() for pid in processes_of(n["id"], n["dir"])] == [], "no process behind"
     assert not [p for p in (peer.root / "nodes").iterdir() if not p.name.startswith(".")], "no node left"
     assert {r.state for r in records(ws)} == {NodeState.STOPPED}
     assert "agrees" in orch("reconcile").out

@@ -465,6 +465,8 @@ class Cloud:
                                "labels": i.labels, "metadata": {m["key"]: m["value"] for m in i.metadata},
                                "status": i.status, "address": i.address} for i in self.instances.values()],
                 "backing": sorted(str(n.name) for n in self.backing.driver.list_nodes()),
+                "backing_nodes": {str(n.name): {"id": str(n.id), "dir": str((n.extra or {}).get("node_dir"))}
+                                  for n in self.backing.driver.list_nodes()},
                 "tokens_issued": self.tokens_issued,
                 "calls": list(self.calls),
                 "faults": dict(self.faults.__dict__),
