@@ -4,9 +4,11 @@ destroyed behind orch's back.
 
 The providers are real: libcloud's stock EC2 driver (the moto adapter of
 ``tests/helpers/moto_ec2.py``) talking to one local moto server for the module, stopped by
-its pid at the end.  Provider ``a`` is its us-east-1, provider ``b`` its us-west-2 (moto
-keeps each region's instances apart, as EC2 does).  Every test has its own workspace, so
-it sees the other tests' instances only as another workspace's.  Instances are made,
+its pid at the end.  Provider ``b`` is its us-west-2 and provider ``a`` another region,
+a new one for each test while they last (moto keeps each region's instances apart, as EC2
+does, and lists terminated ones for good: short listings keep the module fast).  Every
+test has its own workspace, so it sees the other tests' instances only as another
+workspace's.  Instances are made,
 stopped and terminated through the driver, carrying orch's tags as ``create_node`` tags
 them; moto's addresses are made up and nothing connects to them (recovery does not).
 
@@ -19,6 +21,7 @@ real run then does.  Written to kill the mutants of docs/mutation.md's recovery 
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,7 +48,12 @@ from tests.helpers.moto_ec2 import (
 )
 
 S = NodeState
-REGIONS = {"a": "us-east-1", "b": "us-west-2"}
+PROVIDERS = ("a", "b")
+B_REGION = "us-west-2"
+A_REGIONS = itertools.cycle(("us-east-1", "us-east-2", "us-west-1", "eu-west-1", "eu-west-2", "eu-west-3",
+                             "eu-central-1", "eu-north-1", "ap-northeast-1", "ap-northeast-2", "ap-southeast-1",
+                             "ap-southeast-2", "ap-south-1", "ca-central-1", "sa-east-1"))
+"""Provider ``a``'s region, the next for each test's workspace."""
 SIZE = "t3.nano"
 # The moves that bring a new (requested) record to each state.
 PATHS: dict[NodeState, tuple[NodeState, ...]] = {
@@ -93,12 +101,12 @@ class World:
 
     def __init__(self, root: Path, moto_port: int, *, ports: dict[str, int] | None = None) -> None:
         self.ws = Workspace.init(root)
-        for name, region in REGIONS.items():
+        for name, region in (("a", next(A_REGIONS)), ("b", B_REGION)):
             port = (ports or {}).get(name, moto_port)
             (self.ws.providers_dir / f"{name}.yaml").write_text(provider_yaml(port, region))
         self.store = Store.open(self.ws.state_db)
-        self.handles = {name: ProviderHandle(self.ws, load_provider(self.ws, name)) for name in REGIONS}
-        self.launched: dict[str, list[str]] = {name: [] for name in REGIONS}
+        self.handles = {name: ProviderHandle(self.ws, load_provider(self.ws, name)) for name in PROVIDERS}
+        self.launched: dict[str, list[str]] = {name: [] for name in PROVIDERS}
 
     def close(self) -> None:
         self.store.close()
@@ -133,7 +141,7 @@ class World:
         """Every instance this world launched: its EC2 state as the provider lists it."""
         found = {}
         for provider, instances in self.launched.items():
-            for node in self.handles[provider].driver.list_nodes():
+            for node in self.handles[provider].driver.list_nodes() if instances else []:
                 if str(node.id) in instances:
                     found[str(node.id)] = str(node.extra["status"])
         assert sorted(found) == sorted(i for ids in self.launched.values() for i in ids)
