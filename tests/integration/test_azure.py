@@ -25,12 +25,16 @@ import pytest
 
 from orchestrator import fleet
 from orchestrator.config import load_provider
-from orchestrator.provision.registry import make_driver
+from orchestrator.errors import ProviderError
+from orchestrator.provision.handle import ProviderHandle
+from orchestrator.provision.nodes import destroy_node, wait_running
+from orchestrator.provision.registry import make_driver, sync_registrations
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import Run
 from tests.helpers.primes import primes_below
 from tests.helpers.processes import processes_of
+from tests.helpers.provision import create_as_spawn
 from tests.peers.azure import IMAGE, AzurePeer, start_azure
 
 pytestmark = [pytest.mark.slow, pytest.mark.sshd]
@@ -247,3 +251,18 @@ def test_rejected_credentials_exit_3_naming_the_provider(case: str, ws: Workspac
     assert vms_of(azure, ws) == []
     with Store.open(ws.state_db) as store:
         assert [n.state for n in store.list_nodes()] in ([], [NodeState.FAILED])
+
+
+def test_a_vm_that_stays_creating_is_not_running_after_the_timeout(azure_ws: Workspace, azure: AzurePeer) -> None:
+    """A VM whose provisioning never ends: wait_running gives up at its timeout, naming
+    the state, and the VM is destroyed with its NIC and disk."""
+    azure.fault("pending")  # Creating, for ever
+    with Store.open(azure_ws.state_db) as store:
+        handle = ProviderHandle(azure_ws, load_provider(azure_ws, "azure"))
+        sync_registrations(store, {"azure": handle.config})
+        record = create_as_spawn(handle, store, "w-stuck")
+        assert record.state == NodeState.BOOTING and record.address
+        with pytest.raises(ProviderError, match=r"node .*/w-stuck not running after 1 s \(state pending"):
+            wait_running(handle, str(record.provider_node_id), timeout=1.0)
+        destroy_node(handle, store, store.get_node("w-stuck"), reason="stuck")
+    assert azure.leftovers("w-stuck") == []
