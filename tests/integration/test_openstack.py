@@ -33,8 +33,9 @@ from orchestrator.errors import (
 from orchestrator.provision.cloud_errors import map_libcloud_errors
 from orchestrator.provision.drivers.features import STOCK
 from orchestrator.provision.handle import ProviderHandle, key_pair_name
-from orchestrator.provision.nodes import destroy_node, wait_running
+from orchestrator.provision.nodes import destroy_node, destroy_orphan, find_node, tagged_nodes, wait_running
 from orchestrator.provision.registry import make_driver
+from orchestrator.provision.tags import TAG_NODE, node_tags
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import Run
@@ -158,6 +159,7 @@ def test_openstack_end_to_end(os_ws: Workspace, peer: OpenStackPeer, orch: Calla
     assert checked["locations"] == ["default"], "the region: OpenStack's one location"
 
     (ws.families_dir / "workers.yaml").write_text(family(2, extra="demands:\n  cpus: 2\n"))
+    peer.faults(late_address=True)  # as many clouds: no address while the server builds
     plan = orch("plan", "workers", "--json")
     assert plan.code == 0, plan.err
     planned = json.loads(plan.out)
@@ -175,6 +177,9 @@ def test_openstack_end_to_end(os_ws: Workspace, peer: OpenStackPeer, orch: Calla
     key_name = key_pair_name(wid, fleet_key(ws))
     assert [p["name"] for p in peer.state()["key_pairs"]] == [key_name], "the fleet key, imported once"
     assert peer.state()["key_pairs"][0]["public_key"].split()[:2] == fleet_key(ws).split()[:2]
+    handle = ProviderHandle(ws, load_provider(ws, PROVIDER))
+    assert sorted(node_tags(n)[TAG_NODE] for n in tagged_nodes(handle, wid)) == sorted(report["ready"]), \
+        "orch reads its tags back from the servers' metadata"
     nodes = {n["id"]: n for n in json.loads(orch("nodes", "--json").out)}
     for record in records(ws, NodeState.READY):
         server = servers[record.id]
@@ -194,6 +199,15 @@ def test_openstack_end_to_end(os_ws: Workspace, peer: OpenStackPeer, orch: Calla
     assert outcome["state"] == "done" and outcome["counters"]["failed"] == 0, outcome
     result = orch("job", "result", outcome["job"])
     assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
+
+    # A server of this workspace that orch has no record of: an orphan, destroyed by reconcile.
+    image = handle.driver.get_image(load_provider(ws, PROVIDER).image or handle.capabilities().image)
+    size = next(s for s in handle.driver.list_sizes() if s.name == "m1.tiny")
+    ghost = {"orch-workspace": wid, "orch-family": "workers", "orch-node": "workers-ghost"}
+    handle.driver.create_node(name="ghost", size=size, image=image, ex_metadata=ghost)
+    assert json.loads(orch("reconcile", "--json").out)["orphans"] == ["workers-ghost"]
+    assert json.loads(orch("reconcile", "--apply", "--json").out)["orphans"] == ["workers-ghost"]
+    assert sorted(s["metadata"]["orch-node"] for s in mine(peer, ws)) == sorted(report["ready"])
 
     stopped = orch("stop", "workers")
     assert stopped.code == 0, stopped.err
@@ -292,9 +306,12 @@ def test_a_create_that_stays_build_times_out_and_is_destroyed(os_ws: Workspace, 
             wait_running(handle, record.provider_node_id or "", timeout=1.0)
         [server] = mine(peer, os_ws)
         assert server["status"] == "BUILD"
+        gone = find_node(handle, record.provider_node_id or "")
         destroy_node(handle, store, store.get_node("w-pending"), reason="test")
         assert store.get_node("w-pending").state == NodeState.STOPPED
     assert mine(peer, os_ws) == []
+    assert gone is not None
+    destroy_orphan(handle, gone)  # Nova answers 404 for a deleted server: gone is no error
 
 
 def test_a_slow_delete_counts_as_gone(os_ws: Workspace, peer: OpenStackPeer) -> None:

@@ -38,7 +38,10 @@ Nova and Keystone answer them:
 - ``auth``: Keystone refuses the password (401) and every token is revoked;
 - ``pending``: the next N creates stay BUILD for good (no node);
 - ``slow_destroy``: a deleted server stays listed (``task_state: deleting``) for that
-  many seconds.
+  many seconds;
+- ``late_address``: servers have no address until they are ACTIVE (by default a
+  server has its address in the create's answer, as Nova has its port before the
+  guest runs, and is BUILD for a moment after).
 
 ``GET /_orch/state`` returns the servers (with their metadata, key pair, user data,
 address), the key pairs and the faults; ``DELETE /_orch/faults`` clears the faults.
@@ -80,6 +83,7 @@ FLAVORS = (  # id, name, vcpus, ram MiB, disk GB
     ("3", "m1.medium", 2, 4096, 40),
     ("4", "m1.large", 4, 8192, 80),
 )
+BUILD_SECONDS = 0.3  # how long a server stays BUILD once its node runs
 NO_VALID_HOST = "No valid host was found. There are not enough hosts available."
 
 
@@ -122,6 +126,7 @@ class Faults:
     auth: bool = False
     pending: int = 0
     slow_destroy: float = 0.0
+    late_address: bool = False
 
 
 class Cloud:
@@ -276,6 +281,7 @@ class Cloud:
                             metadata=dict(metadata), user_data=user_data,
                             availability_zone=str(request.get("availability_zone") or "nova"))
             self.servers[server.id] = server
+            boot_now, public_key = False, None
             if self.faults.capacity > 0:
                 self.faults.capacity -= 1
                 server.status, server.task_state = "ERROR", None
@@ -285,13 +291,20 @@ class Cloud:
                 self.faults.pending -= 1  # stays BUILD
             else:
                 public_key = self.key_pairs[key_name]["public_key"] if key_name else None
-                threading.Thread(target=self._boot, args=(server, public_key), daemon=True).start()
+                boot_now = not self.faults.late_address
+                if not boot_now:
+                    threading.Thread(target=self._boot, args=(server, public_key), daemon=True).start()
+        if boot_now:
+            self._boot(server, public_key, build_seconds=BUILD_SECONDS)
         return 202, {"server": {"id": server.id, "links": self.server_json(server)["links"],
                                 "OS-DCF:diskConfig": "MANUAL", "security_groups": [{"name": "default"}],
                                 "adminPass": uuid.uuid4().hex[:12]}}, \
             {"Location": f"{self.compute}/servers/{server.id}"}
 
-    def _boot(self, server: Server, public_key: str | None) -> None:
+    def _boot(self, server: Server, public_key: str | None, *, build_seconds: float = 0.0) -> None:
+        """Start the server's node.  ``build_seconds``: the address is the server's at once
+        (Nova has its port before the guest runs) and it stays BUILD that long; else it
+        has no address until it is ACTIVE (``late_address``)."""
         try:
             with self.start_lock:
                 address = self.backing.start(server.id, public_key or "", server.user_data)
@@ -303,9 +316,20 @@ class Cloud:
         with self.lock:
             gone = server.deleted_at is not None or server.id not in self.servers
             if not gone:
-                server.address, server.status, server.task_state = address, "ACTIVE", None
+                server.address = address
+                if build_seconds <= 0:
+                    server.status, server.task_state = "ACTIVE", None
         if gone:
             self.backing.stop(server.id)
+        elif build_seconds > 0:
+            timer = threading.Timer(build_seconds, self._activate, args=(server,))
+            timer.daemon = True
+            timer.start()
+
+    def _activate(self, server: Server) -> None:
+        with self.lock:
+            if server.status == "BUILD" and server.deleted_at is None:
+                server.status, server.task_state = "ACTIVE", None
 
     def delete(self, server_id: str) -> tuple[int, Any, dict[str, str]]:
         with self.lock:
