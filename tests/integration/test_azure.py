@@ -35,7 +35,7 @@ from tests.helpers.cli import Run
 from tests.helpers.primes import primes_below
 from tests.helpers.processes import processes_of
 from tests.helpers.provision import create_as_spawn
-from tests.peers.azure import IMAGE, AzurePeer, start_azure
+from tests.peers.azure import IMAGE, AzurePeer, start_azure, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.sshd]
 
@@ -45,6 +45,8 @@ CLIENT_ID_ENV = "ORCH_TEST_AZURE_CLIENT_ID"
 @pytest.fixture(scope="module")
 def azure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzurePeer]:
     """One peer for the module, trusted by libcloud here and in orch subprocesses."""
+    if (reason := unavailable()) is not None:
+        pytest.skip(reason)
     peer = start_azure(tmp_path_factory.mktemp("azure-peer"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(libcloud.security, "CA_CERTS_PATH", str(peer.ca_file))

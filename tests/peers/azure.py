@@ -715,6 +715,12 @@ def make_certificate(folder: Path, host: str) -> tuple[Path, Path]:
     return cert_file, key_file
 
 
+def unavailable() -> str | None:
+    """Why no peer can run here, or None: it serves port 443 (libcloud's Azure connection
+    takes no port) and its nodes port 22, which only root may bind."""
+    return None if os.geteuid() == 0 else "needs root: the Azure peer serves HTTPS on port 443, its nodes sshd on 22"
+
+
 def _free_https_address() -> str:
     """A loopback address (127.77.x.y) whose port 443 is free a moment ago."""
     for _ in range(50):
