@@ -23,6 +23,8 @@ from pydantic import (
 from orchestrator.config.drivers import known_drivers
 
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"  # providers, families, releases
+FAMILY_NAME_MAX = 56
+"""A family's name at most: its node ids (``NAME-`` and 6 hex digits) fit GCE's 63."""
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 """Lower-case names of providers, families and releases: they become paths and tags."""
 
@@ -160,6 +162,18 @@ class NodeFamily(StrictModel):
     placement: Placement = Field(default_factory=Placement)
     bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
     scaling: Scaling | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _cloud_name(cls, value: str) -> str:
+        """A node is named ``FAMILY-xxxxxx``, and every cloud takes that as the instance's
+        name and a label's value: GCE's rules (``[a-z]([-a-z0-9]*[a-z0-9])?``, 63 characters
+        at most) are the narrowest, so they hold for every family."""
+        if "_" in value or len(value) > FAMILY_NAME_MAX:
+            raise ValueError(f"family name {value!r} must have no '_' and at most {FAMILY_NAME_MAX} characters "
+                             "(its nodes' names, NAME-xxxxxx, are cloud instance names and label values); "
+                             "rename the file")
+        return value
 
     @property
     def release_name(self) -> str:
