@@ -219,3 +219,46 @@ def test_a_server_slow_to_authenticate_fails_within_the_connect_timeout(
     with pytest.raises(RemoteError):
         SSHSession(target(ssh, key_file, keys["ed25519"].line), timeouts=Timeouts(connect=0.5))
     assert time.monotonic() - started < 4, "authentication waited past the connect timeout"
+
+
+def test_an_address_that_never_answers_the_connect_fails_within_the_connect_timeout(
+        tmp_path: Path, keys: dict[str, HostKey]) -> None:
+    """A listener whose accept queue is full: Linux drops the next SYN without a reset, as
+    a firewalled or vanished address does, so only the TCP connect's own timeout ends the wait."""
+    fleet = make_key_pair(tmp_path)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = int(listener.getsockname()[1])
+    held: list[socket.socket] = []  # connections never accepted: they fill the queue
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            SSHSession(SSHTarget("w-1", "127.0.0.1", port, "orch", keys["ed25519"].line, fleet.private),
+                       timeouts=Timeouts(connect=0.5))
+            outcome.append(None)
+        except BaseException as exc:  # (reported by the test's thread)
+            outcome.append(exc)
+
+    worker = threading.Thread(target=connect, daemon=True)
+    try:
+        for _ in range(8):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=0.3))
+            except TimeoutError:
+                break  # a SYN went unanswered: the queue is full
+        else:
+            pytest.skip("this kernel answers a connect to a full accept queue")
+        started = time.monotonic()
+        worker.start()
+        worker.join(3)
+        elapsed = time.monotonic() - started
+    finally:
+        listener.close()  # (a connect still waiting is refused at its next SYN)
+        for sock in held:
+            sock.close()
+        if worker.is_alive():
+            worker.join(10)
+    assert elapsed < 2, f"the TCP connect waited {elapsed:.1f} s, past the connect timeout of 0.5 s"
+    [error] = outcome
+    assert isinstance(error, NodeUnreachable), repr(error)
+    assert error.message == f"cannot reach node w-1 (orch@127.0.0.1:{port}): timed out"
