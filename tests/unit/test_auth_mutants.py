@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import stat
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
@@ -83,6 +84,51 @@ def test_an_empty_token_file_is_refused(ws: Workspace) -> None:
         api_token(ws)
     assert (caught.value.message, caught.value.hint) == (
         ".orch/api-token is empty", "remove it; the next `orch serve` makes a new one")
+
+
+@pytest.fixture
+def umask_0() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_the_token_is_0600_from_its_first_byte(ws: Workspace, umask_0: None,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even with a umask of 0: the temporary file the token is written into is made 0600,
+    so no other user can read the token in the moment before the (second) chmod."""
+    seen: list[tuple[str, int, str]] = []  # (name, mode, content) of each file chmod is called on
+    real_chmod = os.chmod
+
+    def chmod(path: str | os.PathLike[str], mode: int) -> None:
+        with open(path) as written:
+            seen.append((os.path.basename(path), stat.S_IMODE(os.stat(path).st_mode), written.read()))
+        real_chmod(path, mode)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    token = api_token(ws)
+    assert seen == [(f".api-token.{os.getpid()}.tmp", 0o600, token + "\n")]
+    assert stat.S_IMODE(token_path(ws).stat().st_mode) == 0o600
+
+
+def test_a_token_another_process_makes_meanwhile_wins(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two `orch serve` starting at once: the other process's token appears after this one
+    saw none and before it links its own; this one takes the other's, replacing nothing."""
+    path = token_path(ws)
+    real = secrets.token_urlsafe
+
+    def token_urlsafe(nbytes: int | None = None) -> str:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # the other process, first
+        os.write(fd, b"the-other-processes-token\n")
+        os.close(fd)
+        return real(nbytes)
+
+    monkeypatch.setattr(secrets, "token_urlsafe", token_urlsafe)
+    assert api_token(ws) == "the-other-processes-token"
+    assert path.read_bytes() == b"the-other-processes-token\n"
+    assert sorted(p.name for p in path.parent.iterdir() if "api-token" in p.name) == ["api-token"]  # no temp left
 
 
 # -- the middleware around every request (Guard), in process through httpx ------------------
@@ -208,3 +254,18 @@ async def test_the_lifespan_passes_through_the_guard(ws: Workspace) -> None:
     finally:
         app.state.stores.close()
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+@pytest.mark.anyio
+async def test_routes_get_the_scheduler_service(ws: Workspace) -> None:
+    """GET /agents answers from the app's scheduler service (``orch serve`` passes one):
+    the connected agents, each with the seconds since it was last heard from."""
+    class Service:
+        def connected(self) -> dict[str, float]:
+            return {"w-2": 0.12345, "w-1": 3.0}
+
+    async with client(ws) as (app, http):
+        assert (await http.get("/agents")).json() == {}  # no service: no agents
+        app.state.service = Service()
+        response = await http.get("/agents")
+    assert (response.status_code, response.json()) == (200, {"w-1": 3.0, "w-2": 0.123})
