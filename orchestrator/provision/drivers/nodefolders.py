@@ -64,6 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeDriver
 
+from orchestrator.config import safeyaml
 from orchestrator.provision.drivers import QuotaError
 from orchestrator.provision.drivers.processes import ENV_MARKER
 
@@ -205,7 +206,7 @@ def cloud_config_host_key(user_data: str) -> ed25519.Ed25519PrivateKey | None:
     if not user_data.startswith("#cloud-config"):
         return None
     try:
-        document = yaml.safe_load(user_data)
+        document = safeyaml.load(user_data, "user data")
     except yaml.YAMLError as exc:
         raise ValueError(f"the user data is not a readable #cloud-config document: {exc}") from None
     keys = document.get("ssh_keys") if isinstance(document, dict) else None
