@@ -49,13 +49,16 @@ def named_image(driver: Any, image_id: str) -> NodeImage:
     """The registered image, with its details (architecture) where the driver can tell
     them cheaply (EC2's get_image: one DescribeImages); else just its id."""
     bare = NodeImage(image_id, image_id, driver)
-    if not callable(getattr(driver, "get_image", None)):
-        return bare
-    try:
-        image = driver.get_image(image_id)
-    except Exception:  # not offered by the driver, or unknown: create_node will say
-        return bare
-    return image if isinstance(image, NodeImage) and str(image.id) == image_id else bare
+    for lookup in ("get_image", "ex_get_image"):  # (GCE's: by name or link, its get_image unimplemented)
+        if not callable(getattr(driver, lookup, None)):
+            continue
+        try:
+            image = getattr(driver, lookup)(image_id)
+        except Exception:  # not offered by the driver, or unknown: create_node will say
+            continue
+        if isinstance(image, NodeImage) and (lookup == "ex_get_image" or str(image.id) == image_id):
+            return image  # (GCE's: the latest image of that name, link or family link)
+    return bare
 
 
 def arch_of(extra: dict[str, Any] | None) -> str | None:
@@ -94,21 +97,53 @@ def arch_fits(image_arch: str | None, size_arch: str | None) -> bool:
     return image_arch == "i386" and size_arch == "x86_64"
 
 
-def offer_of(size: Any) -> SizeOffer:
+def offer_of(size: Any, key: str | None = None) -> SizeOffer:
+    """The size as plain data; ``key``: what orch calls it (:func:`sizes_by_key`)."""
     extra = size.extra or {}
     cpus = (extra.get("cpus") or extra.get("vcpus") or extra.get("vcpu") or extra.get("cpu")
-            or getattr(size, "vcpus", None) or 1)
+            or extra.get("guestCpus")  # (GCE)
+            or extra.get("numberOfCores") or getattr(size, "vcpus", None) or 1)  # (Azure: numberOfCores)
     try:
         count = max(1, int(float(cpus)))
     except (TypeError, ValueError):
         count = 1
     return SizeOffer(
-        id=str(size.id), name=str(size.name), cpus=count, ram_mb=int(size.ram or 0),
+        id=key or str(size.id), name=str(size.name), cpus=count, ram_mb=int(size.ram or 0),
         disk_gb=int(size.disk or 0), arch=canonical_arch(arch_of(extra)), hourly_price=float(size.price or 0.0),
     )
 
 
+def sizes_by_key(sizes: Sequence[Any]) -> dict[str, Any]:
+    """A driver's NodeSizes by the key orch plans and prices them with: the id, unless
+    the driver lists each size once per location under one id (GCE's zonal machine
+    types): then the name (``n1-standard-1``), the first one listed (see :func:`sizes_at`).
+    """
+    ids = [str(s.id) for s in sizes]
+    if len(set(ids)) == len(ids):
+        return dict(zip(ids, sizes, strict=True))
+    by_name: dict[str, Any] = {}
+    for size in sizes:
+        by_name.setdefault(str(size.name), size)
+    return by_name
+
+
+def sizes_at(sizes: Sequence[Any]) -> dict[str, Any]:
+    """Sizes listed once per location (GCE's machine types, each with its zone in
+    ``extra["zone"]``) by ``LOCATION/NAME``: a create takes its location's own.  Empty
+    for a driver whose sizes are not per location."""
+    if len(sizes_by_key(sizes)) == len(sizes):
+        return {}
+    out: dict[str, Any] = {}
+    for size in sizes:
+        zone = (size.extra or {}).get("zone")
+        where = zone if isinstance(zone, str) else getattr(zone, "name", None)
+        if where:
+            out[f"{where}/{size.name}"] = size
+    return out
+
+
 _LOCATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+DEFAULT_LOCATION = "default"
 
 
 def locations_by_key(locations: Sequence[Any]) -> dict[str, Any]:
@@ -116,11 +151,15 @@ def locations_by_key(locations: Sequence[Any]) -> dict[str, Any]:
 
     That is the location's id, unless the id is only its position in the list (EC2's
     ``list_locations`` numbers availability zones "0", "1", ...): then its name, such as
-    ``us-east-1a``, when every location has a distinct one that fits in a path.
+    ``us-east-1a``, when every location has a distinct one that fits in a path.  A
+    driver's only location, numbered and nameless (OpenStack's: the region its
+    registration names), is ``default``.
     """
     ids = [str(loc.id) for loc in locations]
     names = [str(getattr(loc, "name", "") or "") for loc in locations]
     positional = bool(ids) and all(i.isdigit() for i in ids)
+    if positional and names == [""]:
+        return {DEFAULT_LOCATION: locations[0]}
     if positional and all(_LOCATION_NAME.fullmatch(n) for n in names) and len(set(names)) == len(names):
         return dict(zip(names, locations, strict=True))
     return dict(zip(ids, locations, strict=True))

@@ -183,6 +183,8 @@ def _meaning(code: str | None, status: int | None, codes: ErrorCodes) -> Meaning
         for meaning, shared in _SHARED:
             if code in shared:
                 return meaning
+    if code is None and status is not None and status in codes.uncoded:
+        return codes.uncoded[status]
     if status is not None and status in codes.statuses:
         return codes.statuses[status]
     return None

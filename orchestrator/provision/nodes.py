@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from libcloud.compute.base import Node
 from libcloud.compute.types import NodeState as CloudState
 
-from orchestrator.errors import ProviderError, ProviderTransientError
+from orchestrator.errors import ProviderCapacityError, ProviderError, ProviderQuotaError, ProviderTransientError
 from orchestrator.provision.cloud_errors import map_libcloud_errors
 from orchestrator.provision.handle import RETRY_DELAYS, ProviderHandle, retrying
 from orchestrator.provision.placement import NodeRequest
@@ -34,8 +34,10 @@ def _status(node: Node) -> str:
 
 
 def is_gone(node: Node) -> bool:
-    """Terminated, or on its way there: as good as not listed."""
-    return bool(node.state == CloudState.TERMINATED or _status(node) in GONE_STATUSES)
+    """Terminated, or on its way there: as good as not listed (Nova lists a deleted
+    server ACTIVE with the task state ``deleting`` for a while)."""
+    task = str((node.extra or {}).get("task_state") or "").lower()
+    return bool(node.state == CloudState.TERMINATED or _status(node) in GONE_STATUSES or task in GONE_STATUSES)
 
 
 def is_dead(node: Node) -> bool:
@@ -76,11 +78,14 @@ def create_node(handle: ProviderHandle, store: Store, record: NodeRecord, reques
     for delay in (*delays, None):
         try:
             with map_libcloud_errors(handle.name, features.errors):
+                where = {features.location_argument: cat["locations"].get(request.location)} \
+                    if features.location_argument else {}
                 node = handle.driver.create_node(
                     name=record.id,
-                    size=cat["sizes"][request.size],
+                    size=cat.get("sizes_at", {}).get(f"{request.location}/{request.size}")  # (GCE: zonal)
+                    or cat["sizes"][request.size],
                     image=cat["images"][request.image],
-                    location=cat["locations"].get(request.location),
+                    **where,
                     **arguments,
                 )
             return adopt(store, record.id, node, handle)
@@ -144,6 +149,7 @@ def wait_running(handle: ProviderHandle, provider_node_id: str, *, timeout: floa
         if found is not None and found.state == CloudState.RUNNING and not is_gone(found):
             return found
         if found is not None and (is_gone(found) or is_dead(found)):
+            failed_for_capacity(handle, found)
             raise ProviderError(f"provider {handle.name!r}: node {provider_node_id} is {state_text(found)}, "
                                 "not running")
         if found is None and seen:
@@ -155,6 +161,21 @@ def wait_running(handle: ProviderHandle, provider_node_id: str, *, timeout: floa
                                 f"{timeout:.0f} s (state {state})")
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
+
+
+def failed_for_capacity(handle: ProviderHandle, node: Node) -> None:
+    """Raise ProviderCapacityError (or its quota kind) for a node the cloud accepted and
+    then failed for want of room, as its driver's declared fault messages say (Nova:
+    ``No valid host was found``): the caller fails over as if the create had been
+    refused."""
+    fault = (node.extra or {}).get("fault")
+    message = str(fault.get("message") or "") if isinstance(fault, dict) else ""
+    meaning = next((m for prefix, m in handle.features.errors.faults.items() if message.startswith(prefix)), None)
+    text = f"provider {handle.name!r}: node {node.id} failed: {' '.join(message.split())[:300]}"
+    if meaning == "quota":
+        raise ProviderQuotaError(text)
+    if meaning == "capacity":
+        raise ProviderCapacityError(f"{text} (out of capacity)")
 
 
 def state_text(node: Node) -> str:
@@ -181,8 +202,7 @@ def destroy_node(handle: ProviderHandle, store: Store, record: NodeRecord, *, re
     if record.provider_node_id:
         node = find_node(handle, record.provider_node_id)
         if node is not None:
-            with map_libcloud_errors(handle.name, handle.features.errors):
-                handle.driver.destroy_node(node)
+            destroy_orphan(handle, node)
             if find_node(handle, record.provider_node_id) is not None:
                 raise ProviderError(f"provider {handle.name!r} still lists node {record.id} after destroy",
                                     hint="run `orch stop` again")
@@ -190,5 +210,11 @@ def destroy_node(handle: ProviderHandle, store: Store, record: NodeRecord, *, re
 
 
 def destroy_orphan(handle: ProviderHandle, node: Node) -> None:
-    with map_libcloud_errors(handle.name, handle.features.errors):
-        handle.driver.destroy_node(node)
+    """Destroy a listed node.  One that is gone by the time the provider is asked is no
+    error (Nova answers 404 for a server already deleted; EC2 terminates it again)."""
+    try:
+        with map_libcloud_errors(handle.name, handle.features.errors):
+            handle.driver.destroy_node(node, **handle.features.destroy_options)
+    except ProviderError:
+        if find_node(handle, str(node.id)) is not None:
+            raise

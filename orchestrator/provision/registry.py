@@ -4,6 +4,7 @@ and the libcloud drivers made from them (credentials resolved, declared options 
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from orchestrator.config import ProviderConfig, load_provider, safeyaml
 from orchestrator.errors import ConfigError, ConflictError, InputError, NotFoundError, ProviderUnavailable
-from orchestrator.provision.catalogue import locations_by_key
+from orchestrator.provision.catalogue import locations_by_key, sizes_by_key
 from orchestrator.provision.cloud_errors import map_libcloud_errors
 from orchestrator.provision.credentials import resolve_credentials
 from orchestrator.provision.drivers import driver_class, features_of
@@ -137,24 +138,49 @@ def make_driver(ws: Workspace, config: ProviderConfig) -> Any:
             f"provider {config.name!r}: driver {config.driver!r} is not available: {exc}"
         ) from exc
     features = features_of(cls)
+    missing = sorted(features.required_options - set(config.options))
+    if missing:  # (Azure: the resource group and network its VMs go in)
+        raise ConfigError(f"driver {config.driver!r} needs the option {missing[0]}",
+                          file=f"providers/{config.name}.yaml", field="options",
+                          hint=f"add `{missing[0]}: ...` under options")
     secrets = resolve_credentials(ws, config)
     kwargs: dict[str, Any] = {k: v for k, v in config.options.items() if k not in features.create_options}
     kwargs.update(secrets)
+    for option, value in features.driver_options.items():  # (OpenStack: its 2.x driver)
+        kwargs.setdefault(option, value)
     if features.node_folders:
         kwargs.setdefault("root", str(driver_root(ws, config)))
         if config.max_nodes is not None:
             kwargs.setdefault("max_nodes", config.max_nodes)
     if features.fleet_key_file:  # it reaches machines itself (the hosts driver cleans them) with the fleet key
         kwargs.setdefault("key_file", str(ws.ssh_key))
+    if features.token_cache:  # its access token cached in the workspace (0600), not in ~ for every workspace
+        tokens = ws.runtime_dir / "tokens"
+        tokens.mkdir(mode=0o700, parents=True, exist_ok=True)
+        kwargs.setdefault(features.token_cache, str(tokens / f"{config.name}.json"))
     key = kwargs.pop("key", None)
     with map_libcloud_errors(config.name, features.errors):
         try:
+            if key is not None and _key_is_not_first(cls):  # Azure: (tenant_id, subscription_id, key, secret)
+                return cls(key=key, **kwargs)
             return cls(key, **kwargs) if key is not None else cls(**kwargs)
         except (TypeError, ValueError) as exc:  # the driver refused its arguments
             raise InputError(
                 f"providers/{config.name}.yaml: options do not fit driver {config.driver!r}: {exc}",
                 hint="see the driver's documentation for its arguments",
             ) from exc
+
+
+def _key_is_not_first(cls: type) -> bool:
+    """Whether the driver's constructor names ``key`` after another positional
+    parameter, so that the credential ``key`` must go by name."""
+    try:
+        params = [p for p in inspect.signature(cls).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return False
+    names = [p.name for p in params]
+    return "key" in names and names[0] != "key"
 
 
 def check_provider(ws: Workspace, name: str) -> ProviderCheck:
@@ -167,17 +193,18 @@ def check_provider(ws: Workspace, name: str) -> ProviderCheck:
     return ProviderCheck(
         provider=name,
         driver=config.driver,
-        sizes=[_size_info(s, config) for s in sizes],
+        sizes=[_size_info(s, config, key) for key, s in sizes_by_key(sizes).items()],
         locations=sorted(locations_by_key(locations)),
     )
 
 
-def _size_info(size: Any, config: ProviderConfig) -> SizeInfo:
+def _size_info(size: Any, config: ProviderConfig, key: str) -> SizeInfo:
     extra = size.extra or {}
-    cpus = extra.get("cpus") or extra.get("vcpu") or extra.get("vcpus") or getattr(size, "vcpus", None)
-    price = config.prices.get(str(size.id), size.price)
+    cpus = extra.get("cpus") or extra.get("vcpu") or extra.get("vcpus") or extra.get("guestCpus") or \
+        extra.get("numberOfCores") or getattr(size, "vcpus", None)  # (Azure: numberOfCores)
+    price = config.prices.get(key, size.price)
     return SizeInfo(
-        id=str(size.id),
+        id=key,
         name=str(size.name),
         cpus=int(cpus) if cpus else None,
         ram_mb=int(size.ram or 0),
