@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
-# Ordered failover across three providers: private (local nodes, 3 at most), public
-# (network-namespace nodes as root, else more local nodes; 4 at most) and aws (the EC2
-# API, served on 127.0.0.1 by moto).  Runs on a scratch copy of this workspace and
-# always stops every node and the moto server on exit.
+# One family across a private pool and five clouds (EC2, OpenStack, GCE, Azure,
+# DigitalOcean), each through libcloud's stock driver against a protocol peer on this
+# machine whose instances are real sshd nodes: register, plan, spawn, run the primes job
+# across every cloud, check its total against a direct computation, stop everything.
+# Runs on a scratch copy of this workspace; always stops every node and every peer.
+# The last line says what happened; the exit code is non-zero unless the result is exact.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 BIN=${ORCH_VENV:-$REPO/.venv}/bin
 PY="$BIN/python"
+INPUT_END=${INPUT_END:-30000000}  # the job: count_primes over 0:INPUT_END (long enough for every agent to dial in)
 
 WORK=$(mktemp -d /tmp/orch-multi-cloud.XXXXXX)
 WS="$WORK/ws"
-MOTO_PID=""
+PEERS_PID=""
 
 cleanup() {
     local status=$?
@@ -21,9 +24,9 @@ cleanup() {
         echo "== orch stop --all"
         orch stop --all -q
     fi
-    if [ -n "$MOTO_PID" ]; then
-        kill "$MOTO_PID" 2>/dev/null
-        wait "$MOTO_PID" 2>/dev/null
+    if [ -n "$PEERS_PID" ]; then
+        kill -TERM "$PEERS_PID" 2>/dev/null
+        wait "$PEERS_PID" 2>/dev/null
     fi
     rm -rf "$WORK"
     exit "$status"
@@ -34,59 +37,73 @@ trap 'exit 130' INT TERM
 orch() { "$PY" -m orchestrator "$@"; }
 step() { echo; echo "== orch $*"; orch "$@"; }
 
-# The workspace: this folder's YAML, the sample release, and the moto adapter's environment.
+# The workspace: this folder's YAML and the sample release.
 mkdir -p "$WS/releases"
 cp -r "$HERE/orch.yaml" "$HERE/providers" "$HERE/node_families" "$WS/"
 cp -r "$REPO/releases/primes" "$WS/releases/primes"
 rm -rf "$WS/releases/primes/build"
 export ORCH_WORKSPACE="$WS"
-export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
-export ORCH_DRIVER_PLUGINS="ec2moto=tests.moto_ec2:MotoEC2NodeDriver"
-export AWS_ACCESS_KEY_ID=AKIAEXAMPLEFAKEKEY00 AWS_SECRET_ACCESS_KEY=example-fake-secret
-export COLUMNS=${COLUMNS:-150}
+export COLUMNS=${COLUMNS:-160}
 
-# As root, the public cloud is network-namespace nodes on a subnet nothing here uses.
-if [ "$(id -u)" = 0 ] && ip netns list >/dev/null 2>&1; then
-    for n in $(shuf -i 100-199 -n 20); do
-        if ! ip -o addr | grep -q " 10\.214\.$n\." && ! ip route | grep -q "^10\.214\.$n\."; then
-            cat >"$WS/providers/public.yaml" <<EOF
-# A public cloud stand-in: nodes in network namespaces on a bridge of their own.
-driver: netns
-labels: [public]
-priority: 50
-max_nodes: 4
-options: {subnet: 10.214.$n.0/24, bridge: orchmc$n}
-prices: {netns-1: 0.011, netns-2: 0.022, netns-4: 0.044}
-EOF
-            break
-        fi
-    done
-fi
+# The five clouds' peers (tests/peers/): each writes its registration into providers/
+# as docs/clouds/ says, plus this folder's clouds.json; env.sh holds what the
+# registrations' env: references and the test adapters need.
+cd "$REPO"
+PYTHONPATH="$REPO" "$PY" -m tests.peers.clouds --folder "$WORK/peers" --workspace "$WS" \
+    --extra "$HERE/clouds.json" >"$WORK/peers.log" 2>&1 &
+PEERS_PID=$!
+for _ in $(seq 600); do
+    grep -q '^ready' "$WORK/peers.log" 2>/dev/null && break
+    kill -0 "$PEERS_PID" 2>/dev/null || { cat "$WORK/peers.log"; echo "multi-cloud: the peers did not start"; exit 1; }
+    sleep 0.1
+done
+grep -q '^ready' "$WORK/peers.log" || { cat "$WORK/peers.log"; echo "multi-cloud: the peers did not start"; exit 1; }
+# shellcheck disable=SC1091
+. "$WORK/peers/env.sh"
+cd "$WS"
+echo "peers (pid $PEERS_PID) ready; workspace $WS"
 
-# moto on a free port, with only its default AMIs loaded (fast DescribeImages).
-PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-AMIS=$("$PY" -c 'import pathlib, sys; from tests.moto_ec2 import amis_file; print(amis_file(pathlib.Path(sys.argv[1])))' "$WORK")
-MOTO_AMIS_PATH="$AMIS" "$BIN/moto_server" -H 127.0.0.1 -p "$PORT" >"$WORK/moto.log" 2>&1 &
-MOTO_PID=$!
-"$PY" - "$PORT" <<'EOF'
-import sys, time, urllib.request
-for _ in range(300):
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/moto-api/", timeout=1).close()
-        break
-    except OSError:
-        time.sleep(0.1)
-else:
-    sys.exit("moto_server did not start")
-EOF
-sed -i "s/port: 5000/port: $PORT/" "$WS/providers/aws.yaml"
-echo "moto_server pid $MOTO_PID on 127.0.0.1:$PORT; workspace $WS"
-echo "public provider: $(sed -n 's/^driver: //p' "$WS/providers/public.yaml")"
-
+step validate
 step provider list
 step plan workers
 step spawn workers -q
 step nodes
-step plan workers --count 8
-step spawn workers --count 8 -q
-step nodes
+
+echo; echo "== orch job run primes:count_primes --input 0:$INPUT_END"
+orch job run primes:count_primes --input "0:$INPUT_END" --json >"$WORK/job.json"
+JOB=$("$PY" -c 'import json, sys; print(json.load(open(sys.argv[1]))["job"])' "$WORK/job.json")
+orch job result "$JOB" --out "$WORK/result.txt"
+orch nodes --json >"$WORK/nodes.json"
+orch job status "$JOB" --json >"$WORK/status.json"
+
+SUMMARY=$("$PY" - "$WORK/result.txt" "$WORK/nodes.json" "$WORK/status.json" "$INPUT_END" <<'EOF'
+import json, sys
+result, nodes, status, end = open(sys.argv[1]).read().split(), json.load(open(sys.argv[2])), \
+    json.load(open(sys.argv[3])), int(sys.argv[4])
+total = sum(int(line) for line in result)
+sieve = bytearray([1]) * end  # the direct computation: a sieve of Eratosthenes
+sieve[:2] = b"\0\0"
+for i in range(2, int(end ** 0.5) + 1):
+    if sieve[i]:
+        sieve[i * i::i] = bytearray(len(range(i * i, end, i)))
+expected = sum(sieve)
+ready = {n["id"]: n["provider"] for n in nodes if n["state"] == "ready"}
+providers = sorted(set(ready.values()))
+worked = sorted({ready[n] for n in status["sizes"] if n in ready})  # the nodes that ran tasks
+line = f"{len(ready)} nodes on {len(providers)} providers ({', '.join(providers)}), "
+if total != expected:
+    print(line + f"result WRONG: {total} primes below {end}, expected {expected}")
+elif worked != providers:
+    print(line + f"result exact, but only {', '.join(worked)} ran tasks")
+else:
+    print(line + "result exact")
+sys.exit(0 if total == expected and worked == providers else 1)
+EOF
+) || { echo "multi-cloud: $SUMMARY"; exit 1; }
+
+step stop workers -q
+trap - EXIT
+kill -TERM "$PEERS_PID" 2>/dev/null
+wait "$PEERS_PID" 2>/dev/null || true
+rm -rf "$WORK"
+echo "multi-cloud: $SUMMARY"
