@@ -63,6 +63,14 @@ def add(
     credential: Annotated[
         list[str], typer.Option("--credential", "-c", help="KEY=env:VAR or KEY=file:PATH (0600).")
     ] = [],  # noqa: B006
+    image: Annotated[str | None, typer.Option(help="Image id or name the nodes boot.")] = None,
+    ssh_user: Annotated[str | None, typer.Option("--ssh-user", help="The image's login user (default root).")] = None,
+    price: Annotated[
+        list[str], typer.Option("--price", help="SIZE=DOLLARS an hour, overriding the driver's price.")
+    ] = [],  # noqa: B006
+    no_bootstrap: Annotated[
+        bool, typer.Option("--no-bootstrap", help="Create and track nodes, never connect to them.")
+    ] = False,
     replace: Annotated[bool, typer.Option(help="Overwrite an existing registration.")] = False,
 ) -> None:
     """Register a provider: write providers/NAME.yaml and record it."""
@@ -70,7 +78,8 @@ def add(
     options = {k: _scalar(v) for k, v in _pairs(option, "--option").items()}
     config = engine.build_provider_config(
         name, driver=driver, options=options, credentials=_pairs(credential, "--credential"),
-        labels=label, priority=priority, max_nodes=max_nodes,
+        labels=label, priority=priority, max_nodes=max_nodes, image=image, ssh_user=ssh_user,
+        prices=_pairs(price, "--price"), bootstrap=False if no_bootstrap else None,
     )
     with open_store(ws) as store:
         path = engine.add_provider(ws, store, config, replace=replace)

@@ -56,9 +56,18 @@ def build_provider_config(
     labels: Sequence[str] = (),
     priority: int | None = None,
     max_nodes: int | None = None,
+    image: str | None = None,
+    ssh_user: str | None = None,
+    prices: Mapping[str, str] | None = None,
+    bootstrap: bool | None = None,
 ) -> ProviderConfig:
     """A validated registration from command-line values (errors name the option)."""
     data: dict[str, Any] = {"name": name, "driver": driver}
+    for key, value in (("image", image), ("ssh_user", ssh_user), ("bootstrap", bootstrap)):
+        if value is not None:
+            data[key] = value
+    if prices:
+        data["prices"] = dict(prices)
     if options:
         data["options"] = dict(options)
     if credentials:
@@ -75,7 +84,8 @@ def build_provider_config(
         err = exc.errors(include_url=False)[0]
         field = ".".join(str(p) for p in err["loc"])
         option = {"name": "NAME", "driver": "--driver", "labels": "--label", "priority": "--priority",
-                  "max_nodes": "--max-nodes"}.get(str(err["loc"][0]), f"--{err['loc'][0]}".rstrip("s"))
+                  "max_nodes": "--max-nodes", "image": "--image", "ssh_user": "--ssh-user", "prices": "--price",
+                  "bootstrap": "--no-bootstrap"}.get(str(err["loc"][0]), f"--{err['loc'][0]}".rstrip("s"))
         raise ConfigError(str(err["msg"]).removeprefix("Value error, "), field=f"{option} ({field})") from None
 
 

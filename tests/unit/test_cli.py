@@ -125,6 +125,21 @@ def test_provider_add_list_show_remove(ws: Workspace, orch: Orch) -> None:
     assert json.loads(orch("provider", "list", "--json").out) == []
 
 
+def test_provider_add_takes_the_image_login_user_prices_and_no_bootstrap(ws: Workspace, orch: Orch) -> None:
+    """A cloud's whole registration is `orch provider add` flags: nothing to edit by hand."""
+    result = orch("provider", "add", "gcp", "--driver", "gce", "--option", "project=p", "--image", "debian-12",
+                  "--ssh-user", "orch", "--price", "e2-micro=0.0084", "--price", "e2-small=0.0168",
+                  "--no-bootstrap", cwd=ws.root)
+    assert result.code == 0, result.err
+    shown = json.loads(orch("provider", "show", "gcp", "--json").out)
+    assert (shown["image"], shown["ssh_user"], shown["prices"], shown["bootstrap"]) == (
+        "debian-12", "orch", {"e2-micro": 0.0084, "e2-small": 0.0168}, False)
+    plain = orch("provider", "add", "plain", "--driver", "gce", "--option", "project=p")
+    assert plain.code == 0, plain.err
+    shown = json.loads(orch("provider", "show", "plain", "--json").out)
+    assert (shown["image"], shown["ssh_user"], shown["prices"], shown["bootstrap"]) == (None, "root", {}, True)
+
+
 def test_provider_check_never_prints_secret_values(ws: Workspace, orch: Orch, monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
