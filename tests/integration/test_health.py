@@ -108,9 +108,15 @@ def test_a_killed_node_is_lost_replaced_and_its_job_still_finishes(server: Serve
     assert len(now - first) == 1 and (first - {victim.id}) <= now, (first, now)
     with Store.open(ws.state_db) as store:  # nothing else was stopped on the way
         assert {n.id for n in store.list_nodes(states=[NodeState.STOPPED])} == {victim.id}
+    def replaced_events() -> list[Any]:
+        with Store.open(ws.state_db) as store:
+            return store.events(kind="node.replaced")
+
+    # (the monitor records the event once its spawn returns, after the new node is ready)
+    wait_until(lambda: bool(replaced_events()), 30, "the node.replaced event")
     with Store.open(ws.state_db) as store:
-        replaced = store.events(kind="node.replaced")
-        assert replaced and replaced[-1].node == victim.id and (now - first).pop() in replaced[-1].reason, replaced
+        replaced = replaced_events()
+        assert replaced[-1].node == victim.id and (now - first).pop() in replaced[-1].reason, replaced
         assert store.get_node(victim.id).state == NodeState.STOPPED  # destroyed before the replacement
 
     deadline = time.monotonic() + 300
