@@ -226,8 +226,9 @@ class SSHSession:
                 raise
             try:
                 pinned_type = target.host_key.split()[0] if target.host_key.split() else ""
-                with contextlib.suppress(ValueError):  # a type paramiko lacks: the check says so
-                    algorithms = _HOST_KEY_ALGORITHMS.get(pinned_type, [pinned_type])
+                known = transport.preferred_keys  # (paramiko 4+ knows no "ssh-rsa" signatures)
+                algorithms = [a for a in _HOST_KEY_ALGORITHMS.get(pinned_type, [pinned_type]) if a in known]
+                if algorithms:  # else (no pin, or a type paramiko lacks) the check names the key offered
                     transport.get_security_options().key_types = algorithms
                 transport.start_client(timeout=self.timeouts.connect)
                 _check_host_key(target, transport.get_remote_server_key())

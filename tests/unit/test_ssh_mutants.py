@@ -146,14 +146,8 @@ def wait_offered(ssh: SSHServer) -> list[str]:
     return ssh.offered
 
 
-RSA_PIN = pytest.mark.xfail(strict=True, reason=(
-    "the installed paramiko (5.1) has no ssh-rsa key type: SSHSession's key_types list for a pinned ssh-rsa key raises "
-    "ValueError, which is suppressed, so the client keeps preferring ed25519 and a node with both keys "
-    "offers the one not pinned (HostKeyMismatch); see docs/mutation.md"))
-
-
 @pytest.mark.parametrize(("kind", "served"), [("ed25519", "ssh-ed25519"), ("ecdsa", "ecdsa-sha2-nistp256"),
-                                              pytest.param("rsa", "rsa-sha2-512", marks=RSA_PIN)])
+                                              ("rsa", "rsa-sha2-512")])
 def test_the_pinned_key_opens_a_session_and_only_then_the_fleet_key_is_offered(
         server: tuple[SSHServer, Path], keys: dict[str, HostKey], kind: str, served: str) -> None:
     ssh, key_file = server
@@ -167,7 +161,7 @@ def test_the_pinned_key_opens_a_session_and_only_then_the_fleet_key_is_offered(
     assert [user for user, _ in ssh.interface.attempts] == ["orch"]
 
 
-@pytest.mark.parametrize(("kind", "name"), [("ed25519", "ssh-ed25519"), pytest.param("rsa", "ssh-rsa", marks=RSA_PIN)])
+@pytest.mark.parametrize(("kind", "name"), [("ed25519", "ssh-ed25519"), ("rsa", "ssh-rsa")])
 def test_another_host_key_is_refused_before_authenticating(
         server: tuple[SSHServer, Path], keys: dict[str, HostKey], kind: str, name: str) -> None:
     ssh, key_file = server
