@@ -35,7 +35,6 @@ import gzip
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ from typing import Any
 from libcloud.compute.drivers.ec2 import NAMESPACE, EC2Connection, EC2NodeDriver, EC2Response
 
 from tests.helpers.net import free_port
+from tests.helpers.processes import stop_process
 
 MOTO_NAMESPACE = NAMESPACE.rstrip("/")
 
@@ -298,15 +298,3 @@ def _warm_up(endpoint: str) -> None:
             pass
     except urllib.error.HTTPError:
         pass  # refused (IAM auth enforced): the backend is loaded all the same
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
-    """Stop a process we started, by its pid (SIGTERM, then SIGKILL)."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def processes_of(node_id: object, node_dir: str | Path) -> list[int]:
@@ -59,3 +62,15 @@ def commands_with(marker: str) -> list[int]:
         if marker.encode() in cmdline and alive(int(proc.name)):
             found.append(int(proc.name))
     return found
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Stop a process we started, by its pid (SIGTERM, then SIGKILL)."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)

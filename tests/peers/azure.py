@@ -64,11 +64,9 @@ import os
 import pwd
 import random
 import re
-import signal
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -78,6 +76,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.peers.process import PeerDidNotStart, PeerProcess, serve_until_signalled, start_module
 
 FIXTURES = Path(__import__("libcloud").__file__).parent / "test" / "compute" / "fixtures" / "azure_arm"
 SUB_FIXTURE = "99999999"
@@ -595,28 +595,14 @@ def serve(args: argparse.Namespace) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(args.cert, args.key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    stopping = threading.Event()
-
-    def stop(*_: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"ready {args.host}:{server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.2)
-    finally:
-        server.server_close()
-        backing.close()
+    serve_until_signalled(server, backing.close, f"ready {args.host}:{server.server_address[1]}", poll_interval=0.2)
 
 
 # -- starting and stopping one, for tests -------------------------------------------------------
 
 
 @dataclass
-class AzurePeer:
+class AzurePeer(PeerProcess):
     """A running peer: its process, the address it serves (port 443), its account."""
 
     process: subprocess.Popen[str]
@@ -631,6 +617,11 @@ class AzurePeer:
     @property
     def base(self) -> str:
         return f"https://{self.host}"
+
+    admin_url = base
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def cloud_environment(self) -> dict[str, str]:
         """The driver's ``cloud_environment`` for this peer (as for Azure Stack)."""
@@ -660,35 +651,9 @@ class AzurePeer:
                                            f"Microsoft.Compute/virtualMachines/{vm_name}")
         return found + ([f"the node's folder {folder}"] if folder.exists() else [])
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        context = ssl.create_default_context(cafile=str(self.ca_file))
-        with urllib.request.urlopen(request, timeout=30, context=context) as response:
-            return json.loads(response.read() or b"null")
-
     def fault(self, name: str, count: int = 1, seconds: float | None = None, on: str | None = None) -> None:
         """Arm a fault for the next ``count`` requests (those naming ``on``, if given)."""
         self._call("POST", "/_orch/faults", {"fault": name, "count": count, "seconds": seconds, "on": on})
-
-    def clear_faults(self) -> None:
-        self._call("DELETE", "/_orch/faults")
-
-    def state(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/_orch/state"))
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM by pid (the peer destroys every backing node), then SIGKILL."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 def make_certificate(folder: Path, host: str) -> tuple[Path, Path]:
@@ -747,33 +712,18 @@ def start_azure(folder: Path, *, tenant: str = "72f988bf-86f1-41af-91ab-2d7cd011
     for _ in range(5):
         host = _free_https_address()
         cert, key = make_certificate(folder, host)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))}
-        with (folder / "peer.log").open("ab") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "tests.peers.azure", "--root", str(folder / "nodes"), "--host", host,
-                 "--port", "443", "--cert", str(cert), "--key", str(key), "--tenant", tenant,
-                 "--subscription", subscription, "--client-id", client_id, "--client-secret-file",
-                 str(secret_file), "--boot-seconds", str(boot_seconds)],
-                stdout=subprocess.PIPE, stderr=log, text=True, env=env, start_new_session=True)
-        peer = AzurePeer(process, host, folder / "nodes", cert, tenant, subscription, client_id, secret_file)
-        ready = _read_ready(process, timeout)
-        if ready:
-            return peer
-        peer.stop()
-        if "Address already in use" not in (folder / "peer.log").read_text():
-            raise RuntimeError(f"the Azure peer did not start: {(folder / 'peer.log').read_text()[-2000:]}")
+        try:
+            process, _ = start_module("tests.peers.azure", [
+                "--root", str(folder / "nodes"), "--host", host, "--port", "443", "--cert", str(cert), "--key",
+                str(key), "--tenant", tenant, "--subscription", subscription, "--client-id", client_id,
+                "--client-secret-file", str(secret_file), "--boot-seconds", str(boot_seconds)],
+                folder / "peer.log", ready="ready ", what="Azure", timeout=timeout)
+        except PeerDidNotStart as failed:
+            if "Address already in use" not in failed.log:
+                raise
+            continue
+        return AzurePeer(process, host, folder / "nodes", cert, tenant, subscription, client_id, secret_file)
     raise RuntimeError("the Azure peer found no free address")
-
-
-def _read_ready(process: subprocess.Popen[str], timeout: float) -> bool:
-    assert process.stdout is not None
-    result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(process.stdout.readline() if process.stdout else ""),
-                              daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return bool(result and result[0].startswith("ready "))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,7 +59,6 @@ import hashlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -68,11 +67,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from libcloud.compute.drivers.digitalocean import DigitalOcean_v2_NodeDriver
+
+from tests.peers.process import PeerHandler, PeerProcess, serve_until_signalled, start_module
 
 # -- the driver adapter ---------------------------------------------------------------------
 
@@ -555,25 +556,12 @@ class _Server(ThreadingHTTPServer):
     account: Account
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(PeerHandler):  # quiet: tests read /_orch/state
     server: _Server
-    protocol_version = "HTTP/1.1"
+    do_PUT = PeerHandler.do_GET
 
-    def do_GET(self) -> None:
-        self._serve("GET")
-
-    def do_POST(self) -> None:
-        self._serve("POST")
-
-    def do_DELETE(self) -> None:
-        self._serve("DELETE")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
-    def _serve(self, method: str) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
+    def _serve(self) -> None:
+        method, body = self.command, self.read_body()
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         account = self.server.account
@@ -593,9 +581,6 @@ class _Handler(BaseHTTPRequestHandler):
         if payload:
             self.wfile.write(payload)
 
-    def log_message(self, format: str, *args: object) -> None:  # quiet: tests read /_orch/state
-        pass
-
 
 def _admin_ok(path: str) -> bool:
     return path in ("/_orch/faults", "/_orch/faults/clear", "/_orch/state")
@@ -605,18 +590,7 @@ def serve(port: int, root: Path, token: str) -> None:
     """Serve until SIGTERM or SIGINT, then destroy every node."""
     server = _Server(("127.0.0.1", port), _Handler)
     server.account = Account(root, token)
-
-    def stop(signum: int, frame: Any) -> None:
-        threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"listening on {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.1)
-    finally:
-        server.server_close()
-        server.account.close()
+    serve_until_signalled(server, server.account.close, f"listening on {server.server_address[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -634,82 +608,42 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass
-class Peer:
+class Peer(PeerProcess):
     """A running peer: its process, port and token; ``stop()`` ends it by its pid."""
 
     process: subprocess.Popen[str]
     port: int
     token: str
     root: Path
+    STOP_TIMEOUT: ClassVar[float] = 60
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _admin(self, method: str, path: str, data: Any = None) -> Any:
-        body = None if data is None else json.dumps(data).encode()
-        request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"null")
+    admin_url = url
 
     def faults(self, **faults: Any) -> dict[str, Any]:
         """Set faults (see the module's docstring); returns every fault now set."""
-        result: dict[str, Any] = self._admin("POST", "/_orch/faults", faults)["faults"]
+        result: dict[str, Any] = super().faults(**faults)["faults"]
         return result
 
     def clear_faults(self) -> None:
-        self._admin("POST", "/_orch/faults/clear", {})
+        self._call("POST", "/_orch/faults/clear", {})
 
     def state(self) -> dict[str, Any]:
         """The droplets (with ``destroyed`` and ``user_data``), keys, faults, calls,
         injected errors, and the real nodes by droplet id with their addresses."""
-        result: dict[str, Any] = self._admin("GET", "/_orch/state")
-        return result
-
-    def stop(self, timeout: float = 60) -> None:
-        """SIGTERM by pid (the peer destroys its nodes), SIGKILL if it does not end."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        for pipe in (self.process.stdout, self.process.stderr):
-            if pipe is not None:
-                pipe.close()
+        return super().state()
 
 
 def start_peer(root: Path, *, token: str = DEFAULT_TOKEN, timeout: float = 30) -> Peer:
     """Start ``python -m tests.peers.digitalocean`` on a free port; returns once it answers."""
-    repo = Path(__file__).resolve().parents[2]
     root.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    log = (root / "peer.log").open("w")
-    process = subprocess.Popen([sys.executable, "-m", "tests.peers.digitalocean", "--port", "0", "--root",
-                                str(root / "nodes"), "--token", token], cwd=repo, env=env, text=True,
-                               stdout=subprocess.PIPE, stderr=log, start_new_session=True)
-    log.close()
-    assert process.stdout is not None
-    ready: list[str] = []
-    reader = threading.Thread(target=lambda: ready.append(process.stdout.readline() if process.stdout else ""),
-                              daemon=True)
-    reader.start()
-    reader.join(timeout)
-    line = ready[0].strip() if ready else ""
-    if not line.startswith("listening on "):
-        peer = Peer(process, 0, token, root)
-        peer.stop()
-        raise RuntimeError(f"the DigitalOcean peer did not start: {line!r}; "
-                           f"{(root / 'peer.log').read_text()[-2000:]}")
-    peer = Peer(process, int(line.rsplit(" ", 1)[1]), token, root)
-    try:
-        peer.state()
-    except (urllib.error.URLError, OSError):
-        peer.stop()
-        raise
-    return peer
+    process, line = start_module("tests.peers.digitalocean", ["--port", "0", "--root", str(root / "nodes"),
+                                                             "--token", token],
+                                 root / "peer.log", ready="listening on ", what="DigitalOcean", timeout=timeout)
+    return Peer(process, int(line.rsplit(" ", 1)[1]), token, root).answering()
 
 
 if __name__ == "__main__":

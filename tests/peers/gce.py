@@ -72,15 +72,12 @@ import json
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -90,6 +87,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from tests.peers.backing import Backing
+from tests.peers.process import PeerHandler, PeerProcess, serve_until_signalled, start_module
 
 API = "https://www.googleapis.com/compute/v1"
 TOKEN_AUDIENCE = "https://accounts.google.com/o/oauth2/token"
@@ -488,25 +486,12 @@ class Cloud:
         self.backing.close()
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(PeerHandler):
     cloud: Cloud
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write(f"{self.command} {self.path} -> {args[1] if len(args) > 1 else ''}\n")
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
+    log_requests = True
 
     def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.read_body()
         path = urlsplit(self.path).path.rstrip("/")  # absolute-form when asked as a proxy
         try:
             if path == "/o/oauth2/token":
@@ -631,21 +616,7 @@ def serve(port: int, cloud: Cloud) -> None:
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     Handler.cloud = cloud
-    stopping = threading.Event()
-
-    def stop(*_: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"listening on {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.1)
-    finally:
-        server.server_close()
-        cloud.close()
+    serve_until_signalled(server, cloud.close, f"listening on {server.server_address[1]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -698,10 +669,10 @@ class ServiceAccount:
 
 
 @dataclass
-class GCEPeer:
+class GCEPeer(PeerProcess):
     """A running peer: its process, port, root and log."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[str]
     port: int
     root: Path
     log: Path
@@ -710,22 +681,7 @@ class GCEPeer:
     def proxy_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.proxy_url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"null")
-
-    def faults(self, **faults: Any) -> Any:
-        return self._call("POST", "/_orch/faults", faults)
-
-    def clear_faults(self) -> Any:
-        return self._call("DELETE", "/_orch/faults")
-
-    def state(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/_orch/state")
-        return result
+    admin_url = proxy_url
 
     def leftovers(self, instance_id: str) -> list[str]:
         """What of that instance remains: the instance listed, or its node running."""
@@ -733,16 +689,6 @@ class GCEPeer:
         listed = [i for i in state["instances"] if i["id"] == instance_id]
         return [f"instance {i['name']} ({i['id']}) is {i['status']}" for i in listed] + \
             [f"the node of instance {i['name']} still runs" for i in listed if i["name"] in state["backing"]]
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM by pid (the peer stops every node), then SIGKILL if it hangs."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
 
 
 IMAGE_LINK = f"{API}/projects/{IMAGE_PROJECT}/global/images/{IMAGE}"
@@ -765,31 +711,11 @@ def start_peer(root: Path, account: ServiceAccount, *, port: int = 0, token_ttl:
     log = root / "peer.log"
     public = root / "account.pub.pem"
     public.write_text(account.public_pem)
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    with log.open("wb") as err:
-        process = subprocess.Popen([sys.executable, "-m", "tests.peers.gce", "--port", str(port),
-                                    "--root", str(root / "nodes"), "--project", account.project,
-                                    "--account", account.email, "--public-key", str(public),
-                                    "--token-ttl", str(token_ttl)], cwd=repo, env=env,
-                                   stdout=subprocess.PIPE, stderr=err, start_new_session=True)
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.startswith(b"listening on "):
-        line = process.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"the GCE peer did not start: {log.read_text()[-2000:]}")
-    process.stdout.close()
-    peer = GCEPeer(process, int(line.split()[-1]), root, log)
-    try:
-        peer.state()
-    except (urllib.error.URLError, OSError):
-        peer.stop()
-        raise
-    return peer
+    process, line = start_module("tests.peers.gce", [
+        "--port", str(port), "--root", str(root / "nodes"), "--project", account.project, "--account",
+        account.email, "--public-key", str(public), "--token-ttl", str(token_ttl)],
+        log, ready="listening on ", what="GCE", timeout=timeout)
+    return GCEPeer(process, int(line.split()[-1]), root, log).answering()
 
 
 if __name__ == "__main__":

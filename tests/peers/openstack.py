@@ -59,19 +59,16 @@ import copy
 import datetime as dt
 import hashlib
 import json
-import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.peers.process import PeerHandler, PeerProcess, serve_until_signalled, start_module
 
 USER, PASSWORD, PROJECT, DOMAIN = "orch", "orch-test-password", "orch-project", "Default"
 PROJECT_ID = "9c4693dce56b493b9b83197d900f7fba"  # the fixture's project id
@@ -413,25 +410,12 @@ def _not_found(message: str) -> tuple[int, Any, dict[str, str]]:
     return 404, {"itemNotFound": {"message": message, "code": 404}}, {}
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(PeerHandler):
     cloud: Cloud
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write(f"{self.command} {self.path} -> {args[1] if len(args) > 1 else ''}\n")
-
-    def do_GET(self) -> None:
-        self._serve()
-
-    def do_POST(self) -> None:
-        self._serve()
-
-    def do_DELETE(self) -> None:
-        self._serve()
+    log_requests = True
 
     def _serve(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        raw = self.rfile.read(length) if length else b""
+        raw = self.read_body()
         try:
             body = json.loads(raw) if raw else {}
         except ValueError:
@@ -527,21 +511,7 @@ def serve(port: int, root: Path) -> None:
     server.daemon_threads = True
     cloud = Cloud(root, server.server_address[1])
     Handler.cloud = cloud
-    stopping = threading.Event()
-
-    def stop(*_: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    print(f"listening on {server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever(poll_interval=0.1)
-    finally:
-        server.server_close()
-        cloud.close()
+    serve_until_signalled(server, cloud.close, f"listening on {server.server_address[1]}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -557,10 +527,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @dataclass
-class OpenStackPeer:
+class OpenStackPeer(PeerProcess):
     """A running peer: its process, port and log."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[str]
     port: int
     root: Path
     log: Path
@@ -569,61 +539,16 @@ class OpenStackPeer:
     def auth_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.auth_url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return json.loads(answer.read() or b"null")
-
-    def faults(self, **faults: Any) -> Any:
-        return self._call("POST", "/_orch/faults", faults)
-
-    def clear_faults(self) -> Any:
-        return self._call("DELETE", "/_orch/faults")
-
-    def state(self) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", "/_orch/state")
-        return result
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM by pid (the peer stops every node), then SIGKILL if it hangs."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+    admin_url = auth_url
 
 
 def start_peer(root: Path, *, port: int = 0, timeout: float = 30.0) -> OpenStackPeer:
     """Start ``python -m tests.peers.openstack`` and wait for its port."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / "peer.log"
-    repo = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    with log.open("wb") as err:
-        process = subprocess.Popen([sys.executable, "-m", "tests.peers.openstack", "--port", str(port),
-                                    "--root", str(root / "nodes")], cwd=repo, env=env,
-                                   stdout=subprocess.PIPE, stderr=err, start_new_session=True)
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    line = b""
-    while not line.startswith(b"listening on "):
-        line = process.stdout.readline()
-        if not line or time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"the OpenStack peer did not start: {log.read_text()[-2000:]}")
-    process.stdout.close()
-    peer = OpenStackPeer(process, int(line.split()[-1]), root, log)
-    try:
-        urllib.request.urlopen(f"{peer.auth_url}/_orch/state", timeout=10).close()
-    except (urllib.error.URLError, OSError):
-        peer.stop()
-        raise
-    return peer
+    process, line = start_module("tests.peers.openstack", ["--port", str(port), "--root", str(root / "nodes")],
+                                 log, ready="listening on ", what="OpenStack", timeout=timeout)
+    return OpenStackPeer(process, int(line.split()[-1]), root, log).answering()
 
 
 if __name__ == "__main__":
