@@ -11,7 +11,7 @@ from orchestrator import fleet
 from orchestrator.config import load_provider
 from orchestrator.deploy.releases import upload_release
 from orchestrator.provision.registry import make_driver
-from orchestrator.state import Store
+from orchestrator.state import NodeRecord, NodeState, Store
 from orchestrator.workspace import Workspace
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,3 +78,30 @@ def stop_everything(ws: Workspace) -> None:
         for node in driver.list_nodes():
             driver.destroy_node(node)
         assert driver.list_nodes() == []
+
+
+def destroy_local_nodes(ws: Workspace) -> None:
+    """Destroy whatever nodes the workspace's ``local`` providers still list; check none is left."""
+    for path in ws.providers_dir.glob("*.yaml"):
+        config = load_provider(ws, path.stem)
+        if config.driver == "local":
+            driver = make_driver(ws, config)
+            for node in driver.list_nodes():
+                driver.destroy_node(node)
+            assert driver.list_nodes() == []
+
+
+def workspace_id(ws: Workspace) -> str:
+    with Store.open(ws.state_db) as store:
+        return store.workspace_id
+
+
+def records(ws: Workspace, *states: NodeState) -> list[NodeRecord]:
+    """The store's node records (those in ``states``, if given)."""
+    with Store.open(ws.state_db) as store:
+        return store.list_nodes(states=states or None)
+
+
+def fleet_key(ws: Workspace) -> str:
+    """The workspace's fleet public key, as one ``authorized_keys`` line."""
+    return ws.ssh_key.with_suffix(".pub").read_text().strip()

@@ -28,13 +28,14 @@ from orchestrator.config import load_provider
 from orchestrator.errors import ProviderError
 from orchestrator.provision.handle import ProviderHandle
 from orchestrator.provision.nodes import destroy_node, wait_running
-from orchestrator.provision.registry import make_driver, sync_registrations
+from orchestrator.provision.registry import sync_registrations
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.helpers.cli import Run
-from tests.helpers.primes import primes_below
+from tests.helpers.cli import Run, run_primes_job
+from tests.helpers.peers import stop_peer
 from tests.helpers.processes import processes_of
 from tests.helpers.provision import create_as_spawn
+from tests.helpers.workspace import destroy_local_nodes
 from tests.peers.azure import IMAGE, AzurePeer, start_azure, unavailable
 
 pytestmark = [pytest.mark.slow, pytest.mark.sshd]
@@ -55,10 +56,7 @@ def azure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzurePeer]:
         try:
             yield peer
         finally:
-            peer.stop()
-    assert peer.process.poll() is not None, "the peer survived its stop"
-    leftovers = [p for p in (peer.root.glob("*") if peer.root.exists() else []) if p.is_dir()]
-    assert leftovers == [], f"backing nodes outlived the peer: {leftovers}"
+            stop_peer(peer, peer.root)
 
 
 def add_lines(peer: AzurePeer, secret_file: Path, *, name: str = "azure", priority: int = 10) -> list[str]:
@@ -107,12 +105,7 @@ def azure_ws(ws: Workspace, azure: AzurePeer, orch: Callable[..., Run]) -> Itera
                 live = fleet.select_nodes(store, all_nodes=True)
                 if live:
                     fleet.stop(ws, store, live)
-        for path in ws.providers_dir.glob("*.yaml"):
-            config = load_provider(ws, path.stem)
-            if config.driver == "local":
-                driver = make_driver(ws, config)
-                for node in driver.list_nodes():
-                    driver.destroy_node(node)
+        destroy_local_nodes(ws)
         assert vms_of(azure, ws) == [], "a virtual machine of the test outlived it"
 
 
@@ -173,12 +166,7 @@ def test_two_vms_bootstrap_with_the_pinned_host_key_and_run_primes(
         assert record.host_key is not None and offered[1:3] == record.host_key.split()[:2], \
             "the node offers another host key than orch pinned"
 
-    ran = orch("job", "run", "primes:count_primes", "--input", "0:200000", "--json", cwd=ws.root)
-    assert ran.code == 0, ran.err
-    outcome = json.loads(ran.out)
-    assert outcome["state"] == "done" and outcome["counters"]["failed"] == 0, outcome
-    result = orch("job", "result", outcome["job"], cwd=ws.root)
-    assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
+    run_primes_job(orch, cwd=ws.root)
 
     azure.fault("slow_destroy", seconds=2.5)  # the first VM deleted stays Deleting a while
     stopped = orch("stop", "workers", cwd=ws.root)

@@ -35,8 +35,9 @@ from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.cli import Run
 from tests.helpers.primes import primes_below
+from tests.helpers.processes import commands_with
 from tests.helpers.provision import create_as_spawn
-from tests.helpers.workspace import REPO
+from tests.helpers.workspace import REPO, destroy_local_nodes, fleet_key, workspace_id
 from tests.peers.digitalocean import PLUGIN, REGIONS, SIZES, Peer, start_peer
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slow]
@@ -60,23 +61,9 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
     finally:
         started.stop()
         log = (root / "peer.log").read_text()[-2000:]
-        assert _processes_under(root) == [], "a droplet's node outlived the peer"
+        assert commands_with(str(root)) == [], "a droplet's node outlived the peer"
         shutil.rmtree(root)
         assert started.process.returncode == 0, log
-
-
-def _processes_under(root: Path) -> list[int]:
-    """Live processes whose command line names a path under ``root`` (the nodes' sshd)."""
-    marker = str(root).encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if marker in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
 
 
 @pytest.fixture
@@ -120,13 +107,7 @@ def _stop_all(ws: Workspace, peer: Peer) -> None:
     for node in handle.driver.list_nodes():
         if wid is not None and node_tags(node).get("orch-workspace") == wid:
             handle.driver.destroy_node(node)
-    for path in ws.providers_dir.glob("*.yaml"):
-        config = load_provider(ws, path.stem)
-        if config.driver == "local":
-            local = ProviderHandle(ws, config).driver
-            for node in local.list_nodes():
-                local.destroy_node(node)
-            assert local.list_nodes() == []
+    destroy_local_nodes(ws)
     deadline = time.monotonic() + 30
     while (left := ours(peer, wid)) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -136,15 +117,6 @@ def _stop_all(ws: Workspace, peer: Peer) -> None:
 def family_yaml(count: int, providers: list[str], extra: str = "") -> str:
     return (f"release: primes\ncount: {count}\nworkers_per_node: 1\n"
             f"placement:\n  providers: [{', '.join(providers)}]\n{extra}")
-
-
-def workspace_id(ws: Workspace) -> str:
-    with Store.open(ws.state_db) as store:
-        return store.workspace_id
-
-
-def fleet_key(ws: Workspace) -> str:
-    return ws.ssh_key.with_suffix(".pub").read_text().strip()
 
 
 def ours(peer: Peer, wid: str | None) -> list[dict[str, Any]]:

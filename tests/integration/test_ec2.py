@@ -35,11 +35,11 @@ from orchestrator.provision.handle import ProviderHandle, key_pair_name
 from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.helpers.cli import Run
+from tests.helpers.cli import Run, run_primes_job
 from tests.helpers.ec2_faults import FaultProxy
 from tests.helpers.moto_ec2 import PRICES, MotoServer, start_moto
 from tests.helpers.moto_ec2 import ec2_provider_yaml as ec2_provider
-from tests.helpers.primes import primes_below
+from tests.helpers.workspace import destroy_local_nodes, fleet_key, records, workspace_id
 from tests.peers.ec2 import BackedEC2
 
 pytestmark = [pytest.mark.slow]
@@ -53,16 +53,6 @@ def family_yaml(count: int, providers: list[str]) -> str:
     return f"release: primes\ncount: {count}\nplacement:\n  providers: [{', '.join(providers)}]\n"
 
 
-def workspace_id(ws: Workspace) -> str:
-    with Store.open(ws.state_db) as store:
-        return store.workspace_id
-
-
-def records(ws: Workspace, *states: NodeState) -> list[Any]:
-    with Store.open(ws.state_db) as store:
-        return store.list_nodes(states=states or None)
-
-
 def stop_local_nodes(ws: Workspace) -> None:
     """Stop every node that is a real process here (EC2's die with their moto server)."""
     if ws.state_db.exists():
@@ -70,13 +60,7 @@ def stop_local_nodes(ws: Workspace) -> None:
             local = [n for n in fleet.select_nodes(store, all_nodes=True) if n.provider != "aws"]
             if local:
                 fleet.stop(ws, store, local)
-    for path in ws.providers_dir.glob("*.yaml"):
-        config = load_provider(ws, path.stem)
-        if config.driver == "local":
-            driver = make_driver(ws, config)
-            for node in driver.list_nodes():
-                driver.destroy_node(node)
-            assert driver.list_nodes() == []
+    destroy_local_nodes(ws)
 
 
 @pytest.fixture
@@ -88,10 +72,6 @@ def ec2_ws(ws: Workspace, moto_server: MotoServer) -> Iterator[Workspace]:
         yield ws
     finally:
         stop_local_nodes(ws)
-
-
-def fleet_key(ws: Workspace) -> str:
-    return ws.ssh_key.with_suffix(".pub").read_text().strip()
 
 
 def assert_one_key_pair_is_the_fleet_key(ws: Workspace, ec2: Any) -> None:
@@ -420,12 +400,7 @@ def test_instances_are_real_nodes_that_bootstrap_and_run_a_job(
         assert record.address == node.public_ips[0] == backed_ec2.addresses[record.provider_node_id]
         assert record.host_key == node.extra["host_key"], "the node offers another host key than orch pinned"
         assert record.ssh_user == "root"
-    ran = orch("job", "run", "primes:count_primes", "--input", "0:200000", "--json", cwd=ws.root)
-    assert ran.code == 0, ran.err
-    outcome = json.loads(ran.out)
-    assert outcome["state"] == "done" and outcome["counters"]["failed"] == 0, outcome
-    result = orch("job", "result", outcome["job"], cwd=ws.root)
-    assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
+    run_primes_job(orch, cwd=ws.root)
 
     stopped = orch("stop", "workers", cwd=ws.root)
     assert stopped.code == 0, stopped.err

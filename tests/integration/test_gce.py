@@ -41,11 +41,11 @@ from orchestrator.provision.nodes import destroy_node, wait_running
 from orchestrator.provision.registry import make_driver
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.helpers.cli import Run
-from tests.helpers.primes import primes_below
+from tests.helpers.cli import Run, run_primes_job
+from tests.helpers.peers import stop_peer
 from tests.helpers.processes import processes_of
 from tests.helpers.provision import create_as_spawn
-from tests.helpers.workspace import stop_everything
+from tests.helpers.workspace import family_yaml, fleet_key, records, stop_everything, workspace_id
 from tests.peers.gce import IMAGE, IMAGE_FAMILY, IMAGE_PROJECT, GCEPeer, ServiceAccount, start_peer
 
 pytestmark = [pytest.mark.slow]
@@ -62,24 +62,7 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GCEPeer]:
     try:
         yield started
     finally:
-        started.stop()
-        assert started.process.returncode is not None
-        nodes = started.root / "nodes"
-        leftover = [p.name for p in nodes.iterdir() if not p.name.startswith(".")] if nodes.exists() else []
-        assert leftover == [], f"backing nodes outlived the peer: {leftover}"
-        assert _running_under(started.root) == [], "processes of the peer's nodes outlived it"
-
-
-def _running_under(root: Path) -> list[int]:
-    """Live pids whose command line names a path under ``root`` (the nodes' sshd)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if proc.name.isdigit() and str(root).encode() in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
+        stop_peer(started, started.root / "nodes")
 
 
 def add_lines(peer: GCEPeer, ws: Workspace, name: str = PROVIDER) -> list[str]:
@@ -132,21 +115,7 @@ def _delete_all(ws: Workspace) -> None:
 
 
 def family(count: int, providers: str = PROVIDER, extra: str = "") -> str:
-    return f"release: primes\ncount: {count}\nworkers_per_node: 1\nplacement:\n  providers: [{providers}]\n{extra}"
-
-
-def records(ws: Workspace, *states: NodeState) -> list[Any]:
-    with Store.open(ws.state_db) as store:
-        return store.list_nodes(states=states or None)
-
-
-def workspace_id(ws: Workspace) -> str:
-    with Store.open(ws.state_db) as store:
-        return store.workspace_id
-
-
-def fleet_key(ws: Workspace) -> str:
-    return ws.ssh_key.with_suffix(".pub").read_text().strip()
+    return family_yaml(count, providers=providers) + extra
 
 
 def mine(peer: GCEPeer, ws: Workspace) -> list[dict[str, Any]]:
@@ -212,12 +181,7 @@ def test_gce_end_to_end(gce_ws: Workspace, peer: GCEPeer, orch: Callable[..., Ru
     listed = {n.name: n for n in handle.driver.list_nodes()}
     assert {name: n.extra["labels"]["orch-family"] for name, n in listed.items()} == dict.fromkeys(instances, "workers")
 
-    ran = orch("job", "run", "primes:count_primes", "--input", "0:200000", "--json")
-    assert ran.code == 0, ran.err
-    outcome = json.loads(ran.out)
-    assert outcome["state"] == "done" and outcome["counters"]["failed"] == 0, outcome
-    result = orch("job", "result", outcome["job"])
-    assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
+    run_primes_job(orch)
 
     backing = peer.state()["backing_nodes"]
     assert sorted(backing) == sorted(instances) and all(processes_of(n["id"], n["dir"]) for n in backing.values())

@@ -38,10 +38,10 @@ from orchestrator.provision.registry import make_driver
 from orchestrator.provision.tags import TAG_NODE, node_tags
 from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
-from tests.helpers.cli import Run
-from tests.helpers.primes import primes_below
+from tests.helpers.cli import Run, run_primes_job
+from tests.helpers.peers import stop_peer
 from tests.helpers.provision import create_as_spawn
-from tests.helpers.workspace import stop_everything
+from tests.helpers.workspace import family_yaml, fleet_key, records, stop_everything, workspace_id
 from tests.peers.openstack import PASSWORD, PROJECT, USER, OpenStackPeer, start_peer
 
 pytestmark = [pytest.mark.slow]
@@ -55,11 +55,7 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenStackPeer]:
     try:
         yield started
     finally:
-        started.stop()
-        assert started.process.returncode is not None
-        nodes = started.root / "nodes"
-        leftover = [p.name for p in nodes.iterdir() if not p.name.startswith(".")] if nodes.exists() else []
-        assert leftover == [], f"backing nodes outlived the peer: {leftover}"
+        stop_peer(started, started.root / "nodes")
 
 
 @pytest.fixture
@@ -118,21 +114,7 @@ def _delete(peer: OpenStackPeer, ws: Workspace, server_id: str) -> None:
 
 
 def family(count: int, providers: str = PROVIDER, extra: str = "") -> str:
-    return f"release: primes\ncount: {count}\nworkers_per_node: 1\nplacement:\n  providers: [{providers}]\n{extra}"
-
-
-def records(ws: Workspace, *states: NodeState) -> list[Any]:
-    with Store.open(ws.state_db) as store:
-        return store.list_nodes(states=states or None)
-
-
-def workspace_id(ws: Workspace) -> str:
-    with Store.open(ws.state_db) as store:
-        return store.workspace_id
-
-
-def fleet_key(ws: Workspace) -> str:
-    return ws.ssh_key.with_suffix(".pub").read_text().strip()
+    return family_yaml(count, providers=providers) + extra
 
 
 def mine(peer: OpenStackPeer, ws: Workspace) -> list[dict[str, Any]]:
@@ -193,12 +175,7 @@ def test_openstack_end_to_end(os_ws: Workspace, peer: OpenStackPeer, orch: Calla
         assert record.host_key.split()[:2] == offered[1:3], "the node offers the host key orch pinned"
         assert nodes[record.id]["path"] == f"/{PROVIDER}/default/workers/{record.id}"
 
-    ran = orch("job", "run", "primes:count_primes", "--input", "0:200000", "--json")
-    assert ran.code == 0, ran.err
-    outcome = json.loads(ran.out)
-    assert outcome["state"] == "done" and outcome["counters"]["failed"] == 0, outcome
-    result = orch("job", "result", outcome["job"])
-    assert sum(int(line) for line in result.out.split()) == primes_below(200_000)
+    run_primes_job(orch)
 
     # A server of this workspace that orch has no record of: an orphan, destroyed by reconcile.
     image = handle.driver.get_image(load_provider(ws, PROVIDER).image or handle.capabilities().image)
