@@ -68,8 +68,9 @@ def info(ctx: typer.Context, as_json: JsonFlag = False) -> None:
 
 def events(
     ctx: typer.Context,
-    after: Annotated[int, typer.Option(min=0, help="Only events after this id.")] = 0,
-    limit: Annotated[int, typer.Option(min=1, help="At most this many (per poll with --follow).")] = 1000,
+    after: Annotated[int, typer.Option(min=0, max=2**62, help="Only events after this id.")] = 0,  # (as the API)
+    limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="At most this many (per poll with --follow).")
+                     ] = 1000,
     job: Annotated[str | None, typer.Option(help="Only this job's events.")] = None,
     node: Annotated[str | None, typer.Option(help="Only this node's events.")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep polling for new events (Ctrl-C stops).")

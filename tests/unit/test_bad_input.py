@@ -137,6 +137,7 @@ CASES: dict[str, Case] = {
                                    r"--price \(prices\.local-1\).*valid number"),
     "cli login user not a user name": Case(_args("provider", "add", "p", "--driver", "local", "--ssh-user", "a b"),
                                            r"--ssh-user \(ssh_user\)"),
+    "an event id past SQLite's integers": Case(_args("events", "--after", "9" * 40), r"--after.*less than or equal"),
     "cli bad provider name": Case(_args("provider", "add", "Big Cloud", "--driver", "local"),
                                   r"NAME.*should match pattern"),
     "check: env var not set": Case(_check_with("env:ORCH_TEST_SURELY_UNSET"),
