@@ -9,8 +9,10 @@ import contextlib
 import logging
 import os
 import secrets
+import ssl
 import stat
 from collections.abc import AsyncIterator, Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +20,8 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from orchestrator.agent import protocol as P
+from orchestrator.deploy import pki
 from orchestrator.errors import (
     ConflictError,
     InputError,
@@ -27,11 +31,13 @@ from orchestrator.errors import (
     RemoteError,
     StateError,
 )
+from orchestrator.scheduler.service import SchedulerService
 from orchestrator.server.app import create_app
 from orchestrator.server.auth import api_token, bearer_ok, token_path
 from orchestrator.server.middleware import UnsupportedMediaType, status_for
-from orchestrator.state import Store
+from orchestrator.state import NodeState, Store
 from orchestrator.workspace import Workspace
+from tests.helpers.net import free_port
 
 TOKEN = "s3cret-token_value"
 
@@ -257,15 +263,37 @@ async def test_the_lifespan_passes_through_the_guard(ws: Workspace) -> None:
 
 
 @pytest.mark.anyio
-async def test_routes_get_the_scheduler_service(ws: Workspace) -> None:
+async def test_routes_get_the_scheduler_service(ws: Workspace, tmp_path: Path) -> None:
     """GET /agents answers from the app's scheduler service (``orch serve`` passes one):
-    the connected agents, each with the seconds since it was last heard from."""
-    class Service:
-        def connected(self) -> dict[str, float]:
-            return {"w-2": 0.12345, "w-1": 3.0}
-
-    async with client(ws) as (app, http):
-        assert (await http.get("/agents")).json() == {}  # no service: no agents
-        app.state.service = Service()
-        response = await http.get("/agents")
-    assert (response.status_code, response.json()) == (200, {"w-1": 3.0, "w-2": 0.123})
+    the connected agents, each with the seconds since it was last heard from.  A real
+    SchedulerService on a free port, and a node's agent side over mutual TLS (its HELLO)."""
+    port = free_port()
+    ws.settings_file.write_text(ws.settings_file.read_text() + f"scheduler_port: {port}\n")
+    with Store.open(ws.state_db) as store:  # a ready node of the workspace, so the scheduler admits it
+        store.add_node("w-1", family="workers", provider="local")
+        for state in (NodeState.CREATING, NodeState.BOOTING, NodeState.READY):
+            store.set_node_state("w-1", state)
+    cert, key = pki.issue_node_cert(ws, "w-1")
+    (tmp_path / "w-1.crt").write_bytes(cert)
+    (tmp_path / "w-1.key").write_bytes(key)
+    context = pki.client_ssl_context(pki.ca_cert_path(ws), tmp_path / "w-1.crt", tmp_path / "w-1.key")
+    service = SchedulerService(ws)
+    service.start()
+    try:
+        async with client(ws) as (app, http):
+            assert (await http.get("/agents")).json() == {}  # no service: no agents
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                "127.0.0.1", port, ssl=context, server_hostname=P.SCHEDULER_NAME), 10)
+            writer.write(P.control(P.HELLO, node="w-1", name="w-1", slots=1, releases=[],
+                                   version=P.PROTOCOL_VERSION, pid=os.getpid()))
+            kind, _ = await asyncio.wait_for(P.read_message(reader), 10)
+            assert kind == P.WELCOME
+            app.state.service = service
+            response = await http.get("/agents")
+            writer.close()
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                await writer.wait_closed()
+    finally:
+        service.stop()
+    assert response.status_code == 200 and list(response.json()) == ["w-1"], response.json()
+    assert 0 <= response.json()["w-1"] < 5
