@@ -30,13 +30,12 @@ from orchestrator.errors import (
     NotFoundError,
     OrchError,
     ProviderCapacityError,
-    ProviderError,
     ProviderQuotaError,
 )
 from orchestrator.locks import exclusive
 from orchestrator.provision.cooldowns import mark_unavailable
 from orchestrator.provision.handle import ProviderHandle
-from orchestrator.provision.nodes import adopt, create_node, destroy_node, wait_running
+from orchestrator.provision.nodes import await_running, create_node, destroy_node
 from orchestrator.provision.placement import FleetNode, NodeRequest, PlacementError, PlacementPlan, plan_placement
 from orchestrator.provision.recovery import Recovery, recover
 from orchestrator.provision.registry import sync_registrations
@@ -332,8 +331,7 @@ class _Spawner:
                 handle = self.ctx.handle(request.provider)
                 record = create_node(handle, self.store, record, request)
                 self.ctx.events.stage(node_id, "boot")
-                running = wait_running(handle, record.provider_node_id or "")
-                record = adopt(self.store, node_id, running, handle)  # a cloud gives the address once it runs
+                record = await_running(handle, self.store, record)  # a cloud gives the address once it runs
                 report.created.append(node_id)
                 if not handle.bootstraps:  # provisioned only (machines we cannot reach)
                     self.store.set_node_state(node_id, NodeState.READY, reason="created; bootstrap is off",
@@ -365,9 +363,7 @@ class _Spawner:
         handle = self.ctx.handle(node.provider)
         if node.state != NodeState.READY:
             try:
-                if not node.provider_node_id:
-                    raise ProviderError(f"provider {node.provider!r}: node {node.id} has no provider node id")
-                node = adopt(self.store, node.id, wait_running(handle, node.provider_node_id), handle)
+                node = await_running(handle, self.store, node)
             except OrchError as exc:
                 report.failures.append(exc)
                 self._fail(node.id, str(exc), report)

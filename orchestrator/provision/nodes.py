@@ -163,6 +163,15 @@ def wait_running(handle: ProviderHandle, provider_node_id: str, *, timeout: floa
         delay = min(delay * 2, 2.0)
 
 
+def await_running(handle: ProviderHandle, store: Store, record: NodeRecord, *, timeout: float = 300.0) -> NodeRecord:
+    """:func:`wait_running`, then the record takes what the provider says of the running
+    node (a cloud gives a node its address only once it runs: Nova's BUILD, EC2's
+    pending, a droplet ``new``)."""
+    if not record.provider_node_id:
+        raise ProviderError(f"provider {handle.name!r}: node {record.id} has no provider node id")
+    return adopt(store, record.id, wait_running(handle, record.provider_node_id, timeout=timeout), handle)
+
+
 def failed_for_capacity(handle: ProviderHandle, node: Node) -> None:
     """Raise ProviderCapacityError (or its quota kind) for a node the cloud accepted and
     then failed for want of room, as its driver's declared fault messages say (Nova:

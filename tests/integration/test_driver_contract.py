@@ -36,7 +36,14 @@ from orchestrator.config import load_provider
 from orchestrator.errors import ProviderCapacityError, ProviderError, ProviderQuotaError
 from orchestrator.provision.drivers import driver_class, features_of
 from orchestrator.provision.handle import ProviderHandle, key_pair_name
-from orchestrator.provision.nodes import adopt, destroy_node, destroy_orphan, find_node, tagged_nodes, wait_running
+from orchestrator.provision.nodes import (
+    await_running,
+    destroy_node,
+    destroy_orphan,
+    find_node,
+    tagged_nodes,
+    wait_running,
+)
 from orchestrator.provision.recovery import recover
 from orchestrator.provision.registry import sync_registrations
 from orchestrator.provision.tags import TAG_FAMILY, TAG_NODE, TAG_WORKSPACE, node_tags
@@ -80,8 +87,9 @@ class Subject:
         return ProviderHandle(self.ws, load_provider(self.ws, "p"))
 
     def create(self, handle: ProviderHandle, node_id: str) -> NodeRecord:
-        """One node the way ``orch spawn`` makes it: intent first, then the provider."""
-        return create_as_spawn(handle, self.store, node_id)
+        """One node the way ``orch spawn`` makes it: intent first, then the provider, then
+        what the provider says of it once it runs (a cloud's address comes then)."""
+        return await_running(handle, self.store, create_as_spawn(handle, self.store, node_id), timeout=60)
 
 
 def _set_max_nodes(ws: Workspace, count: int) -> None:
@@ -232,15 +240,6 @@ def openstack_subject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterat
         peer.stop()
 
 
-class _AddressedWhenRunning(Subject):
-    """A cloud that gives a node its address once it runs (DigitalOcean: a droplet is
-    ``new`` without one): the record takes it after ``wait_running``, as spawn does."""
-
-    def create(self, handle: ProviderHandle, node_id: str) -> NodeRecord:
-        record = super().create(handle, node_id)
-        return adopt(self.store, record.id, wait_running(handle, str(record.provider_node_id), timeout=60), handle)
-
-
 @pytest.fixture
 def digitalocean_subject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Subject]:
     """libcloud's stock DigitalOcean driver against our API v2 peer, each droplet a real
@@ -259,7 +258,7 @@ def digitalocean_subject(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ite
                     if str(d["id"]) == record.provider_node_id] + \
                 [f"the node of droplet {n} still runs" for n in state["nodes"] if n == record.provider_node_id]
 
-        yield _AddressedWhenRunning("digitalocean", ws, store, reachable=True,
+        yield Subject("digitalocean", ws, store, reachable=True,
                                     capacity_error=lambda: peer.faults(capacity=list(DO_SIZES)),
                                     quota_error=None, leftovers=left)  # (its droplet limit is a 422 like capacity)
     finally:
