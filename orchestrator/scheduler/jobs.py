@@ -28,11 +28,12 @@ from orchestrator.deploy.releases import find_release, manifest_of, parse_ref, r
 from orchestrator.errors import ConflictError, InputError, NotFoundError, StateError
 from orchestrator.scheduler import isolation
 from orchestrator.scheduler.engine import Engine
+from orchestrator.scheduler.module_loader import check_work_module, load_work_module
 from orchestrator.scheduler.run import EventSink, JobRun, Outcome, ReleaseInfo, Task
 from orchestrator.scheduler.sinks import Record, Sink, check_sink_url, open_sink
 from orchestrator.scheduler.spec import JobSpec
 from orchestrator.scheduler.stored import stored_work
-from orchestrator.scheduler.workmodules import WorkModule, check_work_module, load_work_module
+from orchestrator.scheduler.workmodules import WorkModule
 from orchestrator.state import SERVING_STATES, JobRecord, JobState, NodeRecord, NodeState, ReleaseRecord, Store
 from orchestrator.workspace import Workspace
 

@@ -29,11 +29,11 @@ from orchestrator.deploy import pki
 from orchestrator.scheduler import isolation
 from orchestrator.scheduler.engine import HISTORY, Engine
 from orchestrator.scheduler.isolation import PIECE_BASE
+from orchestrator.scheduler.module_loader import load_work_module
 from orchestrator.scheduler.run import JobRun, Outcome, ReleaseInfo
 from orchestrator.scheduler.sinks import Record, open_sink
 from orchestrator.scheduler.spec import JobSpec
 from orchestrator.scheduler.stored import stored_work
-from orchestrator.scheduler.workmodules import load_work_module
 from orchestrator.state import JobState, Store
 from orchestrator.workspace import Workspace
 from tests.helpers.net import start_on_free_port

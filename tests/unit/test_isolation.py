@@ -27,12 +27,14 @@ from orchestrator.agent import protocol as P
 from orchestrator.agent.frames import decode_tasks, encode_result
 from orchestrator.deploy import pki
 from orchestrator.scheduler import isolation, jobs
+from orchestrator.scheduler.builtin_modules import ChunksModule, LinesModule, RangeModule
 from orchestrator.scheduler.engine import Engine
 from orchestrator.scheduler.isolation import PIECE_BASE
+from orchestrator.scheduler.module_loader import load_work_module
 from orchestrator.scheduler.run import JobRun, Outcome, ReleaseInfo, Task
 from orchestrator.scheduler.sinks import Record, open_sink
 from orchestrator.scheduler.spec import JobSpec
-from orchestrator.scheduler.workmodules import ChunksModule, LinesModule, RangeModule, WorkModule, load_work_module
+from orchestrator.scheduler.workmodules import WorkModule
 from orchestrator.server.app import create_app
 from orchestrator.state import JobState, Store
 from orchestrator.workspace import Workspace

@@ -1,4 +1,5 @@
-"""orchestrator.scheduler.workmodules: cutting inputs into tasks, resuming, refusing bad input."""
+"""orchestrator.scheduler work modules (workmodules, builtin_modules, module_loader): cutting inputs into tasks,
+resuming, refusing bad input."""
 
 from __future__ import annotations
 
@@ -16,14 +17,9 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import InputError, StateError
-from orchestrator.scheduler.workmodules import (
-    UINT64_MAX,
-    LinesModule,
-    WorkModule,
-    WorkModuleError,
-    check_work_module,
-    load_work_module,
-)
+from orchestrator.scheduler.builtin_modules import UINT64_MAX, LinesModule
+from orchestrator.scheduler.module_loader import check_work_module, load_work_module
+from orchestrator.scheduler.workmodules import WorkModule, WorkModuleError
 
 
 def drain(module: WorkModule, sizes: list[float], *, cycle: bool = True, limit: int = 10_000_000) -> list[bytes]:
