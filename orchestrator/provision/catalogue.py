@@ -131,7 +131,8 @@ def sizes_at(sizes: Sequence[Any]) -> dict[str, Any]:
     """Sizes listed once per location (GCE's machine types, each with its zone in
     ``extra["zone"]``) by ``LOCATION/NAME``: a create takes its location's own.  Empty
     for a driver whose sizes are not per location."""
-    if len(sizes_by_key(sizes)) == len(sizes):
+    ids = [str(s.id) for s in sizes]
+    if len(set(ids)) == len(ids):  # one size per id: not per location
         return {}
     out: dict[str, Any] = {}
     for size in sizes:
