@@ -78,15 +78,11 @@ orch job status "$JOB" --json >"$WORK/status.json"
 
 SUMMARY=$("$PY" - "$WORK/result.txt" "$WORK/nodes.json" "$WORK/status.json" "$INPUT_END" <<'EOF'
 import json, sys
+from tests.helpers.primes import primes_below  # the direct computation: a sieve (env.sh puts the repo on the path)
 result, nodes, status, end = open(sys.argv[1]).read().split(), json.load(open(sys.argv[2])), \
     json.load(open(sys.argv[3])), int(sys.argv[4])
 total = sum(int(line) for line in result)
-sieve = bytearray([1]) * end  # the direct computation: a sieve of Eratosthenes
-sieve[:2] = b"\0\0"
-for i in range(2, int(end ** 0.5) + 1):
-    if sieve[i]:
-        sieve[i * i::i] = bytearray(len(range(i * i, end, i)))
-expected = sum(sieve)
+expected = primes_below(end)
 ready = {n["id"]: n["provider"] for n in nodes if n["state"] == "ready"}
 providers = sorted(set(ready.values()))
 worked = sorted({ready[n] for n in status["sizes"] if n in ready})  # the nodes that ran tasks
