@@ -33,9 +33,10 @@ builds and ports are subprocesses).  Per connection (see ``protocol.py``):
   (capped, the rest dropped); past its timeout, or when the connection ends, its whole
   process group is SIGKILLed.  EXEC_DONE answers it.
 
-This module is the connection and the agent's state; the pieces it drives are
-``releases.py`` (installed releases, safe unpacking), ``ports.py`` (``Port``: one
-``orch-port`` process) and ``commands.py`` (``run_exec``).
+This module is the connection, the dispatch of what the scheduler sends and the
+agent's ports; the pieces it drives are ``releases.py`` (``NodeReleases``: LOAD, UNLOAD,
+RELEASE, the port runner; installed releases, safe unpacking), ``ports.py`` (``Port``:
+one ``orch-port`` process) and ``commands.py`` (``Commands``: the running EXECs).
 """
 
 from __future__ import annotations
@@ -46,30 +47,24 @@ import os
 import random
 import signal
 import ssl
-import tarfile
 import traceback
-from pathlib import Path
 from typing import Any
 
 from . import protocol
-from .commands import run_exec
+from .commands import Commands
 from .config import PARENT_ENV, POKE, Config, ConfigError, Log
 from .errors import TIMEOUTS
 from .errors import describe as _describe
 from .frames import HEADER_LEN, TASK_HEADER
 from .platforms import host_platform
-from .portbuild import build_port
 from .ports import READ_CHUNK, Port
 from .protocol import (
     ERROR,
     EXEC,
-    EXEC_DONE,
     HEARTBEAT,
     HELLO,
     KIND_NAMES,
     LOAD,
-    LOAD_FAILED,
-    LOADED,
     PORT_DIED,
     PROTOCOL_VERSION,
     RELEASE,
@@ -79,11 +74,10 @@ from .protocol import (
     WELCOME,
     ProtocolError,
 )
-from .releases import SHA256, SHA_FILE, installed_releases, is_installed, release_folder, unpack_release
+from .releases import NodeReleases
 
 LOST_AFTER = 3  # heartbeat intervals of silence
 CONNECT_TIMEOUT = 10.0
-BUILD_TIMEOUT = 900.0
 
 
 class SessionEnded(Exception):
@@ -94,12 +88,12 @@ class SessionEnded(Exception):
 
 
 class Agent:
-    """The agent's state across connections: config, log, the ports of this session."""
+    """The agent's state across connections: config, log, the ports of this session; its
+    releases (``NodeReleases``) and commands (``Commands``) are objects it holds."""
 
     def __init__(self, cfg: Config, log: Log) -> None:
         self.cfg = cfg
         self.log = log
-        self.releases = Path(cfg.releases)
         self.ports: dict[int, Port] = {}
         self.writer: asyncio.StreamWriter | None = None
         self.heartbeat = cfg.heartbeat
@@ -107,10 +101,8 @@ class Agent:
         self.last_heard = 0.0
         self.stop_event = asyncio.Event()
         self.poked = asyncio.Event()  # POKE: a scheduler has just started; dial now
-        self.wanting: dict[str, str] = {}  # release sha256 -> the work that asked for it
-        self.install_failed: dict[str, str] = {}  # release sha256 -> why (this connection)
-        self._port_build: asyncio.Future[str | None] | None = None
-        self.execs: set[asyncio.Task[None]] = set()  # EXECs running (this connection)
+        self.releases = NodeReleases(self)  # LOAD, UNLOAD, RELEASE; the port runner
+        self.commands = Commands(self)  # EXECs running (this connection)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -128,6 +120,13 @@ class Agent:
     def forget_port(self, port: Port) -> None:
         if self.ports.get(port.index) is port:
             del self.ports[port.index]
+
+    async def kill_ports(self) -> None:
+        ports = list(self.ports.values())
+        self.ports.clear()
+        if ports:
+            await asyncio.gather(*(p.stop() for p in ports))
+            self.log(f"killed ports {sorted(p.index for p in ports)}")
 
     # -- the connection loop --------------------------------------------------------------
 
@@ -195,12 +194,11 @@ class Agent:
             if name != SCHEDULER_NAME:
                 raise SessionEnded(f"the peer's certificate is for {name!r}, not {SCHEDULER_NAME!r}")
             self.writer = writer
-            self.wanting.clear()
-            self.install_failed.clear()  # a new connection may send the release again
+            self.releases.new_connection()  # a new connection may send the release again
             self.last_heard = asyncio.get_running_loop().time()
             self.send(protocol.control(
                 HELLO, node=self.cfg.node, name=self.cfg.name, slots=self.cfg.slots,
-                releases=installed_releases(self.releases), version=PROTOCOL_VERSION, pid=os.getpid(),
+                releases=self.releases.installed(), version=PROTOCOL_VERSION, pid=os.getpid(),
                 platform=host_platform(),
             ))
             await self.drain()
@@ -248,7 +246,7 @@ class Agent:
                 with contextlib.suppress(BaseException):
                     await task
             self.writer = None
-            await self.kill_execs()
+            await self.commands.kill_execs()
             await self.kill_ports()
             writer.close()
             with contextlib.suppress(*TIMEOUTS, OSError, ssl.SSLError, asyncio.IncompleteReadError):
@@ -296,7 +294,7 @@ class Agent:
             elif kind in (LOAD, UNLOAD, RELEASE):
                 control.put_nowait((kind, body))
             elif kind == EXEC:
-                self.start_exec(protocol.parse_control(kind, body))
+                self.commands.start_exec(protocol.parse_control(kind, body))
             elif kind == ERROR:
                 reason = protocol.parse_control(kind, body).get("reason")
                 raise SessionEnded(f"the scheduler sent ERROR: {reason}")
@@ -331,186 +329,13 @@ class Agent:
         while True:
             kind, body = await queue.get()
             if kind == LOAD:
-                await self.load(protocol.parse_control(kind, body))
+                await self.releases.load(protocol.parse_control(kind, body))
             elif kind == UNLOAD:
-                await self.unload(protocol.parse_control(kind, body))
+                await self.releases.unload(protocol.parse_control(kind, body))
             else:
                 header, tarball = protocol.parse_release(body)
-                await self.install(header, tarball)
+                await self.releases.install(header, tarball)
             await self.drain()
-
-    # -- work ------------------------------------------------------------------------------
-
-    async def load(self, msg: dict[str, Any]) -> None:
-        work = str(msg.get("work", ""))
-        sha = str(msg.get("sha256", ""))
-        try:
-            folder = release_folder(self.releases, msg.get("release"))
-            indexes = [int(i) for i in msg.get("ports") or []]
-            if any(i < 0 or i >= 1 << 16 for i in indexes) or len(set(indexes)) != len(indexes):
-                raise ValueError(f"bad port indexes {indexes}")
-            library = _inside(folder, str(msg.get("library", "")))
-            function = str(msg.get("function", ""))
-            if not function:
-                raise ValueError("no function named")
-            timeout = float(msg["task_timeout"]) if msg.get("task_timeout") else None
-        except (TypeError, ValueError) as exc:
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=f"bad LOAD: {exc}"))
-            return
-        not_built = await asyncio.shield(self.build_port_binary())
-        if not_built:
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=not_built))
-            return
-        if not is_installed(folder, sha) and sha in self.install_failed:  # the reason, not "missing"
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=self.install_failed[sha]))
-            return
-        if not is_installed(folder, sha):
-            self.wanting[sha] = work
-            self.log(f"load {work}: release {folder.name} ({sha[:12]}) is not installed")
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=True,
-                                       reason=f"release {folder.name} with sha256 {sha} is not installed"))
-            return
-        await asyncio.gather(*(self.ports[i].stop() for i in indexes if i in self.ports))
-        ports = [Port(self, i, work, library, function, timeout) for i in indexes]
-        for port in ports:
-            self.ports[port.index] = port
-            port.loading = True
-        failure = ""
-        try:
-            await asyncio.gather(*(p.start() for p in ports))
-            reasons = await asyncio.gather(*(p.loaded() for p in ports))
-            failure = next((r for r in reasons if r), "")
-        except OSError as exc:
-            failure = f"cannot start {self.cfg.port_binary}: {exc}"
-        if failure:
-            await asyncio.gather(*(p.stop() for p in ports))
-            for port in ports:
-                self.forget_port(port)
-            self.log(f"load {work} failed: {failure}")
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=failure))
-            return
-        for port in ports:
-            port.loading = False
-            if port.proc is not None and port.proc.returncode is not None and port.watcher is not None \
-                    and port.watcher.done():  # died between the check and now: report it like any death
-                port.watcher = asyncio.ensure_future(port._watch(port.proc))
-        self.log(f"loaded {work}: {folder.name} {function} on ports {indexes}")
-        self.send(protocol.control(LOADED, work=work, ports=indexes))
-
-    async def unload(self, msg: dict[str, Any]) -> None:
-        work = str(msg.get("work", ""))
-        ports = [p for p in self.ports.values() if p.work == work]
-        await asyncio.gather(*(p.stop() for p in ports))
-        for port in ports:
-            self.forget_port(port)
-        self.log(f"unloaded {work}: ports {sorted(p.index for p in ports)} stopped")
-
-    async def install(self, header: dict[str, Any], tarball: memoryview) -> None:
-        sha = str(header.get("sha256", ""))
-        work = self.wanting.pop(sha, "")
-        try:
-            folder = release_folder(self.releases, header.get("release"))
-            if not SHA256.match(sha):
-                raise ValueError(f"{sha!r} is not a sha256")
-            build = header.get("build") or []
-            if not isinstance(build, list) or not all(isinstance(c, str) for c in build):
-                raise ValueError("build must be a list of shell commands")
-        except ValueError as exc:
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=f"bad RELEASE: {exc}"))
-            return
-        self.install_failed.pop(sha, None)
-        self.log(f"installing {folder.name} ({sha[:12]}, {len(tarball)} bytes)")
-        try:
-            self.releases.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(unpack_release, tarball, sha, folder)
-            for command in build:
-                await self._build(folder, command)
-            (folder / SHA_FILE).write_text(sha + "\n")
-        except (OSError, ValueError, tarfile.TarError, EOFError, RuntimeError) as exc:
-            reason = f"installing {folder.name} failed: {exc}"
-            self.install_failed[sha] = reason
-            self.log(reason)
-            self.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=reason))
-            return
-        self.log(f"installed {folder.name} ({sha[:12]})")
-
-    async def _build(self, folder: Path, command: str) -> None:
-        env = dict(os.environ, ORCH_INCLUDE=str(self.cfg.include))
-        proc = await asyncio.create_subprocess_shell(
-            command, cwd=str(folder), env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
-        try:
-            output, _ = await asyncio.wait_for(proc.communicate(), BUILD_TIMEOUT)
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise
-        text = output.decode("utf-8", "replace").strip()
-        for line in text.splitlines()[-20:]:
-            self.log(f"build {folder.name}: {line}")
-        if proc.returncode != 0:
-            tail = text.splitlines()[-1] if text else "no output"
-            raise RuntimeError(f"`{command}` exited {proc.returncode}: {tail}")
-
-    # -- the port runner ----------------------------------------------------------------------
-
-    def build_port_binary(self) -> asyncio.Future[str | None]:
-        """The port runner built from ``port_source`` unless it is current (``launch``
-        built it before the agent dialed; a build that failed is tried again at each
-        LOAD).  Resolves to None when ready, else why not."""
-        if self._port_build is None or (self._port_build.done() and self._port_build.result() is not None):
-            self._port_build = asyncio.ensure_future(self._build_port())
-        return self._port_build
-
-    async def _build_port(self) -> str | None:
-        return await asyncio.to_thread(build_port, self.cfg, self.log)
-
-    # -- remote commands -----------------------------------------------------------------------
-
-    def start_exec(self, msg: dict[str, Any]) -> None:
-        task = asyncio.ensure_future(self._exec(msg))
-        self.execs.add(task)
-        task.add_done_callback(self.execs.discard)
-
-    async def _exec(self, msg: dict[str, Any]) -> None:
-        ident = msg.get("id")
-        shown = str(msg.get("command"))
-        shown = shown if len(shown) <= 200 else shown[:200] + "..."
-        try:
-            result = await run_exec(msg)
-        except Exception as exc:  # a bug: say so rather than leave the scheduler waiting
-            self.log(f"exec {ident!r}: internal error: {exc!r}: {' | '.join(traceback.format_exc().splitlines()[-4:])}")
-            result = {"exit": None, "stdout": "", "stderr": "", "truncated": False, "seconds": 0.0,
-                      "reason": f"internal error in the agent: {exc!r}"}
-        outcome = result["reason"] or f"exit {result['exit']}"
-        self.log(f"exec {ident!r} `{shown}`: {outcome} after {result['seconds']:g} s")
-        self.send(protocol.control(EXEC_DONE, id=ident, **result))
-        await self.drain()
-
-    async def kill_execs(self) -> None:
-        """SIGKILL the process group of every running EXEC and reap it; nothing is sent."""
-        running = list(self.execs)
-        self.execs.clear()
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
-            self.log(f"killed {len(running)} running command(s)")
-
-    async def kill_ports(self) -> None:
-        ports = list(self.ports.values())
-        self.ports.clear()
-        if ports:
-            await asyncio.gather(*(p.stop() for p in ports))
-            self.log(f"killed ports {sorted(p.index for p in ports)}")
-
-
-def _inside(folder: Path, relative: str) -> Path:
-    if not relative or relative.startswith("/") or ".." in relative.split("/"):
-        raise ValueError(f"library {relative!r} must be a path inside the release")
-    return folder / relative
 
 
 def _common_name(cert: Any) -> str:
@@ -526,7 +351,7 @@ def _common_name(cert: Any) -> str:
 
 async def _main(cfg: Config, log: Log) -> None:
     agent = Agent(cfg, log)
-    agent.build_port_binary()
+    agent.releases.build_port_binary()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, agent.stop_event.set)
@@ -538,7 +363,7 @@ async def _main(cfg: Config, log: Log) -> None:
     finally:
         if watch is not None:
             watch.cancel()
-        await agent.kill_execs()
+        await agent.commands.kill_execs()
         await agent.kill_ports()
 
 

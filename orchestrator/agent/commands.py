@@ -1,7 +1,11 @@
 """Remote commands on the node (EXEC): ``/bin/sh -c COMMAND`` in $HOME, stdin
 /dev/null, a session of its own, stdout and stderr read through pipes the loop watches
 (each capped, the rest read and dropped), its exit heard from its pidfd; past its
-timeout, or when its connection ends, its whole process group is SIGKILLed."""
+timeout, or when its connection ends, its whole process group is SIGKILLed.
+
+``Commands`` is the agent's collaborator for them: it starts each EXEC as a task of its
+own, answers it with EXEC_DONE, and kills every running one when the connection ends;
+``run_exec`` is one EXEC."""
 
 from __future__ import annotations
 
@@ -11,11 +15,65 @@ import os
 import signal
 import subprocess
 import time
-from typing import Any
+import traceback
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import protocol
 from .errors import TIMEOUTS
 from .errors import describe as _describe
+from .protocol import EXEC_DONE
+
+if TYPE_CHECKING:
+    from .config import Log
+
+
+class CommandsOwner(Protocol):
+    """What the commands need of the agent that holds them."""
+
+    log: Log
+
+    def send(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+
+class Commands:
+    """The EXECs running on this connection, each a task of its own."""
+
+    def __init__(self, agent: CommandsOwner) -> None:
+        self.agent = agent
+        self.execs: set[asyncio.Task[None]] = set()  # EXECs running (this connection)
+
+    def start_exec(self, msg: dict[str, Any]) -> None:
+        task = asyncio.ensure_future(self._exec(msg))
+        self.execs.add(task)
+        task.add_done_callback(self.execs.discard)
+
+    async def _exec(self, msg: dict[str, Any]) -> None:
+        ident = msg.get("id")
+        shown = str(msg.get("command"))
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
+        try:
+            result = await run_exec(msg)
+        except Exception as exc:  # a bug: say so rather than leave the scheduler waiting
+            self.agent.log(f"exec {ident!r}: internal error: {exc!r}: "
+                           f"{' | '.join(traceback.format_exc().splitlines()[-4:])}")
+            result = {"exit": None, "stdout": "", "stderr": "", "truncated": False, "seconds": 0.0,
+                      "reason": f"internal error in the agent: {exc!r}"}
+        outcome = result["reason"] or f"exit {result['exit']}"
+        self.agent.log(f"exec {ident!r} `{shown}`: {outcome} after {result['seconds']:g} s")
+        self.agent.send(protocol.control(EXEC_DONE, id=ident, **result))
+        await self.agent.drain()
+
+    async def kill_execs(self) -> None:
+        """SIGKILL the process group of every running EXEC and reap it; nothing is sent."""
+        running = list(self.execs)
+        self.execs.clear()
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)
+            self.agent.log(f"killed {len(running)} running command(s)")
 
 
 class _Capture:

@@ -1,10 +1,15 @@
 """Releases on the node: what is installed (``releases/NAME/.orch-sha256``), and
 unpacking a RELEASE's tarball safely (checked against its sha256; nothing may land
 outside the release folder: no absolute or ``..`` paths, links, devices or setuid
-bits)."""
+bits).
+
+``NodeReleases`` is the agent's collaborator for them: LOAD (the release's ports
+started), UNLOAD, RELEASE (installed: unpacked, built, marked) and the port runner
+built before a LOAD."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -13,11 +18,176 @@ import shutil
 import stat
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from . import protocol
+from .portbuild import build_port
+from .ports import Port, PortOwner
+from .protocol import LOAD_FAILED, LOADED
 
 SHA_FILE = ".orch-sha256"
 _RELEASE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+BUILD_TIMEOUT = 900.0
+
+
+class ReleasesOwner(PortOwner, Protocol):
+    """What the releases need of the agent that holds them (and their ports)."""
+
+    ports: dict[int, Port]
+
+
+class NodeReleases:
+    """LOAD, UNLOAD and RELEASE for the agent that holds this, and the port runner."""
+
+    def __init__(self, agent: ReleasesOwner) -> None:
+        self.agent = agent
+        self.folder = Path(agent.cfg.releases)
+        self.wanting: dict[str, str] = {}  # release sha256 -> the work that asked for it
+        self.install_failed: dict[str, str] = {}  # release sha256 -> why (this connection)
+        self._port_build: asyncio.Future[str | None] | None = None
+
+    def new_connection(self) -> None:
+        self.wanting.clear()
+        self.install_failed.clear()  # a new connection may send the release again
+
+    def installed(self) -> list[dict[str, str]]:
+        return installed_releases(self.folder)
+
+    async def load(self, msg: dict[str, Any]) -> None:
+        agent = self.agent
+        work = str(msg.get("work", ""))
+        sha = str(msg.get("sha256", ""))
+        try:
+            folder = release_folder(self.folder, msg.get("release"))
+            indexes = [int(i) for i in msg.get("ports") or []]
+            if any(i < 0 or i >= 1 << 16 for i in indexes) or len(set(indexes)) != len(indexes):
+                raise ValueError(f"bad port indexes {indexes}")
+            library = _inside(folder, str(msg.get("library", "")))
+            function = str(msg.get("function", ""))
+            if not function:
+                raise ValueError("no function named")
+            timeout = float(msg["task_timeout"]) if msg.get("task_timeout") else None
+        except (TypeError, ValueError) as exc:
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=f"bad LOAD: {exc}"))
+            return
+        not_built = await asyncio.shield(self.build_port_binary())
+        if not_built:
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=not_built))
+            return
+        if not is_installed(folder, sha) and sha in self.install_failed:  # the reason, not "missing"
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=self.install_failed[sha]))
+            return
+        if not is_installed(folder, sha):
+            self.wanting[sha] = work
+            agent.log(f"load {work}: release {folder.name} ({sha[:12]}) is not installed")
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=True,
+                                        reason=f"release {folder.name} with sha256 {sha} is not installed"))
+            return
+        await asyncio.gather(*(agent.ports[i].stop() for i in indexes if i in agent.ports))
+        ports = [Port(agent, i, work, library, function, timeout) for i in indexes]
+        for port in ports:
+            agent.ports[port.index] = port
+            port.loading = True
+        failure = ""
+        try:
+            await asyncio.gather(*(p.start() for p in ports))
+            reasons = await asyncio.gather(*(p.loaded() for p in ports))
+            failure = next((r for r in reasons if r), "")
+        except OSError as exc:
+            failure = f"cannot start {agent.cfg.port_binary}: {exc}"
+        if failure:
+            await asyncio.gather(*(p.stop() for p in ports))
+            for port in ports:
+                agent.forget_port(port)
+            agent.log(f"load {work} failed: {failure}")
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=failure))
+            return
+        for port in ports:
+            port.loading = False
+            if port.proc is not None and port.proc.returncode is not None and port.watcher is not None \
+                    and port.watcher.done():  # died between the check and now: report it like any death
+                port.watcher = asyncio.ensure_future(port._watch(port.proc))
+        agent.log(f"loaded {work}: {folder.name} {function} on ports {indexes}")
+        agent.send(protocol.control(LOADED, work=work, ports=indexes))
+
+    async def unload(self, msg: dict[str, Any]) -> None:
+        agent = self.agent
+        work = str(msg.get("work", ""))
+        ports = [p for p in agent.ports.values() if p.work == work]
+        await asyncio.gather(*(p.stop() for p in ports))
+        for port in ports:
+            agent.forget_port(port)
+        agent.log(f"unloaded {work}: ports {sorted(p.index for p in ports)} stopped")
+
+    async def install(self, header: dict[str, Any], tarball: memoryview) -> None:
+        agent = self.agent
+        sha = str(header.get("sha256", ""))
+        work = self.wanting.pop(sha, "")
+        try:
+            folder = release_folder(self.folder, header.get("release"))
+            if not SHA256.match(sha):
+                raise ValueError(f"{sha!r} is not a sha256")
+            build = header.get("build") or []
+            if not isinstance(build, list) or not all(isinstance(c, str) for c in build):
+                raise ValueError("build must be a list of shell commands")
+        except ValueError as exc:
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=f"bad RELEASE: {exc}"))
+            return
+        self.install_failed.pop(sha, None)
+        agent.log(f"installing {folder.name} ({sha[:12]}, {len(tarball)} bytes)")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            await asyncio.to_thread(unpack_release, tarball, sha, folder)
+            for command in build:
+                await self._build(folder, command)
+            (folder / SHA_FILE).write_text(sha + "\n")
+        except (OSError, ValueError, tarfile.TarError, EOFError, RuntimeError) as exc:
+            reason = f"installing {folder.name} failed: {exc}"
+            self.install_failed[sha] = reason
+            agent.log(reason)
+            agent.send(protocol.control(LOAD_FAILED, work=work, missing=False, reason=reason))
+            return
+        agent.log(f"installed {folder.name} ({sha[:12]})")
+
+    async def _build(self, folder: Path, command: str) -> None:
+        env = dict(os.environ, ORCH_INCLUDE=str(self.agent.cfg.include))
+        proc = await asyncio.create_subprocess_shell(
+            command, cwd=str(folder), env=env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            output, _ = await asyncio.wait_for(proc.communicate(), BUILD_TIMEOUT)
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            raise
+        text = output.decode("utf-8", "replace").strip()
+        for line in text.splitlines()[-20:]:
+            self.agent.log(f"build {folder.name}: {line}")
+        if proc.returncode != 0:
+            tail = text.splitlines()[-1] if text else "no output"
+            raise RuntimeError(f"`{command}` exited {proc.returncode}: {tail}")
+
+    # -- the port runner ----------------------------------------------------------------------
+
+    def build_port_binary(self) -> asyncio.Future[str | None]:
+        """The port runner built from ``port_source`` unless it is current (``launch``
+        built it before the agent dialed; a build that failed is tried again at each
+        LOAD).  Resolves to None when ready, else why not."""
+        if self._port_build is None or (self._port_build.done() and self._port_build.result() is not None):
+            self._port_build = asyncio.ensure_future(self._build_port())
+        return self._port_build
+
+    async def _build_port(self) -> str | None:
+        return await asyncio.to_thread(build_port, self.agent.cfg, self.agent.log)
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    if not relative or relative.startswith("/") or ".." in relative.split("/"):
+        raise ValueError(f"library {relative!r} must be a path inside the release")
+    return folder / relative
 
 
 def installed_releases(folder: Path) -> list[dict[str, str]]:
