@@ -365,34 +365,52 @@ async def loaded(h: Harness, node: str) -> tuple[AgentSide, list[tuple[int, int,
     return side, await side.tasks()
 
 
+async def close_all(sides: list[AgentSide]) -> None:
+    """Close ``sides`` in order, each even if closing an earlier one raised."""
+    if sides:
+        try:
+            await sides[0].close()
+        finally:
+            await close_all(sides[1:])
+
+
+@contextlib.asynccontextmanager
+async def agents(h: Harness, *nodes: str) -> AsyncIterator[list[tuple[AgentSide, list[tuple[int, int, bytes]]]]]:
+    """Each of ``nodes`` ``loaded`` in turn, as (side, first tasks); every side closed on
+    exit (in the order loaded), whatever happens."""
+    sides: list[tuple[AgentSide, list[tuple[int, int, bytes]]]] = []
+    try:
+        for node in nodes:
+            sides.append(await loaded(h, node))
+        yield sides
+    finally:
+        await close_all([side for side, _ in sides])
+
+
 class TestFailedAttempts:
     def test_a_task_failing_every_attempt_is_written_failed_in_its_place(
             self, harness: Callable[..., Harness]) -> None:
         h = harness(3, max_attempts=3)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    assert tried(first) == [(0, 1), (1, 1)]
-                    a.results([(0, b"\xffboom"), (1, output(1, "w-a"))], failed={0})  # (not UTF-8)
-                    again = await a.tasks()  # the only agent: the retry comes back to it
-                    assert tried(again) == [(0, 2), (2, 1)], again
-                    assert (h.counters()["retried"], h.counters()["failed"]) == (1, 0)
-                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: \ufffdboom")}
-                    # the store keeps the accepted result only, never the failure beside it
-                    assert stored_work(h.store, h.job_id).results == {1: output(1, "w-a")}
-                    assert h.job is not None and h.job.next_write == 0  # 1 waits for 0
-                    a.results([(seq, b"boom again" if seq == 0 else output(seq, "w-a")) for seq, _, _ in again],
-                              failed={0})
-                    last = await a.tasks()
-                    assert tried(last) == [(0, 3)], last
-                    assert h.counters()["retried"] == 2
-                    assert h.engine.snapshot()["nodes"]["w-a"]["done"] == 2
-                    a.results([(0, b"boom at last")], failed={0})
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                assert tried(first) == [(0, 1), (1, 1)]
+                a.results([(0, b"\xffboom"), (1, output(1, "w-a"))], failed={0})  # (not UTF-8)
+                again = await a.tasks()  # the only agent: the retry comes back to it
+                assert tried(again) == [(0, 2), (2, 1)], again
+                assert (h.counters()["retried"], h.counters()["failed"]) == (1, 0)
+                assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: \ufffdboom")}
+                # the store keeps the accepted result only, never the failure beside it
+                assert stored_work(h.store, h.job_id).results == {1: output(1, "w-a")}
+                assert h.job is not None and h.job.next_write == 0  # 1 waits for 0
+                a.results([(seq, b"boom again" if seq == 0 else output(seq, "w-a")) for seq, _, _ in again],
+                          failed={0})
+                last = await a.tasks()
+                assert tried(last) == [(0, 3)], last
+                assert h.counters()["retried"] == 2
+                assert h.engine.snapshot()["nodes"]["w-a"]["done"] == 2
+                a.results([(0, b"boom at last")], failed={0})
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert {k: outcome.counters[k] for k in ("done", "failed", "retried", "discarded")} == {
                 "done": 2, "failed": 1, "retried": 2, "discarded": 0}, outcome.counters
@@ -415,14 +433,10 @@ class TestFailedAttempts:
         h = harness(3, max_attempts=1, on_task_failure="fail")
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    a.results([(seq, b"boom") for seq, _, _ in first[:1]], failed={0})
-                    outcome = await asyncio.wait_for(job, WAIT)
-                    await a.expect(P.UNLOAD)  # and no task sent after the failure
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                a.results([(seq, b"boom") for seq, _, _ in first[:1]], failed={0})
+                outcome = await asyncio.wait_for(job, WAIT)
+                await a.expect(P.UNLOAD)  # and no task sent after the failure
             assert outcome.state == JobState.FAILED, outcome
             assert outcome.reason == "task 0 failed after 1 attempts; last: w-a: boom"
             assert (outcome.counters["failed"], outcome.counters["retried"]) == (1, 0)
@@ -436,23 +450,17 @@ class TestFailedAttempts:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
-                    a.results([(0, b"boom")], failed={0})
-                    await h.until("0's attempt counted", lambda: h.counters()["retried"] == 1)
-                    b.results([(2, output(2, "w-b"))])  # b has room now: 0 goes there, not back to a
-                    moved = await b.tasks()
-                    assert tried(moved) == [(0, 2)], moved
-                    b.results([(3, output(3, "w-b")), (0, output(0, "w-b"))])
-                    a.results([(1, output(1, "w-a"))])
-                    outcome = await asyncio.wait_for(job, WAIT)
-                    assert await a.expect(P.UNLOAD)  # and nothing else before it: no task 0 for w-a
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, first_a), (b, first_b)]:
+                assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
+                a.results([(0, b"boom")], failed={0})
+                await h.until("0's attempt counted", lambda: h.counters()["retried"] == 1)
+                b.results([(2, output(2, "w-b"))])  # b has room now: 0 goes there, not back to a
+                moved = await b.tasks()
+                assert tried(moved) == [(0, 2)], moved
+                b.results([(3, output(3, "w-b")), (0, output(0, "w-b"))])
+                a.results([(1, output(1, "w-a"))])
+                outcome = await asyncio.wait_for(job, WAIT)
+                assert await a.expect(P.UNLOAD)  # and nothing else before it: no task 0 for w-a
             assert outcome.state == JobState.DONE, outcome
             assert (outcome.counters["done"], outcome.counters["retried"]) == (4, 1), outcome.counters
 
@@ -490,26 +498,22 @@ class TestFailedAttempts:
         h = harness(8)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, _first = await loaded(h, "w-a")
-                try:
-                    a.results([(0, b"boom"), (1, output(1, "w-a"))], failed={0}, seconds=0.02)
-                    again = await a.tasks()  # 3 deep now (0.05 s of work queued at 0.02 s a task)
-                    assert [(seq, attempt) for seq, attempt, _ in again] == [(0, 2), (2, 1), (3, 1)], again
-                    a.results([(0, b"boom again"), (2, output(2, "w-a")), (3, output(3, "w-a"))], failed={0},
-                              seconds=0.02)
-                    more = await a.tasks()
-                    assert tried(more) == [(0, 3), (4, 1), (5, 1)], more
-                    assert h.job is not None and h.job.next_write == 0
-                    assert stored_work(h.store, h.job_id).results == {
-                        1: output(1, "w-a"), 2: output(2, "w-a"), 3: output(3, "w-a")}
-                    assert h.store.stored_batches(h.job_id).attempts == {0: (2, "attempt 2: w-a: boom again")}
-                    a.results(answers(more, "w-a"), seconds=0.02)
-                    rest = await a.tasks()
-                    a.results(answers(rest, "w-a"), seconds=0.02)
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, _first)]:
+                a.results([(0, b"boom"), (1, output(1, "w-a"))], failed={0}, seconds=0.02)
+                again = await a.tasks()  # 3 deep now (0.05 s of work queued at 0.02 s a task)
+                assert [(seq, attempt) for seq, attempt, _ in again] == [(0, 2), (2, 1), (3, 1)], again
+                a.results([(0, b"boom again"), (2, output(2, "w-a")), (3, output(3, "w-a"))], failed={0},
+                          seconds=0.02)
+                more = await a.tasks()
+                assert tried(more) == [(0, 3), (4, 1), (5, 1)], more
+                assert h.job is not None and h.job.next_write == 0
+                assert stored_work(h.store, h.job_id).results == {
+                    1: output(1, "w-a"), 2: output(2, "w-a"), 3: output(3, "w-a")}
+                assert h.store.stored_batches(h.job_id).attempts == {0: (2, "attempt 2: w-a: boom again")}
+                a.results(answers(more, "w-a"), seconds=0.02)
+                rest = await a.tasks()
+                a.results(answers(rest, "w-a"), seconds=0.02)
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -524,21 +528,15 @@ class TestResultsFromElsewhere:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
-                    b.results([(0, output(0, "w-b")), (1, output(1, "w-b"))])  # w-b's queue is 2, 3
-                    await h.until("0 and 1 recorded", lambda: h.counters()["done"] == 2)
-                    assert not h.lost("w-b")
-                    a.results(answers(first_a, "w-a"))  # 0 and 1 again: both discarded
-                    await h.until("w-a's results discarded", lambda: h.counters()["discarded"] == 2)
-                    b.results(answers(first_b, "w-b"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, first_a), (b, first_b)]:
+                assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
+                b.results([(0, output(0, "w-b")), (1, output(1, "w-b"))])  # w-b's queue is 2, 3
+                await h.until("0 and 1 recorded", lambda: h.counters()["done"] == 2)
+                assert not h.lost("w-b")
+                a.results(answers(first_a, "w-a"))  # 0 and 1 again: both discarded
+                await h.until("w-a's results discarded", lambda: h.counters()["discarded"] == 2)
+                b.results(answers(first_b, "w-b"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert (outcome.counters["done"], outcome.counters["discarded"], outcome.counters["nodes_lost"]) == (
                 4, 2, 0), outcome.counters
@@ -553,36 +551,32 @@ class TestPorts:
         h = harness(3)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    assert tried(first) == [(0, 1), (1, 1)]
-                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
-                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
-                    assert h.counters()["retried"] == 1
-                    text = "port 0 on w-a died during task 0: killed by SIGSEGV"
-                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, f"attempt 1: {text}")}
-                    died = [e for e in h.store.events(job=h.job_id) if e.kind == "job.port_died"]
-                    assert [(e.node, e.reason) for e in died] == [("w-a", text)]
-                    assert [data for kind, data in h.events if kind == "port.died"] == [
-                        {"node": "w-a", "port": 0, "seq": 0, "reason": "killed by SIGSEGV"}]
-                    a.control(P.PORT_DIED, port=5, seq=None, reason="no such port")  # not loaded: ignored
-                    a.control(P.PORT_READY, port=0)  # restarted: the same tasks come back
-                    again = await a.tasks()
-                    assert tried(again) == [(0, 2), (1, 1)], again
-                    assert (h.counters()["port_deaths"], h.lost("w-a")) == (1, False)
-                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed again")  # a second death
-                    await h.until("the second death counted", lambda: h.counters()["port_deaths"] == 2)
-                    a.control(P.PORT_READY, port=0)
-                    again = await a.tasks()
-                    assert tried(again) == [(0, 3), (1, 1)], again
-                    a.results(answers(again, "w-a"))
-                    rest = await a.tasks()
-                    assert tried(rest) == [(2, 1)]
-                    a.results(answers(rest, "w-a"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                assert tried(first) == [(0, 1), (1, 1)]
+                a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
+                await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                assert h.counters()["retried"] == 1
+                text = "port 0 on w-a died during task 0: killed by SIGSEGV"
+                assert h.store.stored_batches(h.job_id).attempts == {0: (1, f"attempt 1: {text}")}
+                died = [e for e in h.store.events(job=h.job_id) if e.kind == "job.port_died"]
+                assert [(e.node, e.reason) for e in died] == [("w-a", text)]
+                assert [data for kind, data in h.events if kind == "port.died"] == [
+                    {"node": "w-a", "port": 0, "seq": 0, "reason": "killed by SIGSEGV"}]
+                a.control(P.PORT_DIED, port=5, seq=None, reason="no such port")  # not loaded: ignored
+                a.control(P.PORT_READY, port=0)  # restarted: the same tasks come back
+                again = await a.tasks()
+                assert tried(again) == [(0, 2), (1, 1)], again
+                assert (h.counters()["port_deaths"], h.lost("w-a")) == (1, False)
+                a.control(P.PORT_DIED, port=0, seq=0, reason="killed again")  # a second death
+                await h.until("the second death counted", lambda: h.counters()["port_deaths"] == 2)
+                a.control(P.PORT_READY, port=0)
+                again = await a.tasks()
+                assert tried(again) == [(0, 3), (1, 1)], again
+                a.results(answers(again, "w-a"))
+                rest = await a.tasks()
+                assert tried(rest) == [(2, 1)]
+                a.results(answers(rest, "w-a"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert {k: outcome.counters[k] for k in ("done", "port_deaths", "retried", "failed")} == {
                 "done": 3, "port_deaths": 2, "retried": 2, "failed": 0}, outcome.counters
@@ -594,19 +588,15 @@ class TestPorts:
         h = harness(2)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    a.control(P.PORT_DIED, port=0, seq=None, reason="exit 3")
-                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
-                    assert h.counters()["retried"] == 0
-                    a.control(P.PORT_READY, port=0)
-                    again = await a.tasks()
-                    assert tried(again) == tried(first) == [(0, 1), (1, 1)]
-                    a.results(answers(again, "w-a"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                a.control(P.PORT_DIED, port=0, seq=None, reason="exit 3")
+                await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                assert h.counters()["retried"] == 0
+                a.control(P.PORT_READY, port=0)
+                again = await a.tasks()
+                assert tried(again) == tried(first) == [(0, 1), (1, 1)]
+                a.results(answers(again, "w-a"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE and outcome.counters["retried"] == 0, outcome
 
         run(main)
@@ -618,27 +608,21 @@ class TestOrderAndProtocol:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    assert h.job is not None
-                    b.results(answers(first_b, "w-b"))  # 2 and 3 before 0 and 1
-                    await h.until("2 and 3 recorded", lambda: h.counters()["done"] == 2)
-                    assert (h.job.next_write, sorted(h.job.records)) == (0, [2, 3])
-                    assert h.job.buffered == len(output(2, "w-b")) + len(output(3, "w-b"))
-                    a.results(answers(first_a, "w-a")[1:])  # out of turn: 1 before 0
-                    assert P.parse_control(P.ERROR, await a.expect(P.ERROR)) == {
-                        "reason": "protocol error: port 0 answered seq 1 out of turn"}
-                    await h.until("w-a lost", lambda: h.lost("w-a"))
-                    assert (h.job.next_write, h.counters()["done"]) == (0, 2)
-                    moved = await b.tasks()
-                    assert tried(moved) == [(0, 2), (1, 1)], moved
-                    b.results(answers(moved, "w-b"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, first_a), (b, first_b)]:
+                assert h.job is not None
+                b.results(answers(first_b, "w-b"))  # 2 and 3 before 0 and 1
+                await h.until("2 and 3 recorded", lambda: h.counters()["done"] == 2)
+                assert (h.job.next_write, sorted(h.job.records)) == (0, [2, 3])
+                assert h.job.buffered == len(output(2, "w-b")) + len(output(3, "w-b"))
+                a.results(answers(first_a, "w-a")[1:])  # out of turn: 1 before 0
+                assert P.parse_control(P.ERROR, await a.expect(P.ERROR)) == {
+                    "reason": "protocol error: port 0 answered seq 1 out of turn"}
+                await h.until("w-a lost", lambda: h.lost("w-a"))
+                assert (h.job.next_write, h.counters()["done"]) == (0, 2)
+                moved = await b.tasks()
+                assert tried(moved) == [(0, 2), (1, 1)], moved
+                b.results(answers(moved, "w-b"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert h.job.next_write == 4 and h.job.buffered == 0
 
@@ -658,17 +642,14 @@ class TestOrderAndProtocol:
                 await h.until("w-a lost", lambda: h.lost("w-a"))
                 await a.close()
                 assert h.counters()["done"] == 0
-                b, retried = await loaded(h, "w-b")  # the same mistake: lost too
+                b, _ = await loaded(h, "w-b")  # the same mistake: lost too
                 b.results([(0, output(0, "w-b"))], port=9)
                 await h.until("w-b lost", lambda: h.lost("w-b"))
                 await b.close()
                 assert h.counters()["nodes_lost"] == 2
-                c, retried = await loaded(h, "w-c")
-                try:
+                async with agents(h, "w-c") as [(c, retried)]:
                     c.results(answers(retried, "w-c"))
                     outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await c.close()
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -682,24 +663,20 @@ class TestCommitsAndExec:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    a.results(answers(first, "w-a"))
-                    rest = await a.tasks()
-                    assert tried(rest) == [(2, 1), (3, 1)]
-                    await h.until("the progress committed", lambda: h.store.job_progress(h.job_id).get(
-                        "checkpoint") == {"next_seq": 2})
-                    progress = h.store.job_progress(h.job_id)
-                    assert (progress["next_write"], progress["generated"]) == (2, 4)
-                    stored = h.store.stored_batches(h.job_id)
-                    assert [[t[0] for t in decode_tasks(b)] for b in stored.task_batches] == [[2, 3]]
-                    assert stored.result_batches == []
-                    assert h.job is not None and not h.job.uncommitted
-                    a.results(answers(rest, "w-a"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                a.results(answers(first, "w-a"))
+                rest = await a.tasks()
+                assert tried(rest) == [(2, 1), (3, 1)]
+                await h.until("the progress committed", lambda: h.store.job_progress(h.job_id).get(
+                    "checkpoint") == {"next_seq": 2})
+                progress = h.store.job_progress(h.job_id)
+                assert (progress["next_write"], progress["generated"]) == (2, 4)
+                stored = h.store.stored_batches(h.job_id)
+                assert [[t[0] for t in decode_tasks(b)] for b in stored.task_batches] == [[2, 3]]
+                assert stored.result_batches == []
+                assert h.job is not None and not h.job.uncommitted
+                a.results(answers(rest, "w-a"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE
 
         run(main)
@@ -744,21 +721,17 @@ class TestSizing:
         h = harness(4, task_size=None)  # adaptive: from the smallest size (1 number of the 10 a task may hold)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    assert [span(t) for t in first] == [1, 1]
-                    a.results(answers(first, "w-a"), seconds=0.001)  # far under the 0.2 s target
-                    bigger = await a.tasks()
-                    assert h.engine.snapshot()["nodes"]["w-a"]["history"] == [0.001, 0.001]
-                    # x4, then x4 again, up to the largest size: the 38 numbers left in 4 tasks at once
-                    assert [span(t) for t in bigger] == [10, 10, 10, 8], bigger
-                    assert h.job is not None and h.job.sizes == {"w-a": 1.0}
-                    assert h.engine.snapshot()["nodes"]["w-a"]["size"] == 1.0
-                    a.results(answers(bigger, "w-a"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                assert [span(t) for t in first] == [1, 1]
+                a.results(answers(first, "w-a"), seconds=0.001)  # far under the 0.2 s target
+                bigger = await a.tasks()
+                assert h.engine.snapshot()["nodes"]["w-a"]["history"] == [0.001, 0.001]
+                # x4, then x4 again, up to the largest size: the 38 numbers left in 4 tasks at once
+                assert [span(t) for t in bigger] == [10, 10, 10, 8], bigger
+                assert h.job is not None and h.job.sizes == {"w-a": 1.0}
+                assert h.engine.snapshot()["nodes"]["w-a"]["size"] == 1.0
+                a.results(answers(bigger, "w-a"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE
             assert not any(kind == "node.slow" for kind, _ in h.events)
 
@@ -770,20 +743,16 @@ class TestSizing:
         h = harness(1, task_size=None)  # ten tasks of one number each at the smallest size
 
         async def main() -> None:
-            async with h.running() as job:
-                a, tasks = await loaded(h, "w-a")
-                try:
-                    answered = 0
-                    while True:
-                        a.results(answers(tasks, "w-a"), seconds=1.0)  # the target is 0.2 s
-                        answered += len(tasks)
-                        if answered == 10:
-                            break
-                        tasks = await a.tasks()
-                        assert {span(t) for t in tasks} == {1}
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, tasks)]:
+                answered = 0
+                while True:
+                    a.results(answers(tasks, "w-a"), seconds=1.0)  # the target is 0.2 s
+                    answered += len(tasks)
+                    if answered == 10:
+                        break
+                    tasks = await a.tasks()
+                    assert {span(t) for t in tasks} == {1}
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE
             reason = "node w-a cannot meet the target of 0.2 s even at the smallest task size (1.000 s per task)"
             assert [data for kind, data in h.events if kind == "node.slow"] == [{"node": "w-a", "reason": reason}]
@@ -833,23 +802,17 @@ class TestQueues:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, _first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    b.results([(0, output(0, "w-b"))])  # 0, in w-a's queue, is done by w-b
-                    await h.until("0 recorded", lambda: h.counters()["done"] == 1)
-                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGKILL")
-                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
-                    assert h.counters()["retried"] == 0, "a task done elsewhere used no attempt"
-                    moved = await b.tasks()  # 1 still runs: on w-b, which has room (w-a's port is down)
-                    assert tried(moved) == [(1, 1)], moved
-                    a.control(P.PORT_READY, port=0)
-                    b.results(answers(first_b + moved, "w-b"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, _first_a), (b, first_b)]:
+                b.results([(0, output(0, "w-b"))])  # 0, in w-a's queue, is done by w-b
+                await h.until("0 recorded", lambda: h.counters()["done"] == 1)
+                a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGKILL")
+                await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                assert h.counters()["retried"] == 0, "a task done elsewhere used no attempt"
+                moved = await b.tasks()  # 1 still runs: on w-b, which has room (w-a's port is down)
+                assert tried(moved) == [(1, 1)], moved
+                a.control(P.PORT_READY, port=0)
+                b.results(answers(first_b + moved, "w-b"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -859,18 +822,14 @@ class TestQueues:
         h = harness(2, max_attempts=1)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, _first = await loaded(h, "w-a")
-                try:
-                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
-                    await h.until("0 given up", lambda: h.counters()["failed"] == 1)
-                    a.control(P.PORT_READY, port=0)
-                    again = await a.tasks()
-                    assert tried(again) == [(1, 1)], again
-                    a.results(answers(again, "w-a"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, _first)]:
+                a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
+                await h.until("0 given up", lambda: h.counters()["failed"] == 1)
+                a.control(P.PORT_READY, port=0)
+                again = await a.tasks()
+                assert tried(again) == [(1, 1)], again
+                a.results(answers(again, "w-a"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -883,24 +842,18 @@ class TestQueues:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, _first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
-                    await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
-                    a.control(P.PORT_READY, port=0)
-                    back = await a.tasks()
-                    assert tried(back) == [(1, 1)], back  # not 0: it died on w-a
-                    b.results(answers(first_b[:1], "w-b"))
-                    moved = await b.tasks()
-                    assert tried(moved) == [(0, 2)], moved
-                    a.results(answers(back, "w-a"))
-                    b.results(answers(first_b[1:] + moved, "w-b"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, _first_a), (b, first_b)]:
+                a.control(P.PORT_DIED, port=0, seq=0, reason="killed by SIGSEGV")
+                await h.until("the death counted", lambda: h.counters()["port_deaths"] == 1)
+                a.control(P.PORT_READY, port=0)
+                back = await a.tasks()
+                assert tried(back) == [(1, 1)], back  # not 0: it died on w-a
+                b.results(answers(first_b[:1], "w-b"))
+                moved = await b.tasks()
+                assert tried(moved) == [(0, 2)], moved
+                a.results(answers(back, "w-a"))
+                b.results(answers(first_b[1:] + moved, "w-b"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -909,26 +862,17 @@ class TestQueues:
         h = harness(4)
 
         async def main() -> None:
-            async with h.running() as job:
-                a = await h.dial("w-a")
-                a.beat()
-                await a.load(h.job_id)
-                first_a = await a.tasks()
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    a.results(answers(first_a, "w-a"))  # all given out: w-a's queue stays empty
-                    await h.until("w-a's results recorded", lambda: h.counters()["done"] == 2)
-                    assert h.job is not None and h.job.exhausted
-                    assert a._beats is not None
-                    a._beats.cancel()  # silent from now on
-                    await h.until("w-a lost", lambda: h.lost("w-a"))
-                    agent = h.engine.agents["w-a"]
-                    assert (agent.ports, agent.loaded, h.counters()["retried"]) == ({}, False, 0)
-                    b.results(answers(first_b, "w-b"))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, first_a), (b, first_b)]:
+                a.results(answers(first_a, "w-a"))  # all given out: w-a's queue stays empty
+                await h.until("w-a's results recorded", lambda: h.counters()["done"] == 2)
+                assert h.job is not None and h.job.exhausted
+                assert a._beats is not None
+                a._beats.cancel()  # silent from now on
+                await h.until("w-a lost", lambda: h.lost("w-a"))
+                agent = h.engine.agents["w-a"]
+                assert (agent.ports, agent.loaded, h.counters()["retried"]) == ({}, False, 0)
+                b.results(answers(first_b, "w-b"))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -937,20 +881,14 @@ class TestQueues:
         h = harness(8, max_unflushed_bytes=10)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    assert h.job is not None and h.job.generated == 4
-                    b.results(answers(first_b, "w-b"))  # 2 and 3 wait for 0: 18 bytes > 10
-                    await h.until("2 and 3 recorded", lambda: h.counters()["done"] == 2)
-                    assert h.job.paused() and h.job.generated == 4, "new tasks were made while paused"
-                    a.results(answers(first_a, "w-a"))  # 0..3 written: unpaused
-                    await asyncio.gather(serve(a), serve(b))
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, first_a), (b, first_b)]:
+                assert h.job is not None and h.job.generated == 4
+                b.results(answers(first_b, "w-b"))  # 2 and 3 wait for 0: 18 bytes > 10
+                await h.until("2 and 3 recorded", lambda: h.counters()["done"] == 2)
+                assert h.job.paused() and h.job.generated == 4, "new tasks were made while paused"
+                a.results(answers(first_a, "w-a"))  # 0..3 written: unpaused
+                await asyncio.gather(serve(a), serve(b))
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
 
         run(main)
@@ -963,15 +901,11 @@ class TestLongRuns:
         h = harness(120)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    a.results(answers(first, "w-a"))
-                    await serve(a)
-                    outcome = await asyncio.wait_for(job, WAIT)
-                    assert h.engine.agents["w-a"].history == [0.001] * HISTORY
-                finally:
-                    await a.close()
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                a.results(answers(first, "w-a"))
+                await serve(a)
+                outcome = await asyncio.wait_for(job, WAIT)
+                assert h.engine.agents["w-a"].history == [0.001] * HISTORY
             assert outcome.state == JobState.DONE and outcome.counters["done"] == 120, outcome
 
         run(main)
@@ -1043,37 +977,33 @@ class TestIsolation:
         h = harness(3, input="0:6", module_options={"max_span": 2}, isolate_failures=True, max_attempts=1)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    assert tried(first) == [(0, 1), (1, 1)]
-                    a.results([(0, b"bad number 0")], failed={0})
-                    cut = await a.tasks()  # the first half of 0 (the second waits: the port is 2 deep)
-                    assert cut == [(PIECE_BASE, 1, b"0 1")], cut
-                    split = ("task 0 failed all 1 attempts (attempt 1: w-a: bad number 0); it runs again in halves: "
-                             "numbers 0 and numbers 1")
-                    assert [data for kind, data in h.events if kind == "task.split"] == [
-                        {"seq": 0, "node": "w-a", "reason": split}]
-                    assert [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.task_split"] == [
-                        ("w-a", split)]
-                    assert h.counters()["split"] == 1
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                assert tried(first) == [(0, 1), (1, 1)]
+                a.results([(0, b"bad number 0")], failed={0})
+                cut = await a.tasks()  # the first half of 0 (the second waits: the port is 2 deep)
+                assert cut == [(PIECE_BASE, 1, b"0 1")], cut
+                split = ("task 0 failed all 1 attempts (attempt 1: w-a: bad number 0); it runs again in halves: "
+                         "numbers 0 and numbers 1")
+                assert [data for kind, data in h.events if kind == "task.split"] == [
+                    {"seq": 0, "node": "w-a", "reason": split}]
+                assert [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.task_split"] == [
+                    ("w-a", split)]
+                assert h.counters()["split"] == 1
 
-                    a.results([(1, numbers_out(b"2 4")), (PIECE_BASE, b"bad number 0")], failed={PIECE_BASE},
-                              seconds=1.0)
-                    rest = await a.tasks()
-                    assert tried(rest) == [(2, 1), (PIECE_BASE + 1, 1)], rest
-                    failed = "task 0: its piece numbers 0 failed after 1 attempts; last: w-a: bad number 0"
-                    assert [data for kind, data in h.events if kind == "piece.failed"] == [
-                        {"seq": 0, "node": "w-a", "reason": failed}]
-                    stored = [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.piece_failed"]
-                    assert stored == [("w-a", failed)]
-                    assert not any(kind == "task.failed" for kind, _ in h.events)
-                    assert (h.counters()["pieces_failed"], h.counters()["failed"]) == (1, 0)
+                a.results([(1, numbers_out(b"2 4")), (PIECE_BASE, b"bad number 0")], failed={PIECE_BASE},
+                          seconds=1.0)
+                rest = await a.tasks()
+                assert tried(rest) == [(2, 1), (PIECE_BASE + 1, 1)], rest
+                failed = "task 0: its piece numbers 0 failed after 1 attempts; last: w-a: bad number 0"
+                assert [data for kind, data in h.events if kind == "piece.failed"] == [
+                    {"seq": 0, "node": "w-a", "reason": failed}]
+                stored = [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.piece_failed"]
+                assert stored == [("w-a", failed)]
+                assert not any(kind == "task.failed" for kind, _ in h.events)
+                assert (h.counters()["pieces_failed"], h.counters()["failed"]) == (1, 0)
 
-                    a.results([(seq, numbers_out(data)) for seq, _, data in rest], seconds=1.0)
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+                a.results([(seq, numbers_out(data)) for seq, _, data in rest], seconds=1.0)
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert {k: outcome.counters[k] for k in ("done", "failed", "pieces_failed", "split", "retried")} == {
                 "done": 3, "failed": 0, "pieces_failed": 1, "split": 1, "retried": 0}, outcome.counters
@@ -1096,42 +1026,38 @@ class TestIsolation:
         died = "port 0 on w-a died during task 0 (its piece numbers 1): killed by SIGSEGV"
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first = await loaded(h, "w-a")
-                try:
-                    assert tried(first) == [(0, 1), (1, 1)]
-                    a.results([(0, b"bad number 1")], failed={0})
-                    assert tried(await a.tasks()) == [(0, 2)]
-                    a.results([(1, b"2\n3\n")], seconds=1.0)
-                    assert tried(await a.tasks()) == [(2, 1)]
-                    a.results([(0, b"bad number 1")], failed={0})  # 0's last attempt: cut in two
-                    assert await a.tasks() == [(piece, 1, b"0 1")]
+            async with h.running() as job, agents(h, "w-a") as [(a, first)]:
+                assert tried(first) == [(0, 1), (1, 1)]
+                a.results([(0, b"bad number 1")], failed={0})
+                assert tried(await a.tasks()) == [(0, 2)]
+                a.results([(1, b"2\n3\n")], seconds=1.0)
+                assert tried(await a.tasks()) == [(2, 1)]
+                a.results([(0, b"bad number 1")], failed={0})  # 0's last attempt: cut in two
+                assert await a.tasks() == [(piece, 1, b"0 1")]
 
-                    # An ordinary result and a piece's in one message, both new and ok.
-                    a.results([(2, b"4\n5\n"), (piece, b"0\n")], seconds=1.0)
-                    assert tried(await a.tasks()) == [(3, 1), (other, 1)]
-                    assert h.job is not None and h.job.next_write == 0, "0 waits for its other piece"
-                    assert stored_work(h.store, h.job_id).results == {1: b"2\n3\n", 2: b"4\n5\n", piece: b"0\n"}
-                    assert stored_work(h.store, h.job_id, from_seq=1).results == {1: b"2\n3\n", 2: b"4\n5\n"}, \
+                # An ordinary result and a piece's in one message, both new and ok.
+                a.results([(2, b"4\n5\n"), (piece, b"0\n")], seconds=1.0)
+                assert tried(await a.tasks()) == [(3, 1), (other, 1)]
+                assert h.job is not None and h.job.next_write == 0, "0 waits for its other piece"
+                assert stored_work(h.store, h.job_id).results == {1: b"2\n3\n", 2: b"4\n5\n", piece: b"0\n"}
+                assert stored_work(h.store, h.job_id, from_seq=1).results == {1: b"2\n3\n", 2: b"4\n5\n"}, \
                         "the piece's result must be stored under its task's seq (0)"
 
-                    # The other piece fails its first attempt: the stored split says so.
-                    a.results([(other, b"bad number 1")], failed={other})
-                    assert tried(await a.tasks()) == [(other, 2)]
-                    [(seq, split)] = isolation.load(h.store, h.job_id).items()
-                    assert seq == 0
-                    leaves = [(f["wire"], f["state"], f["attempts"], f["error"]) for f in split["leaves"]]
-                    assert leaves == [(piece, "ok", 0, ""), (other, "pending", 1, "attempt 1: w-a: bad number 1")]
-                    assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: bad number 1")}
-                    assert h.counters()["retried"] == 2
+                # The other piece fails its first attempt: the stored split says so.
+                a.results([(other, b"bad number 1")], failed={other})
+                assert tried(await a.tasks()) == [(other, 2)]
+                [(seq, split)] = isolation.load(h.store, h.job_id).items()
+                assert seq == 0
+                leaves = [(f["wire"], f["state"], f["attempts"], f["error"]) for f in split["leaves"]]
+                assert leaves == [(piece, "ok", 0, ""), (other, "pending", 1, "attempt 1: w-a: bad number 1")]
+                assert h.store.stored_batches(h.job_id).attempts == {0: (1, "attempt 1: w-a: bad number 1")}
+                assert h.counters()["retried"] == 2
 
-                    # 3 done; then the port dies running the piece's second (last) attempt.
-                    a.results([(3, b"6\n7\n")], seconds=1.0)
-                    await h.until("3 recorded", lambda: h.counters()["done"] == 3)
-                    a.control(P.PORT_DIED, port=0, seq=other, reason="killed by SIGSEGV")
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
+                # 3 done; then the port dies running the piece's second (last) attempt.
+                a.results([(3, b"6\n7\n")], seconds=1.0)
+                await h.until("3 recorded", lambda: h.counters()["done"] == 3)
+                a.control(P.PORT_DIED, port=0, seq=other, reason="killed by SIGSEGV")
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert [(e.node, e.reason) for e in h.store.events(job=h.job_id) if e.kind == "job.port_died"] == [
                 ("w-a", died)]
@@ -1191,26 +1117,20 @@ class TestFilling:
         h = harness(6)
 
         async def main() -> None:
-            async with h.running() as job:
-                a, first_a = await loaded(h, "w-a")
-                b, first_b = await loaded(h, "w-b")
-                try:
-                    assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
-                    a.results([(0, b"boom")], failed={0})
-                    more_a = await a.tasks()
-                    assert tried(more_a) == [(4, 1)], more_a  # 0 is left for another node
-                    b.results([(2, b"boom")], failed={2})
-                    more_b = await b.tasks()
-                    assert tried(more_b) == [(0, 2)], more_b
-                    a.results([(1, output(1, "w-a")), (4, output(4, "w-a"))], seconds=1.0)
-                    last_a = await a.tasks()
-                    assert tried(last_a) == [(2, 2), (5, 1)], last_a
-                    b.results([(3, output(3, "w-b")), (0, output(0, "w-b"))], seconds=1.0)
-                    a.results([(seq, output(seq, "w-a")) for seq, _, _ in last_a], seconds=1.0)
-                    outcome = await asyncio.wait_for(job, WAIT)
-                finally:
-                    await a.close()
-                    await b.close()
+            async with h.running() as job, agents(h, "w-a", "w-b") as [(a, first_a), (b, first_b)]:
+                assert (tried(first_a), tried(first_b)) == ([(0, 1), (1, 1)], [(2, 1), (3, 1)])
+                a.results([(0, b"boom")], failed={0})
+                more_a = await a.tasks()
+                assert tried(more_a) == [(4, 1)], more_a  # 0 is left for another node
+                b.results([(2, b"boom")], failed={2})
+                more_b = await b.tasks()
+                assert tried(more_b) == [(0, 2)], more_b
+                a.results([(1, output(1, "w-a")), (4, output(4, "w-a"))], seconds=1.0)
+                last_a = await a.tasks()
+                assert tried(last_a) == [(2, 2), (5, 1)], last_a
+                b.results([(3, output(3, "w-b")), (0, output(0, "w-b"))], seconds=1.0)
+                a.results([(seq, output(seq, "w-a")) for seq, _, _ in last_a], seconds=1.0)
+                outcome = await asyncio.wait_for(job, WAIT)
             assert outcome.state == JobState.DONE, outcome
             assert (outcome.counters["done"], outcome.counters["retried"]) == (6, 2), outcome.counters
 
