@@ -1,9 +1,12 @@
-"""The scheduler's engine: agents in, tasks out, each result recorded once, output in order.
+"""The scheduler's engine: the task flow of a job, agents in, tasks out, each result recorded once.
 
-One asyncio loop does everything (no threads): it accepts agents over mutual TLS, loads
-the job's work on their ports, cuts tasks with the work module at each node's adaptive
+``Engine`` owns the job: one asyncio loop does everything (no threads): it loads the
+job's work on the agents' ports, cuts tasks with the work module at each node's adaptive
 size, keeps every port's pipeline full, records results first-completion-wins, writes
 the output to the sink strictly in seq order, and retries what died elsewhere.
+The agents' connections (listening, admission, heartbeats, the EXEC fan-out) are its
+base class's, ``connections.AgentServer``; the engine answers that layer's hooks
+(``_handle`` each message, ``_lose`` an agent, ``_joined``, ``_job_heartbeat``).
 
 The store is written in batches on this path: the tasks a dispatch round made (with the
 work module's position) before they are sent; the results of one RESULTS message as it
@@ -27,11 +30,11 @@ from orchestrator.agent.frames import (
     HEADER_LEN,
     TASK_HEADER,
     TASK_MAGIC,
-    FrameError,
     decode_result_tuples,
     encode_result,
 )
 from orchestrator.scheduler import isolation as iso_store
+from orchestrator.scheduler.connections import AgentServer
 from orchestrator.scheduler.isolation import PIECE_BASE, Isolation, Split, describe
 from orchestrator.scheduler.run import Agent, EventSink, Finished, JobRun, Outcome, Port, Task
 from orchestrator.scheduler.sinks import Record
@@ -43,138 +46,28 @@ COMMIT_INTERVAL = 0.2
 PIPELINE_SECONDS = 0.05
 """Work queued on a port beyond the task it runs, so it never waits for the network."""
 MAX_DEPTH = 1000
-HELLO_TIMEOUT = 10.0
 HISTORY = 100
 
 
-class Engine:
-    """The scheduler: serves agents, runs one job at a time."""
+class Engine(AgentServer):
+    """The scheduler: runs one job at a time on the agents its base class serves."""
 
     def __init__(self, store: Store, *, ssl_context: ssl.SSLContext, admit: Callable[[str], str | None],
                  peer_id: Callable[[Any], str | None], on_event: EventSink | None = None) -> None:
+        super().__init__(ssl_context=ssl_context, admit=admit, peer_id=peer_id, on_event=on_event)
         self.store = store
-        self.ssl_context = ssl_context
-        self.admit = admit
-        """node id -> its family when it may join, else None."""
-        self.peer_id = peer_id
-        self.on_event = on_event or (lambda kind, data: None)
-        self.agents: dict[str, Agent] = {}
         self.job: JobRun | None = None
-        self._servers: list[asyncio.Server] = []
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._lost_writers: set[asyncio.StreamWriter] = set()
         self._done: asyncio.Event | None = None
         self._no_agents_since: float | None = None
-        self._execs: dict[int, tuple[Agent, asyncio.Future[dict[str, Any]]]] = {}
 
-    # -- serving ------------------------------------------------------------------------------
+    # -- the connection layer's hooks (connections.AgentServer) --------------------------------
 
-    async def start(self, hosts: Iterable[str], port: int) -> None:
-        for host in sorted(set(hosts)):
-            server = await asyncio.start_server(self._connection, host, port, ssl=self.ssl_context,
-                                                reuse_address=True, ssl_handshake_timeout=HELLO_TIMEOUT)
-            self._servers.append(server)
-
-    async def close(self) -> None:
-        """Stop listening and end every connection (agents dial again later)."""
-        for server in self._servers:
-            server.close()
-        for writer in list(self._writers):
-            if writer in self._lost_writers:
-                writer.transport.abort()  # a lost node may never answer a close: do not wait for it
-            else:
-                writer.close()  # each handler then reads the end of its stream and finishes
-        handlers = list(self._handlers)
-        if handlers:
-            _, stuck = await asyncio.wait(handlers, timeout=2)
-            for task in stuck:  # (each ends quietly: see _connection)
-                task.cancel()
-            await asyncio.gather(*stuck, return_exceptions=True)
-        for writer in list(self._writers):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2)
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 2)
-        self._servers.clear()
-
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        self._writers.add(writer)
-        try:
-            await self._converse(reader, writer)
-        except asyncio.CancelledError:
-            # close() cancelled a handler whose peer never answered the close.  This task
-            # belongs to asyncio's streams, which (3.11) call task.exception() on it and
-            # log a cancelled one as an error: end it as finished instead.
-            writer.transport.abort()
-        finally:
-            writer.close()
-            if task is not None:
-                self._handlers.discard(task)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(writer.wait_closed(), 2)
-            self._writers.discard(writer)
-            self._lost_writers.discard(writer)
-
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        agent: Agent | None = None
-        why = "connection closed"
-        try:
-            node = self.peer_id(writer.get_extra_info("ssl_object"))
-            family = self.admit(node) if node else None
-            if node is None or family is None:
-                writer.write(P.control(P.ERROR, reason=f"node {node!r} is not a live node of this workspace"))
-                return
-            kind, body = await asyncio.wait_for(P.read_message(reader), HELLO_TIMEOUT)
-            hello = P.parse_control(kind, body)
-            if kind != P.HELLO or hello.get("node") != node:
-                writer.write(P.control(P.ERROR, reason="expected HELLO from the certificate's node"))
-                return
-            agent = self._join(node, family, hello, writer)
-            while True:
-                kind, body = await P.read_message(reader)
-                agent.last_heard = time.monotonic()
-                if agent.lost and kind != P.RESULTS:
-                    why = "came back after it was declared lost; it must dial again"
-                    break
-                self._handle(agent, kind, body)
-                if writer.transport.get_write_buffer_size() > (4 << 20):
-                    await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, OSError, TimeoutError) as exc:
-            why = f"connection lost ({type(exc).__name__})"
-        except (P.ProtocolError, FrameError) as exc:
-            why = f"protocol error: {exc}"
-            with contextlib.suppress(Exception):
-                writer.write(P.control(P.ERROR, reason=why))
-        finally:
-            if agent is not None:
-                if not agent.lost:
-                    self._lose(agent, why)
-                if self.agents.get(agent.node) is agent:
-                    del self.agents[agent.node]
-
-    def _join(self, node: str, family: str, hello: dict[str, Any], writer: asyncio.StreamWriter) -> Agent:
-        old = self.agents.get(node)
-        if old is not None and not old.lost:
-            self._lose(old, "it connected again")
-            old.writer.close()
-        agent = Agent(node=node, name=str(hello.get("name") or node), family=family,
-                      slots=max(1, int(hello.get("slots") or 1)), writer=writer,
-                      platform=str(hello["platform"]) if hello.get("platform") else None)
-        self.agents[node] = agent
-        agent.heartbeat = self._heartbeat()
-        agent.send(P.control(P.WELCOME, session=f"{node}-{time.time_ns()}", heartbeat=agent.heartbeat))
-        self.on_event("agent.joined", {"node": node, "slots": agent.slots})
+    def _joined(self, agent: Agent) -> None:
         if self.job is not None:
             self._offer(agent)
-        return agent
 
-    def _heartbeat(self) -> float:
-        return self.job.spec.heartbeat_seconds if self.job else 1.0
+    def _job_heartbeat(self) -> float | None:
+        return self.job.spec.heartbeat_seconds if self.job else None
 
     # -- messages -------------------------------------------------------------------------------
 
@@ -196,10 +89,7 @@ class Engine:
         elif kind == P.LOAD_FAILED:
             self._load_failed(agent, P.parse_control(kind, body))
         elif kind == P.EXEC_DONE:
-            msg = P.parse_control(kind, body)
-            pending = self._execs.get(int(msg.get("id", -1)))
-            if pending is not None and pending[0] is agent and not pending[1].done():
-                pending[1].set_result(msg)
+            self._exec_done(agent, P.parse_control(kind, body))
         elif kind == P.ERROR:
             raise P.ProtocolError(f"the agent reported: {P.parse_control(kind, body).get('reason')}")
         else:
@@ -611,44 +501,6 @@ class Engine:
         if job is not None and self._done is not None and (job.failure or job.finished()):
             self._done.set()
 
-    # -- agents outside jobs (orch serve) -------------------------------------------------------
-
-    def connected(self) -> dict[str, float]:
-        """Node id -> when (time.monotonic) its connected agent was last heard from."""
-        return {node: agent.last_heard for node, agent in self.agents.items() if not agent.lost}
-
-    async def exec(self, requests: dict[str, int], command: str, timeout: float, max_output: int,
-                   wait: float) -> dict[str, dict[str, Any]]:
-        """Run ``command`` through the agents of ``requests`` (node -> exec id) at once:
-        node -> its EXEC_DONE, or ``{exit: None, reason}`` when the agent is not
-        connected, is lost meanwhile, or does not answer within ``wait`` seconds (one
-        deadline for all)."""
-        answers: dict[str, dict[str, Any]] = {}
-        futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        loop = asyncio.get_running_loop()
-        for node, exec_id in requests.items():
-            agent = self.agents.get(node)
-            if agent is None or agent.lost:
-                answers[node] = {"exit": None, "reason": f"the agent of node {node} is not connected"}
-                continue
-            futures[node] = future = loop.create_future()
-            self._execs[exec_id] = (agent, future)
-            agent.send(P.control(P.EXEC, id=exec_id, command=command, timeout=timeout, max_output=max_output))
-        try:
-            if futures:
-                await asyncio.wait(futures.values(), timeout=wait)
-        finally:
-            for exec_id in requests.values():
-                self._execs.pop(exec_id, None)
-        for node, future in futures.items():
-            if future.done():
-                answers[node] = future.result()
-            else:
-                future.cancel()
-                name = self.agents[node].name if node in self.agents else node
-                answers[node] = {"exit": None, "reason": f"no answer from the agent of {name} within {wait:g} s"}
-        return answers
-
     # -- running a job --------------------------------------------------------------------------
 
     async def run(self, job: JobRun, resume_tasks: Iterable[Task] = ()) -> Outcome:
@@ -701,31 +553,6 @@ class Engine:
         self._suspend_reason = reason
         if self._done is not None:
             self._done.set()
-
-    async def keepalive(self) -> None:
-        """Between jobs (a server's engine), heartbeat the connected agents, which give up a
-        silent scheduler after three intervals, and lose the agents that went silent."""
-        heartbeat = self._heartbeat()
-        while True:
-            await asyncio.sleep(heartbeat)
-            if self.job is None:  # else the job's _tick beats
-                self._beat(time.monotonic(), heartbeat)
-
-    def _beat(self, now: float, heartbeat: float) -> None:
-        """Heartbeat every live agent; lose those silent for three of its intervals.  An
-        agent told another interval (welcomed between jobs, beating every second, and now
-        a job with its own ``heartbeat_seconds``, or the other way) is told this one."""
-        beat = P.message(P.HEARTBEAT)
-        for agent in list(self.agents.values()):
-            if agent.lost:
-                continue
-            if now - agent.last_heard > 3 * max(heartbeat, agent.heartbeat):
-                self._lose(agent, f"silent for {now - agent.last_heard:.1f} s")
-            elif agent.heartbeat != heartbeat:
-                agent.heartbeat = heartbeat
-                agent.send(P.control(P.HEARTBEAT, heartbeat=heartbeat))
-            else:
-                agent.send(beat)
 
     async def _tick(self, job: JobRun) -> None:
         heartbeat = job.spec.heartbeat_seconds
